@@ -1,0 +1,35 @@
+# moeplan: `make plan` runs the main job on a built-in default; `make test` runs the whole suite.
+# Both create .venv when it is missing and install what they need from the project's own files.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: plan test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.core: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.core
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+plan: $(VENV)/.core
+	$(BIN)/moeplan show tpu-v5p --shape 4x4x8
+	$(BIN)/moeplan show dgx-h100 --nodes 4
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check moeplan tests benchmarks
+
+bench: $(VENV)/.dev
+	@for f in benchmarks/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis artifacts

@@ -1,0 +1,23 @@
+"""moeplan: a hardware-aware cost simulator and layout planner for Mixture-of-Experts transformers.
+
+The public API is listed in ``__all__`` and documented in docs/DESIGN.md. Importing moeplan pulls in
+numpy, scipy, networkx and pyyaml only: jax lives under ``moeplan.calibrate``, plotly in
+``moeplan.report`` and streamlit in ``app/``.
+"""
+
+from moeplan.families import list_topologies, load_topology
+from moeplan.hardware import ChipSpec, LinkSpec
+from moeplan.schema import SchemaError
+from moeplan.topology import DeviceMesh, Topology
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChipSpec",
+    "DeviceMesh",
+    "LinkSpec",
+    "SchemaError",
+    "Topology",
+    "list_topologies",
+    "load_topology",
+]

@@ -1,0 +1,120 @@
+"""``moeplan`` command line: parse, call the public API, print. No modelling happens here.
+
+Errors from bad input (``ValueError``) are printed as one line on stderr with exit status 2,
+never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+import moeplan as mp
+from moeplan.families import load_family
+from moeplan.units import fmt_bytes, fmt_flops, fmt_rate, parse_shape
+
+
+def _shape_arg(text: str) -> tuple[int, ...]:
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_topology_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        parser.add_argument("topology", help="bundled family name (see 'moeplan topologies') or a .yaml file")
+    else:
+        parser.add_argument("--topology", required=True, help="bundled family name or a .yaml file")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--shape", type=_shape_arg, help="torus slice shape, e.g. 4x4x8")
+    size.add_argument("--nodes", type=int, help="number of nodes (GPU clusters)")
+    parser.add_argument("--twisted", action="store_true", help="twisted torus (TPU v4/v5p k x k x 2k slices)")
+
+
+def topology_from_args(args: argparse.Namespace) -> mp.Topology:
+    return mp.load_topology(args.topology, shape=args.shape, nodes=args.nodes, twisted=args.twisted)
+
+
+def topology_summary(topo: mp.Topology) -> dict:
+    """Plain facts about a topology, as JSON-ready numbers (SI units)."""
+    chip = topo.chip
+    return {
+        "name": topo.name,
+        "family": topo.family,
+        "kind": topo.kind,
+        "shape": list(topo.shape),
+        "num_devices": topo.num_devices,
+        "chip": chip.name,
+        "peak_bf16_flop_per_s": chip.peak_bf16_flop_per_s,
+        "peak_fp8_flop_per_s": chip.peak_fp8_flop_per_s,
+        "peak_fp32_flop_per_s": chip.peak_fp32_flop_per_s,
+        "hbm_capacity_bytes": chip.hbm_capacity_bytes,
+        "hbm_bw_bytes_per_s": chip.hbm_bw_bytes_per_s,
+        "link_bw_bytes_per_s_by_tier": topo.tier_bandwidths(),
+        "wraparound": [a.wraparound for a in topo.axes] if topo.axes else None,
+        "injection_bw_bytes_per_s": topo.injection_bw_bytes_per_s(),
+        "bisection_bw_bytes_per_s": topo.bisection_bw_bytes_per_s(),
+        "diameter_hops": topo.diameter_hops(),
+    }
+
+
+def cmd_topologies(args: argparse.Namespace) -> int:
+    for name in mp.list_topologies():
+        fam = load_family(name)
+        print(f"{name:<13} {fam.chip.name:<28} {fam.description.split(':')[0]}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    topo = topology_from_args(args)
+    info = topology_summary(topo)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['name']}: {info['num_devices']} x {info['chip']} ({info['kind']}, shape {info['shape']})")
+    print(f"  peak bf16      {fmt_flops(info['peak_bf16_flop_per_s'])} per chip")
+    if info["peak_fp8_flop_per_s"]:
+        print(f"  peak fp8       {fmt_flops(info['peak_fp8_flop_per_s'])} per chip")
+    print(f"  HBM            {fmt_bytes(info['hbm_capacity_bytes'])} at {fmt_rate(info['hbm_bw_bytes_per_s'])}")
+    for tier, bw in info["link_bw_bytes_per_s_by_tier"].items():
+        print(f"  link {tier:<9} {fmt_rate(bw)} one way")
+    if info["wraparound"] is not None:
+        print(f"  wraparound     {info['wraparound']}" + ("  (twisted)" if topo.twisted else ""))
+    print(f"  injection      {fmt_rate(info['injection_bw_bytes_per_s'])} one way per device")
+    print(f"  bisection      {fmt_rate(info['bisection_bw_bytes_per_s'])} one way")
+    print(f"  diameter       {info['diameter_hops']} hops")
+    print(f"  total peak     {fmt_flops(info['peak_bf16_flop_per_s'] * topo.num_devices)} bf16")
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    parser = argparse.ArgumentParser(prog="moeplan", description="Hardware-aware MoE cost model and layout planner")
+    parser.add_argument("--version", action="version", version=f"moeplan {mp.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+    sub.add_parser("topologies", help="list the bundled hardware families")
+    handlers["topologies"] = cmd_topologies
+
+    show = sub.add_parser("show", help="show a topology: chips, peak, HBM, links, bisection, diameter")
+    _add_topology_args(show)
+    show.add_argument("--json", action="store_true", help="print JSON (SI units)")
+    handlers["show"] = cmd_show
+    return parser, handlers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return handlers[args.command](args)
+    except ValueError as exc:
+        print(f"moeplan {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
