@@ -185,7 +185,9 @@ def check_torus_shape(fam: TorusFamily, shape: tuple[int, ...]) -> None:
         raise ValueError(f"shape {shape}: expected {len(fam.default_shape)} axes")
     bad = [s for s in shape if s not in fam.allowed_axis_sizes]
     if bad:
-        raise ValueError(f"shape {shape}: axis length(s) {bad} not offered; expected each axis in {list(fam.allowed_axis_sizes)}")
+        raise ValueError(
+            f"shape {shape}: axis length(s) {bad} not offered; expected each axis in {list(fam.allowed_axis_sizes)}"
+        )
     if math.prod(shape) > fam.max_chips:
         raise ValueError(f"shape {shape}: {math.prod(shape)} chips; expected at most {fam.max_chips}")
 

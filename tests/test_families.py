@@ -85,7 +85,8 @@ MALFORMED = [
     ("schema version", V5P, ("schema_version",), 2, "schema_version: got 2"),
     ("both layouts", V5P, ("switched",), H100["switched"], "exactly one of"),
     ("shape not offered", V5P, ("torus", "default_shape"), [3, 4, 4], r"default_shape: .*\[3\] not offered"),
-    ("unknown link key", H100, ("switched", "node", "link", "speed"), 1, r"switched.node.link: unknown key\(s\) \['speed'\]"),
+    ("unknown link key", H100, ("switched", "node", "link", "speed"), 1,
+     r"switched.node.link: unknown key\(s\) \['speed'\]"),
     ("missing source", H100, ("switched", "scale_out", "nic", "source"), _DELETE, "scale_out.nic.source: missing"),
     ("zero leaf size", H100, ("switched", "scale_out", "nodes_per_leaf"), 0, "nodes_per_leaf: got 0"),
     ("oversubscription < 1", H100, ("switched", "scale_out", "oversubscription"), 0.5, "oversubscription: got 0.5"),
@@ -169,7 +170,8 @@ def _paths(node, prefix=()):
 
 LEAVES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=8), st.lists(st.integers(-2, 20), max_size=4), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    st.text(max_size=8), st.lists(st.integers(-2, 20), max_size=4),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
     st.sampled_from(["3.35e12", "1e-6", "-5e10", "nan", ".inf", "4x4"]),
 )
 
