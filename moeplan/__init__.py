@@ -5,6 +5,7 @@ numpy, scipy, networkx and pyyaml only: jax lives under ``moeplan.calibrate``, p
 ``moeplan.report`` and streamlit in ``app/``.
 """
 
+from moeplan.collectives import CommParams, Efficiency, collective_cost, collective_time_s
 from moeplan.families import list_topologies, load_topology
 from moeplan.hardware import ChipSpec, LinkSpec
 from moeplan.schema import SchemaError
@@ -14,6 +15,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChipSpec",
+    "CommParams",
+    "Efficiency",
+    "collective_cost",
+    "collective_time_s",
     "DeviceMesh",
     "LinkSpec",
     "SchemaError",

@@ -11,7 +11,10 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 import moeplan as mp
+from moeplan.collectives import OPS, bus_bandwidth_factor, collective_cost
 from moeplan.families import load_family
 from moeplan.units import fmt_bytes, fmt_flops, fmt_rate, parse_shape
 
@@ -90,6 +93,46 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_sizes(text: str, factor: float = 2.0) -> np.ndarray:
+    """'1e6..1e10' (a geometric sweep by ``factor``, both ends included), '1e6,4e6' or '65536'."""
+    try:
+        if ".." in text:
+            lo, hi = (float(x) for x in text.split(".."))
+            if not 0 < lo <= hi or factor <= 1:
+                raise ValueError
+            count = int(np.floor(np.log(hi / lo) / np.log(factor) + 1e-9)) + 1
+            return lo * factor ** np.arange(count)
+        sizes = np.array([float(x) for x in text.split(",")])
+    except ValueError:
+        raise ValueError(f"bytes: {text!r} is not a size list; expected e.g. 1e6..1e10, 1e6,4e6 or 65536") from None
+    if np.any(sizes < 0) or not np.all(np.isfinite(sizes)):
+        raise ValueError(f"bytes: {text!r}; expected sizes >= 0")
+    return sizes
+
+
+def cmd_collective(args: argparse.Namespace) -> int:
+    topo = topology_from_args(args)
+    sizes = parse_sizes(args.bytes, args.factor)
+    devices = args.devices if args.devices is not None else topo.num_devices
+    cost = collective_cost(topo, args.op, sizes, devices, algorithm=args.algorithm)
+    n = topo.device_ids(devices).size
+    factor = bus_bandwidth_factor(args.op, n)
+    rows = [
+        {"bytes": float(b), "time_s": float(t), "algbw_bytes_per_s": float(b / t) if t > 0 else 0.0,
+         "busbw_bytes_per_s": float(b / t * factor) if t > 0 else 0.0, "algorithm": str(a)}
+        for b, t, a in zip(sizes, cost.time_s, cost.algorithm, strict=True)
+    ]
+    if args.json:
+        print(json.dumps({"topology": topo.name, "op": args.op, "ranks": n, "rows": rows}, indent=2))
+        return 0
+    print(f"# {args.op} on {n} ranks of {topo.name} (model; columns as nccl-tests prints them)")
+    print(f"# {'size (B)':>14} {'time (us)':>12} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}  algorithm")
+    for r in rows:
+        print(f"  {r['bytes']:>14.0f} {r['time_s'] * 1e6:>12.2f} {r['algbw_bytes_per_s'] / 1e9:>13.2f} "
+              f"{r['busbw_bytes_per_s'] / 1e9:>13.2f}  {r['algorithm']}")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     parser = argparse.ArgumentParser(prog="moeplan", description="Hardware-aware MoE cost model and layout planner")
     parser.add_argument("--version", action="version", version=f"moeplan {mp.__version__}")
@@ -103,6 +146,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     _add_topology_args(show)
     show.add_argument("--json", action="store_true", help="print JSON (SI units)")
     handlers["show"] = cmd_show
+
+    coll = sub.add_parser("collective", help="time a collective over a size sweep, in nccl-tests' columns")
+    coll.add_argument("op", choices=OPS)
+    _add_topology_args(coll, positional=False)
+    coll.add_argument("--devices", type=int, help="ranks: the first N devices (default: all)")
+    coll.add_argument("--bytes", default="1e6..1e10", help="sizes per device: 1e6..1e10, 1e6,4e6 or 65536")
+    coll.add_argument("--factor", type=float, default=2.0, help="step of a .. sweep (default 2)")
+    coll.add_argument("--algorithm", help="force an algorithm (ring, tree, nvls, nvls_tree, direct)")
+    coll.add_argument("--json", action="store_true")
+    handlers["collective"] = cmd_collective
     return parser, handlers
 
 
@@ -114,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"moeplan {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

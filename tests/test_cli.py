@@ -49,3 +49,24 @@ def test_malformed_shape_is_an_argparse_error(capsys):
         main(["show", "tpu-v5p", "--shape", "4by4"])
     assert info.value.code == 2
     assert "not a shape" in capsys.readouterr().err
+
+
+def test_collective_prints_nccl_tests_columns(capsys):
+    assert main(["collective", "all_reduce", "--topology", "dgx-a100", "--devices", "8", "--bytes", "1e6..1.6e7"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
+    assert len(lines) == 5  # 1, 2, 4, 8, 16 MB
+    size, time_us, algbw, busbw, algorithm = lines[-1].split()
+    assert float(size) == 1.6e7 and algorithm == "ring"
+    assert float(busbw) == pytest.approx(float(algbw) * 2 * 7 / 8, rel=1e-3)
+    assert float(algbw) == pytest.approx(float(size) / (float(time_us) * 1e-6) / 1e9, rel=1e-3)
+
+
+def test_collective_json_and_errors(capsys):
+    argv = ["collective", "all_to_all", "--topology", "tpu-v5p", "--shape", "4x4x4", "--bytes", "1e6,1e8", "--json"]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["bytes"] for r in rows] == [1e6, 1e8] and rows[1]["time_s"] > rows[0]["time_s"]
+    assert main(["collective", "all_reduce", "--topology", "dgx-h100", "--bytes", "1e9..1e6"]) == 2
+    assert "not a size list" in capsys.readouterr().err
+    assert main(["collective", "all_gather", "--topology", "dgx-h100", "--algorithm", "nvls", "--bytes", "1e6"]) == 2
+    assert "not available" in capsys.readouterr().err

@@ -1,0 +1,33 @@
+"""Accuracy benchmark: every published measurement the model can express, with its error.
+
+Prints id, what was measured, measured, predicted and the relative error in time per point,
+then the summary (median and worst, all points and held-out points only) and what was skipped
+and why. Not a test: tests/test_collectives.py asserts the bounds.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from moeplan.validation import collective_rows, load_points, summarize
+
+
+def main() -> int:
+    rows, skipped = collective_rows(load_points())
+    print(f"{'id':5} {'measurement':58} {'metric':18} {'measured':>10} {'predicted':>10} {'error':>7}  algorithm")
+    for r in rows:
+        tag = "*" if r.in_sample else " "
+        print(f"{r.point_id:4}{tag} {r.label:58} {r.metric:18} {r.measured:10.3g} {r.predicted:10.3g} "
+              f"{r.error:+7.1%}  {r.algorithm}")
+    s = summarize(rows)
+    print(f"\ncollective + moe_dispatch: {s['points']} points, median |error| {s['median_abs_error']:.1%}, "
+          f"worst {s['max_abs_error']:.1%}; held out ({s['held_out_points']} points, * = calibration input): "
+          f"median {s['held_out_median_abs_error']:.1%}")
+    print(f"skipped {len(skipped)}:")
+    for ident, reason in skipped:
+        print(f"  {ident:8} {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

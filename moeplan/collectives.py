@@ -1,0 +1,402 @@
+"""Time of collectives on a device group: all_to_all, all_reduce, all_gather, reduce_scatter, p2p.
+
+Sizes follow nccl-tests (``bytes_per_device``): all_reduce = the buffer; all_gather = the total
+output; reduce_scatter = the total input; all_to_all = the whole send buffer of a rank, its local
+part included; p2p = the message. Every function takes a numpy array of sizes and returns times.
+
+Notation: S bytes per device, n ranks, B one-way link bandwidth, e(S) achieved/peak efficiency,
+alpha a per-step latency. Every algorithm is ``time = latency terms + wire bytes / (B * e(S))``:
+
+* **Torus (TPU, XLA).** Per axis a bidirectional ring when the group closes the axis into a ring
+  (wraparound), else a bidirectional line with half the bandwidth; groups spanning several axes are
+  decomposed axis by axis (scaling-book, "How to Scale Your Model", ch. 3): all_gather stage on
+  axis a costs ``(n_a - 1) * shard_a / (2B)`` on a ring and ``/B`` on a line, with the shard
+  growing stage by stage. all_reduce = reduce_scatter + all_gather. all_to_all is bisection-bound
+  under dimension-order routing: ``max_a n_a * S / (8B)`` on rings, ``n_a * S / (4B)`` on lines,
+  which is all_gather / 4 on a bidirectional ring for the same shard.
+* **GPU node (NCCL over NVSwitch).** Ring all_gather/reduce_scatter ``(n-1)/n * S / B``, ring
+  all_reduce twice that; NVLS (in-switch reduction) all_reduce ``S / B`` with its own efficiency;
+  all_to_all direct, each GPU limited by its own NVLink: ``(n-1)/n * S / B``.
+* **GPU cluster.** Rings cross each node once per channel and NCCL spreads the channels over the
+  node's NICs, so a ring's per-rank bandwidth is ``min(B_nvlink * g / (g - 1), g * B_nic)`` with g
+  the group's GPUs per node (each of the g channels enters a node at a different GPU, so a GPU's
+  NVLink carries g - 1 of them); NCCL's double binary tree moves 2S per node through the NICs with log-depth
+  latency; NVLS-tree reduces inside nodes in the switch. all_to_all: a GPU's remote traffic
+  ``(n - g)/n * S`` leaves through its own NIC (NCCL cannot aggregate NICs for all-to-all), its
+  local traffic over NVLink, concurrently.
+
+Without an explicit ``algorithm`` the fastest candidate is taken per size, as NCCL's tuner does
+with its own cost model. Latencies and efficiencies are ``CommParams`` with cited defaults; a
+calibration profile passes its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from moeplan.topology import SWITCHED, TORUS, Topology
+
+OPS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", "p2p")
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved / peak bandwidth as a function of size: ``e_max * (S / (S + s_half)) ** shape``.
+
+    Large messages approach ``e_max`` (protocol overhead); small ones lose bandwidth to pipeline
+    fill and fewer channels. ``s_half_bytes = 0`` is a flat curve.
+    """
+
+    e_max: float
+    s_half_bytes: float = 0.0
+    shape: float = 0.5
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.e_max <= 1.0:
+            raise ValueError(f"efficiency.e_max: got {self.e_max!r}; expected a number in (0, 1]")
+        if self.s_half_bytes < 0 or self.shape <= 0:
+            raise ValueError(
+                f"efficiency: got s_half_bytes={self.s_half_bytes!r}, shape={self.shape!r}; expected >= 0 and > 0"
+            )
+
+    def __call__(self, size_bytes: np.ndarray) -> np.ndarray:
+        size = np.maximum(np.asarray(size_bytes, dtype=float), 1.0)
+        if self.s_half_bytes == 0.0:
+            return np.full_like(size, self.e_max)
+        return self.e_max * (size / (size + self.s_half_bytes)) ** self.shape
+
+
+_NCCL = "NVIDIA/nccl src/graph/tuning.cc (baseLat / hwLat tables, LL protocol, ring and tree)"
+
+
+@dataclass(frozen=True)
+class CommParams:
+    """Software latencies and efficiency curves of the collective libraries (cited defaults).
+
+    Latencies are NCCL's own LL-protocol figures (its lowest-latency protocol, which it uses for the
+    small messages where latency matters); a joint fit of latency and ramp to the nccl-tests sweeps
+    C1 and C2 lands on the same 6.6 + 14 x 0.6 = 15 us for an 8-GPU ring all_reduce.
+    """
+
+    nccl_base_latency_s: float = 6.6e-6  # ring LL baseLat, per collective
+    node_step_latency_s: float = 0.6e-6  # NVLink LL hwLat, per ring step
+    net_step_latency_s: float = 2.7e-6  # network LL hwLat, per ring step
+    net_tree_step_latency_s: float = 5.0e-6  # network tree LL hwLat, per tree level
+    nvls_latency_s: float = 23.0e-6  # NVLS hwLat (Simple, its only protocol), per collective
+    xla_base_latency_s: float = 0.0  # TPU: per-hop ICI latency only (scaling-book model)
+    efficiency: dict[str, Efficiency] = field(default_factory=lambda: dict(DEFAULT_EFFICIENCY))
+    source: str = _NCCL
+
+    def eff(self, fabric: str) -> Efficiency:
+        try:
+            return self.efficiency[fabric]
+        except KeyError:
+            known = sorted(self.efficiency)
+            raise ValueError(f"efficiency: no curve for {fabric!r}; expected one of {known}") from None
+
+    def with_efficiency(self, **curves: Efficiency) -> CommParams:
+        return replace(self, efficiency={**self.efficiency, **curves})
+
+
+# The size ramp (s_half, shape) was fitted once, jointly, to the nccl-tests all_reduce sweeps on 8x A100
+# (stas00/ml-engineering, validation point C1) and 8x H200 (C2); the same ramp serves every fabric.
+# Those two points are in-sample for the validation; every other point is held out.
+_RAMP = dict(s_half_bytes=1.7e7, shape=0.76)
+DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
+    # NVLink rings: e_max = 370/450 (NCCL maintainer in nccl-tests issue #212: '~20% protocol overhead',
+    # ~370 GB/s effective on the 450 GB/s H100 NVLink).
+    "node": Efficiency(0.82, **_RAMP, source="nccl-tests #212 (e_max); ramp fitted to C1+C2"),
+    # NVLS: algbw ~275 GB/s on 450 GB/s NVLink at large sizes (nccl-tests #212, 8x H100) -> 0.61.
+    "nvls": Efficiency(0.61, **_RAMP, source="nccl-tests #212 (peak NVLS algbw ~275 GB/s on H100); ramp as 'node'"),
+    # InfiniBand / RoCE through the NIC: ~90% of line rate (DeepEP V1 internode kernels reach 43-58 GB/s
+    # bottleneck bandwidth on 50 GB/s NICs, validation point A1).
+    "net": Efficiency(0.90, **_RAMP, source="DeepEP V1 README internode rows (~45-50 of 50 GB/s)"),
+    # TPU ICI: the scaling-book plans with 9e10 of the 1e11 spec (v5p/v6e) and 4.5e10 of 5e10 (v5e).
+    "ici": Efficiency(0.90, 0.0, 0.5, "jax-ml scaling-book (9e10 planning vs 1e11 spec per link)"),
+}
+
+
+# ------------------------------------------------------------------ group analysis
+@dataclass(frozen=True)
+class TorusGroup:
+    """A sub-grid group of a torus: per used axis its member count, stride and ring closure."""
+
+    sizes: tuple[int, ...]
+    wraps: tuple[bool, ...]
+    strides: tuple[int, ...]
+    link_bw_bytes_per_s: tuple[float, ...]
+    hop_latency_s: float
+
+
+@dataclass(frozen=True)
+class SwitchedGroup:
+    n: int
+    nodes: int
+    per_node: int  # the most group members on one node
+
+
+def torus_group(topo: Topology, devices: np.ndarray) -> TorusGroup:
+    """Describe a device group as a product of evenly strided axis segments, or raise."""
+    coords = topo.coordinates[devices]
+    sizes, wraps, strides, bws = [], [], [], []
+    for axis, ax in enumerate(topo.axes):
+        values = np.unique(coords[:, axis])
+        if values.size == 1:
+            continue
+        steps = np.diff(values)
+        if np.unique(steps).size != 1:
+            raise ValueError(
+                f"devices: the group's coordinates on torus axis {axis} ({values.tolist()}) are not evenly spaced; "
+                "expected a sub-grid of the torus (a mesh axis placement)"
+            )
+        stride = int(steps[0])
+        sizes.append(int(values.size))
+        strides.append(stride)
+        wraps.append(bool(ax.wraparound and values.size * stride == ax.size))
+        bws.append(ax.link.bw_bytes_per_s)
+    if math.prod(sizes or [1]) != devices.size:
+        raise ValueError(
+            f"devices: {devices.size} devices do not fill the sub-grid {sizes} they span; "
+            "expected a sub-grid of the torus (a mesh axis placement)"
+        )
+    latency = topo.axes[0].link.latency_s if topo.axes else 0.0
+    return TorusGroup(tuple(sizes), tuple(wraps), tuple(strides), tuple(bws), latency)
+
+
+def switched_group(topo: Topology, devices: np.ndarray) -> SwitchedGroup:
+    nodes_of = topo.coordinates[devices, 0]
+    _, counts = np.unique(nodes_of, return_counts=True)
+    return SwitchedGroup(int(devices.size), int(counts.size), int(counts.max()))
+
+
+# ------------------------------------------------------------------ torus algorithms
+def _axis_bw(group: TorusGroup, k: int) -> float:
+    """Bandwidth of one stage on axis k: two directions on a ring, one on a line (per direction B)."""
+    return group.link_bw_bytes_per_s[k] * (2.0 if group.wraps[k] else 1.0)
+
+
+def torus_all_gather_s(group: TorusGroup, size: np.ndarray, params: CommParams) -> np.ndarray:
+    """Axis by axis, innermost shard first: stage k moves ``(n_k - 1) * shard_k`` per rank."""
+    n = math.prod(group.sizes)
+    e = params.eff("ici")(size)
+    shard = size / n
+    time = np.full_like(size, params.xla_base_latency_s)
+    for k, n_k in enumerate(group.sizes):
+        time = time + (n_k - 1) * shard / (_axis_bw(group, k) * e)
+        time = time + (n_k - 1) * group.strides[k] * group.hop_latency_s
+        shard = shard * n_k
+    return time
+
+
+def torus_all_to_all_s(group: TorusGroup, size: np.ndarray, params: CommParams) -> np.ndarray:
+    """Bisection bound per axis under dimension-order routing: n_k S / 8B (ring), n_k S / 4B (line)
+    for even n_k ((n_k^2 - 1) / n_k in place of n_k when odd); latency: the longest route, the sum
+    over axes of the farthest hop distance."""
+    if not group.sizes:
+        return np.zeros_like(size)
+    e = params.eff("ici")(size)
+    per_axis = [
+        (n_k * n_k - n_k % 2) / n_k * size / (4.0 * _axis_bw(group, k) * e) for k, n_k in enumerate(group.sizes)
+    ]
+    hops = sum(_max_hops(group, k) for k in range(len(group.sizes)))
+    return params.xla_base_latency_s + hops * group.hop_latency_s + np.max(per_axis, axis=0)
+
+
+def _max_hops(group: TorusGroup, k: int) -> int:
+    n_k = group.sizes[k]
+    return (n_k // 2 if group.wraps[k] else n_k - 1) * group.strides[k]
+
+
+def torus_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.ndarray, params: CommParams):
+    if op == "p2p":
+        return {"direct": _torus_p2p_s(topo, devices, size, params)}
+    group = torus_group(topo, devices)
+    if op in ("all_gather", "reduce_scatter"):
+        return {"ring": torus_all_gather_s(group, size, params)}
+    if op == "all_reduce":  # reduce_scatter then all_gather
+        return {"ring": 2.0 * torus_all_gather_s(group, size, params)}
+    return {"direct": torus_all_to_all_s(group, size, params)}
+
+
+def _torus_p2p_s(topo: Topology, devices: np.ndarray, size: np.ndarray, params: CommParams) -> np.ndarray:
+    a, b = topo.coordinates[devices[0]], topo.coordinates[devices[1]]
+    hops = 0
+    for axis, ax in enumerate(topo.axes):
+        d = abs(int(a[axis]) - int(b[axis]))
+        hops += min(d, ax.size - d) if ax.wraparound else d
+    bw = topo.axes[0].link.bw_bytes_per_s
+    return params.xla_base_latency_s + hops * topo.axes[0].link.latency_s + size / (bw * params.eff("ici")(size))
+
+
+# ------------------------------------------------------------------ switched algorithms
+def _ring_bw(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams) -> np.ndarray:
+    """Per-rank bandwidth of a ring: NVLink, or the node's NICs when the ring leaves the node."""
+    node_bw = topo.node.link.bw_bytes_per_s * params.eff("node")(size)
+    if group.nodes == 1:
+        return node_bw
+    # A ring crosses a leaf boundary with one channel per rail: far below an uplink's capacity.
+    net_bw = group.per_node * _nic_bw(topo) * params.eff("net")(size)
+    if group.per_node == 1:
+        return net_bw
+    # p channels, each entering a node at a different GPU: a GPU's NVLink carries p-1 of the p channels.
+    return np.minimum(node_bw * group.per_node / (group.per_node - 1), net_bw)
+
+
+def _nic_bw(topo: Topology) -> float:
+    """What one GPU can push through its own NIC (the slower of its PCIe link and the NIC)."""
+    so = topo.scale_out
+    return min(so.pcie.bw_bytes_per_s, so.nic.bw_bytes_per_s)
+
+
+def _uplink_load_per_bw(topo: Topology, devices: np.ndarray) -> float:
+    """all_to_all with S = 1: the worst leaf uplink's bytes over its bandwidth (0 on one leaf).
+
+    Rail r's leaf j carries, up to the spine, what its group members send to members under other
+    leaves; its uplink is (nodes on the leaf) x NIC / oversubscription.
+    """
+    so = topo.scale_out
+    nodes = topo.coordinates[devices, 0]
+    rails = topo.coordinates[devices, 1]
+    leaves = nodes // so.nodes_per_leaf
+    if np.unique(leaves).size < 2:
+        return 0.0
+    n = devices.size
+    worst = 0.0
+    for leaf in np.unique(leaves):
+        nodes_on_leaf = min(so.nodes_per_leaf, topo.num_nodes - leaf * so.nodes_per_leaf)
+        uplink = nodes_on_leaf * so.nic.bw_bytes_per_s / so.oversubscription
+        outside = np.count_nonzero(leaves != leaf)
+        for rail in np.unique(rails[leaves == leaf]):
+            senders = np.count_nonzero((leaves == leaf) & (rails == rail))
+            worst = max(worst, senders * outside / n / uplink)
+    return worst
+
+
+def _ring_latency_s(group: SwitchedGroup, steps_per_round: int, params: CommParams) -> float:
+    """NCCL ring: one round of n-1 steps, of which (nodes - 1) cross the network (at most)."""
+    net_steps = min(group.nodes - 1, steps_per_round) if group.nodes > 1 else 0
+    return params.node_step_latency_s * (steps_per_round - net_steps) + params.net_step_latency_s * net_steps
+
+
+def switched_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.ndarray, params: CommParams):
+    group = switched_group(topo, devices)
+    n = group.n
+    base = params.nccl_base_latency_s
+    if op == "p2p":
+        return {"direct": _switched_p2p_s(topo, group, size, params)}
+    if op == "all_to_all":
+        local = size * (group.per_node - 1) / n / (topo.node.link.bw_bytes_per_s * params.eff("node")(size))
+        out = {"direct": base + params.node_step_latency_s + local}
+        if group.nodes > 1:
+            net_eff = params.eff("net")(size)
+            remote = size * (n - group.per_node) / n / (_nic_bw(topo) * net_eff)
+            uplink = size * _uplink_load_per_bw(topo, devices) / net_eff
+            out["direct"] = base + params.net_step_latency_s + np.maximum(np.maximum(local, remote), uplink)
+        return out
+    rounds = 2 if op == "all_reduce" else 1
+    ring = base + rounds * _ring_latency_s(group, n - 1, params) + rounds * (n - 1) / n * size / _ring_bw(
+        topo, group, size, params
+    )
+    out = {"ring": ring}
+    if op != "all_reduce":
+        return out
+    node_bw = topo.node.link.bw_bytes_per_s
+    if group.nodes > 1:
+        depth = math.ceil(math.log2(group.nodes))
+        up_and_down = depth * params.net_tree_step_latency_s + (group.per_node - 1) * params.node_step_latency_s
+        latency = base + 2 * up_and_down
+        net = 2.0 * size / (group.per_node * _nic_bw(topo) * params.eff("net")(size))
+        out["tree"] = latency + np.maximum(net, size / (node_bw * params.eff("node")(size)))
+    if topo.node.in_switch_reduction and group.per_node > 1:
+        nvls = params.nvls_latency_s + size / (node_bw * params.eff("nvls")(size))
+        if group.nodes == 1:
+            out["nvls"] = nvls
+        else:  # NVLS inside nodes, a tree between them, pipelined: latencies add, bandwidths bound
+            depth = math.ceil(math.log2(group.nodes))
+            net = 2.0 * size / (group.per_node * _nic_bw(topo) * params.eff("net")(size))
+            latency = base + params.nvls_latency_s + 2 * depth * params.net_tree_step_latency_s
+            out["nvls_tree"] = latency + np.maximum(nvls - params.nvls_latency_s, net)
+    return out
+
+
+def _switched_p2p_s(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams) -> np.ndarray:
+    if group.nodes == 1:
+        return params.node_step_latency_s + size / (topo.node.link.bw_bytes_per_s * params.eff("node")(size))
+    return params.net_step_latency_s + size / (_nic_bw(topo) * params.eff("net")(size))
+
+
+# ------------------------------------------------------------------ public entry points
+@dataclass(frozen=True)
+class CollectiveCost:
+    """Per size: the time of the chosen algorithm and its name."""
+
+    time_s: np.ndarray
+    algorithm: np.ndarray  # of str
+
+
+def collective_cost(
+    topo: Topology,
+    op: str,
+    bytes_per_device,
+    devices: int | list[int] | np.ndarray | None = None,
+    *,
+    algorithm: str | None = None,
+    params: CommParams | None = None,
+) -> CollectiveCost:
+    """Time and algorithm of a collective for each size (see the module docstring for the model)."""
+    if op not in OPS:
+        raise ValueError(f"op: got {op!r}; expected one of {list(OPS)}")
+    size = np.atleast_1d(np.asarray(bytes_per_device, dtype=float))
+    if size.size and (not np.all(np.isfinite(size)) or size.min() < 0):
+        raise ValueError("bytes_per_device: expected finite sizes >= 0")
+    ids = topo.device_ids(topo.num_devices if devices is None else devices)
+    params = params or CommParams()
+    if op == "p2p" and ids.size != 2:
+        raise ValueError(f"devices: p2p takes exactly 2 devices, got {ids.size}")
+    if ids.size == 1:
+        return CollectiveCost(np.zeros_like(size), np.full(size.shape, "local", dtype=object))
+    build = torus_candidates if topo.kind == TORUS else switched_candidates
+    assert topo.kind in (TORUS, SWITCHED)
+    candidates = build(topo, op, ids, size, params)
+    names = list(candidates)
+    if algorithm is not None:
+        if algorithm not in candidates:
+            raise ValueError(f"algorithm: {algorithm!r} not available for {op} on this group; expected one of {names}")
+        names = [algorithm]
+    times = np.stack([np.broadcast_to(candidates[a], size.shape) for a in names])
+    best = np.argmin(times, axis=0)
+    chosen = np.take_along_axis(times, best[None], axis=0)[0]
+    chosen = np.where(size == 0, 0.0, chosen)
+    return CollectiveCost(chosen, np.asarray(names, dtype=object)[best])
+
+
+def collective_time_s(
+    topo: Topology,
+    op: str,
+    bytes_per_device,
+    devices: int | list[int] | np.ndarray | None = None,
+    *,
+    algorithm: str | None = None,
+    params: CommParams | None = None,
+):
+    """Seconds for ``op`` on ``devices`` (a count = the first N devices, or a list of ids).
+
+    A scalar size gives a float; an array gives an array of the same shape.
+    """
+    cost = collective_cost(topo, op, bytes_per_device, devices, algorithm=algorithm, params=params)
+    if np.ndim(bytes_per_device) == 0:
+        return float(cost.time_s[0])
+    return cost.time_s.reshape(np.shape(bytes_per_device))
+
+
+def bus_bandwidth_factor(op: str, n: int) -> float:
+    """nccl-tests busbw = algbw * factor: 2(n-1)/n for all_reduce, (n-1)/n for the others, 1 for p2p."""
+    if op == "all_reduce":
+        return 2.0 * (n - 1) / n
+    if op == "p2p":
+        return 1.0
+    return (n - 1) / n

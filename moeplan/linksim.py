@@ -1,0 +1,259 @@
+"""Brute-force twin of ``collectives``: route every flow over the graph and count bytes per link.
+
+Slow and literal on purpose. A collective is a list of sequential phases; each phase is a set of
+flows (a chain of devices that forwards a block, or a point-to-point transfer). Every hop of every
+flow is routed over the topology graph and its bytes are added to each directed link it crosses.
+A phase takes ``max over links of load / (bandwidth * efficiency)`` plus its latency; the
+collective is the sum of its phases. Tests hold the closed forms of ``collectives`` against it.
+
+Routing: on a torus, dimension-order (axis 0 first), the short way round a ring, a tie split half
+each way; in a switched cluster, inside a node through its switch, across nodes from the sender's
+own NIC on its rail to the same rail of the receiving node, then over NVLink to the receiver
+(PXN) when it sits on another rail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeplan.collectives import CommParams, switched_group, torus_group
+from moeplan.topology import TORUS, Topology
+
+Route = list[tuple[object, object, float]]  # (u, v, fraction of the flow on this directed link)
+
+
+@dataclass
+class LinkSimResult:
+    time_s: float
+    link_bytes: dict[tuple[object, object], float]  # summed over phases
+
+
+class _Phase:
+    def __init__(self) -> None:
+        self.load: dict[tuple[object, object], float] = defaultdict(float)
+        self.latency_s = 0.0
+
+
+def simulate(
+    topo: Topology,
+    op: str,
+    size_bytes: float,
+    devices: int | list[int] | np.ndarray | None = None,
+    algorithm: str = "ring",
+    params: CommParams | None = None,
+) -> LinkSimResult:
+    """Route the flows of ``op`` (``algorithm`` "ring", "direct" or "nvls") and time it link by link."""
+    params = params or CommParams()
+    ids = topo.device_ids(topo.num_devices if devices is None else devices)
+    builder = _torus_phases if topo.kind == TORUS else _switched_phases
+    phases = builder(topo, op, float(size_bytes), ids, algorithm)
+    total: dict[tuple[object, object], float] = defaultdict(float)
+    time = 0.0
+    for phase in phases:
+        worst = 0.0
+        for (u, v), load in phase.load.items():
+            total[(u, v)] += load
+            edge = topo.graph[u][v]
+            eff = params.eff(_fabric(edge["tier"], algorithm))(np.array([size_bytes]))[0]
+            worst = max(worst, load / (edge["bw_bytes_per_s"] * eff))
+        time += worst + phase.latency_s
+    time += _library_latency_s(topo, op, ids, algorithm, params)
+    return LinkSimResult(time, dict(total))
+
+
+def _fabric(tier: str, algorithm: str) -> str:
+    if tier.startswith("ici"):
+        return "ici"
+    if tier == "nvlink":
+        return "nvls" if algorithm == "nvls" else "node"
+    return "net"
+
+
+# ------------------------------------------------------------------ torus
+def _torus_route(topo: Topology, src: int, dst: int) -> Route:
+    """Dimension-order route; on a ring with the two ways equally short, half the bytes each way."""
+    routes: list[tuple[list[int], float]] = [([src], 1.0)]
+    shape = topo.shape
+    for axis, ax in enumerate(topo.axes):
+        target = topo.coordinates[dst, axis]
+        new_routes = []
+        for path, frac in routes:
+            here = topo.coordinates[path[-1]].copy()
+            delta = int(target - here[axis])
+            options = [(np.sign(delta), abs(delta))] if delta else [(0, 0)]
+            if ax.wraparound and delta:
+                fwd = delta % ax.size
+                back = ax.size - fwd
+                options = [(1, fwd)] if fwd < back else [(-1, back)] if back < fwd else [(1, fwd), (-1, back)]
+            for direction, steps in options:
+                walk = list(path)
+                coord = here.copy()
+                for _ in range(steps):
+                    coord[axis] = (coord[axis] + direction) % ax.size
+                    walk.append(int(np.ravel_multi_index(tuple(coord), shape)))
+                new_routes.append((walk, frac / len(options)))
+        routes = new_routes
+    return [(u, v, frac) for path, frac in routes for u, v in zip(path, path[1:], strict=False)]
+
+
+def _torus_phases(topo: Topology, op: str, size: float, ids: np.ndarray, algorithm: str) -> list[_Phase]:
+    group = torus_group(topo, ids)
+    n = ids.size
+    if op == "p2p":
+        return [_unicast_phase(topo, [(ids[0], ids[1], size)], _torus_route, topo.axes[0].link.latency_s)]
+    if op == "all_to_all":
+        flows = [(int(a), int(b), size / n) for a in ids for b in ids if a != b]
+        phase = _unicast_phase(topo, flows, _torus_route, topo.axes[0].link.latency_s)
+        return [phase]
+    stages = _axis_stages(topo, ids, group)
+    gather = []
+    shard = size / n
+    for lines, wrap in stages:
+        gather.append(_gather_phase(topo, lines, wrap, shard))
+        shard *= len(lines[0])
+    if op in ("all_gather", "reduce_scatter"):
+        return gather
+    return gather + gather  # all_reduce = reduce_scatter (mirror of all_gather) + all_gather
+
+
+def _axis_stages(topo: Topology, ids: np.ndarray, group) -> list[tuple[list[list[int]], bool]]:
+    """For each axis the group spans: its lines of members (sorted along the axis) and ring closure."""
+    coords = topo.coordinates[ids]
+    used = [a for a in range(len(topo.axes)) if np.unique(coords[:, a]).size > 1]
+    stages = []
+    for k, axis in enumerate(used):
+        others = [a for a in range(len(topo.axes)) if a != axis]
+        lines: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+        for dev, c in zip(ids, coords, strict=True):
+            lines[tuple(c[others])].append((int(c[axis]), int(dev)))
+        ordered = [[d for _, d in sorted(members)] for members in lines.values()]
+        stages.append((ordered, group.wraps[k]))
+    return stages
+
+
+def _gather_phase(topo: Topology, lines: list[list[int]], wrap: bool, shard: float) -> _Phase:
+    """Bidirectional ring (wrap) or line all-gather: every block forwarded member to member."""
+    phase = _Phase()
+    for line in lines:
+        m = len(line)
+        for i in range(m):
+            if wrap:
+                clockwise = [line[(i + s) % m] for s in range(m)]
+                counter = [line[(i - s) % m] for s in range(m)]
+                chains = [(clockwise, shard / 2), (counter, shard / 2)]
+            else:
+                chains = [(line[i::-1], shard), (line[i:], shard)]
+            for chain, block in chains:
+                hops = 0
+                for a, b in zip(chain, chain[1:], strict=False):
+                    for u, v, frac in _torus_route(topo, a, b):
+                        phase.load[(u, v)] += block * frac
+                        hops += frac
+                phase.latency_s = max(phase.latency_s, hops * topo.axes[0].link.latency_s)
+    # a ring's block travels m-1 hops each way in one pipelined pass: latency is one chain, not two
+    return phase
+
+
+def _unicast_phase(topo: Topology, flows, router, hop_latency_s: float) -> _Phase:
+    phase = _Phase()
+    for src, dst, nbytes in flows:
+        route = router(topo, int(src), int(dst))
+        for u, v, frac in route:
+            phase.load[(u, v)] += nbytes * frac
+        phase.latency_s = max(phase.latency_s, _longest(route, int(src)) * hop_latency_s)
+    return phase
+
+
+def _longest(route: Route, src: int) -> int:
+    """Hop count of the longest path in a (possibly split) route."""
+    starts = sum(1 for u, _, _ in route if u == src)
+    return round(len(route) / max(starts, 1)) if route else 0
+
+
+# ------------------------------------------------------------------ switched
+def _switched_route(topo: Topology, src: int, dst: int) -> Route:
+    g = topo.node.devices_per_node
+    (ns, ls), nd = topo.coordinates[src], topo.coordinates[dst, 0]
+    if ns == nd:
+        return [(src, f"n{ns}/switch", 1.0), (f"n{ns}/switch", dst, 1.0)]
+    path: list[object] = [src, f"n{ns}/nic{ls}"]
+    so = topo.scale_out
+    leaf_s, leaf_d = f"rail{ls}/leaf{ns // so.nodes_per_leaf}", f"rail{ls}/leaf{nd // so.nodes_per_leaf}"
+    path += [leaf_s] if leaf_s == leaf_d else [leaf_s, "spine", leaf_d]
+    relay = int(nd * g + ls)
+    path += [f"n{nd}/nic{ls}", relay]
+    if relay != dst:
+        path += [f"n{nd}/switch", dst]
+    return [(u, v, 1.0) for u, v in zip(path, path[1:], strict=False)]
+
+
+def _switched_phases(topo: Topology, op: str, size: float, ids: np.ndarray, algorithm: str) -> list[_Phase]:
+    n = ids.size
+    if op == "p2p":
+        return [_unicast_phase(topo, [(ids[0], ids[1], size)], _switched_route, 0.0)]
+    if op == "all_to_all":
+        flows = [(int(a), int(b), size / n) for a in ids for b in ids if a != b]
+        return [_unicast_phase(topo, flows, _switched_route, 0.0)]
+    if algorithm == "nvls":
+        phase = _Phase()
+        for dev in ids:
+            switch = f"n{topo.coordinates[dev, 0]}/switch"
+            phase.load[(int(dev), switch)] += size  # every GPU's buffer reduced in the switch
+            phase.load[(switch, int(dev))] += size  # and the result multicast back
+        return [phase]
+    rounds = 2 if op == "all_reduce" else 1
+    phase = _Phase()
+    channels = _ring_channels(topo, ids)
+    per_edge = (n - 1) / n * size / len(channels) * rounds  # every ring edge forwards (n-1) blocks per round
+    for ring in channels:
+        for a, b in zip(ring, ring[1:] + ring[:1], strict=True):
+            for u, v, frac in _switched_route(topo, a, b):
+                phase.load[(u, v)] += per_edge * frac
+    return [phase]
+
+
+def _ring_channels(topo: Topology, ids: np.ndarray) -> list[list[int]]:
+    """NCCL-style channels: one ring per GPU of a node; in node j the ring of channel c enters at the
+    member (c - j) mod p and leaves from the member before it, so each node uses each NIC once."""
+    by_node: dict[int, list[int]] = defaultdict(list)
+    for dev in sorted(int(d) for d in ids):
+        by_node[int(topo.coordinates[dev, 0])].append(dev)
+    nodes = sorted(by_node)
+    p = max(len(v) for v in by_node.values())
+    if len(nodes) == 1:
+        return [by_node[nodes[0]]]
+    rings = []
+    for c in range(p):
+        ring: list[int] = []
+        for j, node in enumerate(nodes):
+            members = by_node[node]
+            entry = (c - j) % len(members)
+            ring += members[entry:] + members[:entry]
+        rings.append(ring)
+    return rings
+
+
+def _library_latency_s(topo: Topology, op: str, ids: np.ndarray, algorithm: str, params: CommParams) -> float:
+    """NCCL's per-collective and per-step latencies (the torus phases carry their own hop latency)."""
+    if topo.kind == TORUS or ids.size < 2:
+        return params.xla_base_latency_s if topo.kind == TORUS else 0.0
+    group = switched_group(topo, ids)
+    if op == "p2p":
+        return params.node_step_latency_s if group.nodes == 1 else params.net_step_latency_s
+    if op == "all_to_all":
+        step = params.node_step_latency_s if group.nodes == 1 else params.net_step_latency_s
+        return params.nccl_base_latency_s + step
+    if algorithm == "nvls":
+        return params.nvls_latency_s
+    rounds = 2 if op == "all_reduce" else 1
+    steps = ids.size - 1
+    net_steps = min(group.nodes - 1, steps) if group.nodes > 1 else 0
+    per_round = params.node_step_latency_s * (steps - net_steps) + params.net_step_latency_s * net_steps
+    return params.nccl_base_latency_s + rounds * per_round
+
+
+assert math.isfinite(CommParams().nccl_base_latency_s)

@@ -1,0 +1,191 @@
+"""Published measurements (``shared/validation/published.yaml``) set against the model.
+
+Each expressible measurement becomes a ``ValidationRow`` with the measured and predicted value
+and the relative error *in time* (``t_pred / t_meas - 1``; a bandwidth b converts as 1/b), so
+errors of time and bandwidth points read alike. A measurement the model cannot express (no
+message size, hardware the bundled families do not describe, a kernel limited by its SM count,
+which the model has no term for) is listed in ``skipped`` with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moeplan.collectives import bus_bandwidth_factor, collective_cost
+from moeplan.families import load_topology
+from moeplan.schema import read_yaml_mapping
+from moeplan.units import dtype_bytes
+
+# The team's shared copy when it sits beside the checkout, else the snapshot kept in the repository.
+_CANDIDATES = [
+    Path(__file__).resolve().parents[2] / "shared" / "validation" / "published.yaml",
+    Path(__file__).resolve().parents[1] / "validation" / "published.yaml",
+]
+DEFAULT_PATH = Path(os.environ.get("MOEPLAN_PUBLISHED") or next((p for p in _CANDIDATES if p.is_file()), _CANDIDATES[-1]))
+
+# Published hardware that a bundled family describes at the level the model sees it.
+FAMILY_ALIASES = {
+    "p6-b200": "dgx-b200",  # AWS 8x B200: same NVLink5/NVSwitch node as DGX B200
+    "p5en-h200": "dgx-h200",  # AWS 8x H200, EFA 3.2 Tb/s per node = 50 GB/s per GPU, as DGX H200's NICs
+}
+ARCH_FAMILIES = {"SM90": "dgx-h100", "SM100": "dgx-b200"}  # DeepEP rows name only the architecture
+ALGORITHMS = {"ring": "ring", "nvls": "nvls", "nvlstree": "nvls_tree", "tree": "tree"}
+# Calibration inputs: the NVLink efficiency ramp was fitted to this sweep (collectives.DEFAULT_EFFICIENCY).
+IN_SAMPLE = {"C1", "C2"}
+
+
+@dataclass(frozen=True)
+class ValidationRow:
+    point_id: str
+    label: str
+    metric: str
+    measured: float
+    predicted: float
+    error: float  # relative error in time: t_pred / t_meas - 1
+    in_sample: bool
+    algorithm: str
+
+
+def load_points(path: str | os.PathLike[str] | None = None) -> list[dict]:
+    doc = read_yaml_mapping(path or DEFAULT_PATH, "published validation")
+    return list(doc.get("points") or [])
+
+
+def _family(point: dict, row: dict) -> str | None:
+    if row.get("arch") in ARCH_FAMILIES:
+        return ARCH_FAMILIES[row["arch"]]
+    fam = (point.get("hardware") or {}).get("family")
+    return FAMILY_ALIASES.get(fam, fam)
+
+
+def _topology(family: str, nodes: int):
+    return load_topology(family, nodes=max(nodes, 1))
+
+
+def collective_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple[str, str]]]:
+    """Rows for every expressible measurement of the ``collective`` and ``moe_dispatch`` points."""
+    rows: list[ValidationRow] = []
+    skipped: list[tuple[str, str]] = []
+    for point in points:
+        kind = point.get("kind")
+        if kind not in ("collective", "moe_dispatch"):
+            continue
+        measurements = point.get("measurements") or []
+        if not measurements:
+            skipped.append((point["id"], "relative figures only (no absolute measurement)"))
+            continue
+        handler = _collective_row if kind == "collective" else _dispatch_row
+        for index, row in enumerate(measurements):
+            try:
+                result = handler(point, row, index)
+            except _Skip as why:
+                skipped.append((f"{point['id']}[{index}]", str(why)))
+                continue
+            rows.append(result)
+    return rows, skipped
+
+
+class _Skip(Exception):
+    pass
+
+
+def _hardware(point: dict, row: dict) -> tuple[str, int]:
+    family = _family(point, row)
+    if family is None:
+        raise _Skip("hardware family not stated")
+    try:
+        load_topology(family)
+    except ValueError:
+        raise _Skip(f"hardware {family!r} is not a bundled family") from None
+    nodes = row.get("nodes") or (point.get("hardware") or {}).get("nodes") or 1
+    return family, int(nodes)
+
+
+def _collective_row(point: dict, row: dict, index: int) -> ValidationRow:
+    if point["id"] == "C9":
+        raise _Skip("4 HDR NICs per 8-GPU node: the bundled dgx-a100 has one NIC per GPU")
+    size = row.get("bytes")
+    if size is None:
+        raise _Skip("no message size published")
+    family, nodes = _hardware(point, row)
+    op = row.get("op") or point.get("op")
+    ranks = int(row.get("ranks") or point.get("ranks") or 0)
+    algorithm = row["algorithm"] if "algorithm" in row else point.get("algorithm")
+    if row.get("nvls_enabled") is False and op == "all_reduce":
+        algorithm = "ring"
+    topo = _topology(family, nodes)
+    cost = collective_cost(topo, op, float(size), ranks, algorithm=ALGORITHMS.get(algorithm))
+    predicted_s = float(cost.time_s[0])
+    if row.get("time_s") is not None:
+        metric, measured_s = "time_s", float(row["time_s"])
+        measured, predicted = measured_s, predicted_s
+    elif row.get("algbw_bytes_per_s") is not None:
+        metric = "algbw_bytes_per_s"
+        measured, predicted = float(row["algbw_bytes_per_s"]), size / predicted_s
+        measured_s = size / measured
+    else:
+        metric = "busbw_bytes_per_s"
+        factor = bus_bandwidth_factor(op, ranks)
+        measured, predicted = float(row["busbw_bytes_per_s"]), size / predicted_s * factor
+        measured_s = size * factor / measured
+    label = f"{family} {op} n={ranks} {_fmt_size(size)} {algorithm or 'auto'}"
+    return ValidationRow(point["id"], label, metric, measured, predicted, predicted_s / measured_s - 1.0,
+                         point["id"] in IN_SAMPLE, str(cost.algorithm[0]))
+
+
+def _dispatch_row(point: dict, row: dict, index: int) -> ValidationRow:
+    sms = row.get("sms")
+    peers = [r for r in point["measurements"] if _same_config(r, row)]
+    if sms is not None and sms < max(r.get("sms") or 0 for r in peers):
+        raise _Skip(f"SM-limited kernel ({sms} SMs): the model has no SM-count term; the most-SM row is used")
+    if row.get("measurement") == "torch_api" and any(r.get("measurement") == "kernel_only" for r in
+                                                       point["measurements"] if _same_config(r, row, "measurement")):
+        raise _Skip("includes framework overhead (torch API); the kernel-only row of the same configuration is used")
+    family, nodes = _hardware(point, row)
+    work = point["workload"]
+    ranks = int(row.get("ranks") or work.get("ranks"))
+    dtype = row.get("dtype") or work.get(f"{row['phase']}_dtype") or "bf16"
+    # Send buffer per rank: every token to each of its top-k experts (DeepEP counts per destination).
+    size = work["tokens_per_rank"] * work["hidden"] * dtype_bytes(dtype) * work["top_k"]
+    topo = _topology(family, nodes)
+    cost = collective_cost(topo, "all_to_all", float(size), ranks)
+    t_pred = float(cost.time_s[0])
+    definition = row.get("bw_definition", "")
+    per_node = ranks // max(nodes, 1)
+    if definition.startswith("bottleneck"):  # bytes over the bottleneck link (NVLink, or RDMA between nodes)
+        share = (ranks - per_node) / ranks if nodes > 1 else (ranks - 1) / ranks
+    else:  # logical / algorithm bandwidth: everything the rank sends, local part included
+        share = 1.0
+    predicted = size * share / t_pred
+    measured = float(row["bw_bytes_per_s"])
+    label = f"{family} {row['phase']} EP{ranks} x{nodes}n {dtype} {row.get('implementation', '')} {sms or ''}SM"
+    return ValidationRow(point["id"], label.strip(), "bw_bytes_per_s", measured, predicted,
+                         measured / predicted - 1.0, point["id"] in IN_SAMPLE, str(cost.algorithm[0]))
+
+
+def _same_config(a: dict, b: dict, *ignore: str) -> bool:
+    keys = ("phase", "dtype", "implementation", "measurement", "arch", "ranks", "nodes", "nic")
+    return all(a.get(k) == b.get(k) for k in keys if k not in ignore)
+
+
+def _fmt_size(size: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:g}{unit}"
+    return f"{size:g}B"
+
+
+def summarize(rows: list[ValidationRow]) -> dict[str, float]:
+    errors = np.abs([r.error for r in rows])
+    held = np.abs([r.error for r in rows if not r.in_sample])
+    return {
+        "points": len(rows),
+        "median_abs_error": float(np.median(errors)) if rows else float("nan"),
+        "max_abs_error": float(errors.max()) if rows else float("nan"),
+        "held_out_points": int(held.size),
+        "held_out_median_abs_error": float(np.median(held)) if held.size else float("nan"),
+    }

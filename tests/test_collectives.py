@@ -1,0 +1,212 @@
+"""Closed-form collectives against the link-level twin, identities, monotonicity, published data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moeplan as mp
+from moeplan import linksim
+from moeplan.collectives import CommParams, Efficiency, collective_cost, collective_time_s
+from moeplan.hardware import LinkSpec
+from moeplan.topology import NodeSpec, ScaleOut, switched_cluster, torus
+from moeplan.validation import collective_rows, load_points, summarize
+
+CHIP = mp.load_topology("tpu-v5p").chip
+ICI = LinkSpec("ici", 1e11, 1e-6)
+OPS = ["all_gather", "reduce_scatter", "all_reduce", "all_to_all"]
+SIZES = [4e3, 1e6, 3e8]
+
+
+def _alg(op):
+    return "direct" if op == "all_to_all" else "ring"
+
+
+def _agree(topo, op, size, devices=None, algorithm=None):
+    algorithm = algorithm or _alg(op)
+    closed = collective_cost(topo, op, size, devices, algorithm=algorithm).time_s[0]
+    twin = linksim.simulate(topo, op, size, devices, algorithm).time_s
+    assert closed == pytest.approx(twin, rel=0.01), (topo, op, size, devices)
+
+
+@pytest.mark.parametrize(
+    "shape,wrap",
+    [((8,), (True,)), ((8,), (False,)), ((5,), (True,)), ((4, 4), (True, True)), ((4, 8), (True, False)),
+     ((8, 8), (True, True)), ((8, 8), (False, False)), ((2, 4), (True, True)), ((4, 4, 4), (True, True, True))],
+)
+@pytest.mark.parametrize("op", OPS)
+def test_torus_closed_forms_match_linksim(shape, wrap, op):
+    topo = torus("t", CHIP, shape, ICI, wrap)
+    for size in SIZES:
+        _agree(topo, op, size)
+
+
+@pytest.mark.parametrize("axis", ["data", "expert"])
+@pytest.mark.parametrize("op", OPS)
+def test_torus_mesh_groups_match_linksim(axis, op):
+    topo = mp.load_topology("tpu-v5p", shape=(4, 4, 4))
+    mesh = topo.place_mesh({"data": 8, "expert": 8})  # data groups are strided along y
+    for group in mesh.groups(axis)[:2]:
+        _agree(topo, op, 1e8, group)
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 4, 8])
+@pytest.mark.parametrize("op", OPS)
+def test_switched_closed_forms_match_linksim(nodes, op):
+    topo = mp.load_topology("dgx-h100", nodes=nodes)
+    for size in SIZES:
+        _agree(topo, op, size)
+    if nodes > 1:
+        _agree(topo, op, 1e8, [0, 1, 8, 9])  # two GPUs per node
+        _agree(topo, op, 1e8, list(range(0, 8 * nodes, 8)))  # one GPU per node, rails meet by PXN
+
+
+def test_nvls_and_p2p_match_linksim():
+    _agree(mp.load_topology("dgx-h200"), "all_reduce", 1e9, algorithm="nvls")
+    cluster = mp.load_topology("dgx-a100", nodes=2)
+    for pair in ([0, 1], [0, 8], [2, 13]):
+        _agree(cluster, "p2p", 1e8, pair, algorithm="direct")
+
+
+def test_oversubscribed_fabric_matches_linksim():
+    node = NodeSpec(4, LinkSpec("nvl", 4.5e11, 3e-7), in_switch_reduction=False)
+    pcie, nic = LinkSpec("pcie", 6.4e10, 5e-7), LinkSpec("nic", 5e10, 8.5e-7)
+    scale = ScaleOut(pcie, nic, nodes_per_leaf=2, oversubscription=2.0)
+    topo = switched_cluster("c", CHIP, 4, node, scale)
+    _agree(topo, "all_to_all", 1e9, [0, 8])  # one flow across leaves: the uplink is not the bottleneck
+    _agree(topo, "all_to_all", 1e9)  # everyone: the uplinks at half the downlinks are
+    _agree(topo, "all_to_all", 1e9, [0, 1, 2, 3, 8, 9, 10, 11])
+    full = collective_time_s(topo, "all_to_all", 1e9)
+    flat = switched_cluster("c", CHIP, 4, node, ScaleOut(scale.pcie, scale.nic, 2, 1.0))
+    assert full == pytest.approx(4 / 3 * collective_time_s(flat, "all_to_all", 1e9), rel=0.01)  # 1.0 vs 0.75 S/nic
+
+
+def test_all_reduce_is_reduce_scatter_plus_all_gather():
+    params = CommParams(nccl_base_latency_s=0.0)
+    for topo in (mp.load_topology("tpu-v5p", shape=(4, 4, 8)), mp.load_topology("dgx-a100", nodes=2)):
+        size = np.array([1e5, 1e7, 1e9])
+        ar = collective_time_s(topo, "all_reduce", size, algorithm="ring", params=params)
+        rs = collective_time_s(topo, "reduce_scatter", size, params=params)
+        ag = collective_time_s(topo, "all_gather", size, params=params)
+        np.testing.assert_allclose(ar, rs + ag, rtol=1e-9)
+
+
+def test_all_to_all_is_a_quarter_of_all_gather_on_a_bidirectional_ring():
+    """Same per-device shard: all_to_all's send buffer = all_gather's input (output / n)."""
+    topo = torus("ring", CHIP, (16,), ICI, (True,))
+    params = CommParams(efficiency={"ici": Efficiency(1.0)})
+    big = 16 * 1e9
+    ag = collective_time_s(topo, "all_gather", big, params=params)
+    a2a = collective_time_s(topo, "all_to_all", big / 16, params=params)
+    assert a2a / ag == pytest.approx(0.25 * 16 / 15, rel=0.02)  # (n-1)/n of the all_gather is the exact ring
+
+
+def test_all_to_all_stays_inside_a_node_until_it_must_leave():
+    topo = mp.load_topology("dgx-h100", nodes=4)
+    t8 = collective_time_s(topo, "all_to_all", 1e9, 8)
+    t16 = collective_time_s(topo, "all_to_all", 1e9, 16)
+    assert t16 > 4 * t8  # half the buffer leaves through a 50 GB/s NIC instead of 450 GB/s NVLink
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    op=st.sampled_from(OPS),
+    family=st.sampled_from(
+        [("tpu-v5p", dict(shape=(4, 4, 4))), ("dgx-h100", dict(nodes=2)), ("dgx-a100", dict(nodes=1))]
+    ),
+    sizes=st.lists(st.floats(1.0, 1e11), min_size=2, max_size=6),
+    devices=st.sampled_from([None, 4, 8]),
+)
+def test_time_is_monotone_in_bytes(op, family, sizes, devices):
+    topo = mp.load_topology(family[0], **family[1])
+    size = np.sort(np.array(sizes))
+    times = collective_time_s(topo, op, size, devices)
+    assert np.all(np.diff(times) >= -1e-15)
+
+
+@settings(max_examples=40, deadline=None)
+@given(op=st.sampled_from(OPS + ["p2p"]), factor=st.floats(1.01, 10.0), size=st.floats(1e3, 1e10))
+def test_more_link_bandwidth_is_never_slower(op, factor, size):
+    def cluster(scale):
+        node = NodeSpec(8, LinkSpec("nvl", 4.5e11 * scale, 3e-7), in_switch_reduction=True)
+        so = ScaleOut(LinkSpec("pcie", 6.4e10 * scale, 5e-7), LinkSpec("nic", 5e10 * scale, 8.5e-7), 32, 1.0)
+        return switched_cluster("c", CHIP, 2, node, so)
+
+    devices = [0, 9] if op == "p2p" else None
+    slow = collective_time_s(cluster(1.0), op, size, devices)
+    fast = collective_time_s(cluster(factor), op, size, devices)
+    assert fast <= slow * (1 + 1e-12)
+    t_slow = torus("t", CHIP, (4, 4), ICI, (True, True))
+    t_fast = torus("t", CHIP, (4, 4), LinkSpec("ici", 1e11 * factor, 1e-6), (True, True))
+    devices = [0, 5] if op == "p2p" else None
+    assert collective_time_s(t_fast, op, size, devices) <= collective_time_s(t_slow, op, size, devices)
+
+
+def test_vectorised_call_equals_scalar_calls():
+    topo = mp.load_topology("dgx-h200", nodes=2)
+    sizes = np.logspace(3, 10, 9)
+    vector = collective_time_s(topo, "all_reduce", sizes)
+    assert vector.shape == sizes.shape
+    for size, value in zip(sizes, vector, strict=True):
+        assert collective_time_s(topo, "all_reduce", float(size)) == pytest.approx(value, rel=1e-12)
+
+
+def test_algorithm_pick_follows_size_like_nccl():
+    node = mp.load_topology("dgx-h200")
+    picks = collective_cost(node, "all_reduce", [32e3, 1e9]).algorithm
+    assert list(picks) == ["ring", "nvls"]  # C2: ring (LL) for small messages, NVLS from ~2 MiB
+    cluster = mp.load_topology("dgx-h100", nodes=16)
+    small, large = collective_cost(cluster, "all_reduce", [1e4, 1e10]).algorithm
+    assert small == "tree" and large == "ring"  # log-depth latency wins small, rings win large
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("all_to_al", 1e6), "op: got 'all_to_al'"),
+        (("all_reduce", -1.0), "bytes_per_device"),
+        (("all_reduce", float("nan")), "bytes_per_device"),
+        (("p2p", 1e6, 3), "p2p takes exactly 2"),
+        (("all_reduce", 1e6, [0, 0]), "distinct ids"),
+    ],
+)
+def test_bad_collective_input(args, message):
+    topo = mp.load_topology("dgx-h100")
+    with pytest.raises(ValueError, match=message):
+        collective_time_s(topo, *args)
+    with pytest.raises(ValueError, match="not available"):
+        collective_time_s(topo, "all_gather", 1e6, algorithm="nvls")
+
+
+def test_irregular_torus_group_is_rejected():
+    topo = mp.load_topology("tpu-v5p", shape=(4, 4, 4))
+    with pytest.raises(ValueError, match="sub-grid"):
+        collective_time_s(topo, "all_gather", 1e6, 6)
+
+
+def test_published_collective_and_dispatch_points():
+    """Every expressible collective / moe_dispatch point of shared/validation/published.yaml.
+
+    Median |error| <= 15 % over all of them; no point worse than 40 % among those transcribed as
+    exact. Rows marked ``approx`` (read off a figure or a rounded statement) count in the median only:
+    C12's '~150 GB/s at 58 MB' is an XLA measurement read off a scaling-book figure and sits 2x below
+    the nccl-tests sweeps C1/C2 at the same size; it is printed by benchmarks/validate.py.
+    """
+    points = load_points()
+    rows, skipped = collective_rows(points)
+    assert len(rows) >= 80 and all(reason for _, reason in skipped)
+    summary = summarize(rows)
+    assert summary["median_abs_error"] <= 0.15, summary
+    assert summary["held_out_median_abs_error"] <= 0.15, summary
+    approx = {(p["id"], i) for p in points for i, m in enumerate(p.get("measurements") or []) if m.get("approx")}
+    index = {}
+    exact = []
+    for row in rows:
+        i = index.get(row.point_id, 0)
+        index[row.point_id] = i + 1
+        if (row.point_id, i) not in approx:
+            exact.append(row)
+    worst = max(exact, key=lambda r: abs(r.error))
+    assert abs(worst.error) <= 0.40, worst
