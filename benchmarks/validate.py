@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 
-from moeplan.validation import collective_rows, load_points, summarize
+from moeplan.validation import collective_rows, load_points, relative_rows, summarize
 
 
 def main() -> int:
-    rows, skipped = collective_rows(load_points())
+    points = load_points()
+    rows, skipped = collective_rows(points)
     print(f"{'id':5} {'measurement':58} {'metric':18} {'measured':>10} {'predicted':>10} {'error':>7}  algorithm")
     for r in rows:
         tag = "*" if r.in_sample else " "
@@ -23,6 +24,9 @@ def main() -> int:
     print(f"\ncollective + moe_dispatch: {s['points']} points, median |error| {s['median_abs_error']:.1%}, "
           f"worst {s['max_abs_error']:.1%}; held out ({s['held_out_points']} points, * = calibration input): "
           f"median {s['held_out_median_abs_error']:.1%}")
+    print("\nrelative (published ratios; figure-read or second-hand, not asserted):")
+    for r in relative_rows(points):
+        print(f"  {r.point_id:4} {r.label:58} measured {r.measured:6.3g}  predicted {r.predicted:6.3g}  {r.error:+.0%}")
     print(f"skipped {len(skipped)}:")
     for ident, reason in skipped:
         print(f"  {ident:8} {reason}")

@@ -143,6 +143,7 @@ def torus_group(topo: Topology, devices: np.ndarray) -> TorusGroup:
     """Describe a device group as a product of evenly strided axis segments, or raise."""
     coords = topo.coordinates[devices]
     sizes, wraps, strides, bws = [], [], [], []
+    long_size = max(a.size for a in topo.axes)
     for axis, ax in enumerate(topo.axes):
         values = np.unique(coords[:, axis])
         if values.size == 1:
@@ -156,7 +157,9 @@ def torus_group(topo: Topology, devices: np.ndarray) -> TorusGroup:
         stride = int(steps[0])
         sizes.append(int(values.size))
         strides.append(stride)
-        wraps.append(bool(ax.wraparound and values.size * stride == ax.size))
+        closes = ax.wraparound and values.size * stride == ax.size
+        # On a twisted torus a short axis' wraparound lands on another line: its members form a line.
+        wraps.append(bool(closes and not (topo.twisted and ax.size < long_size)))
         bws.append(ax.link.bw_bytes_per_s)
     if math.prod(sizes or [1]) != devices.size:
         raise ValueError(
@@ -206,6 +209,13 @@ def torus_all_to_all_s(group: TorusGroup, size: np.ndarray, params: CommParams) 
     return params.xla_base_latency_s + hops * group.hop_latency_s + np.max(per_axis, axis=0)
 
 
+def _twisted_all_to_all_s(topo: Topology, size: np.ndarray, params: CommParams) -> np.ndarray:
+    """Whole twisted slice: bisection bound, N/2 x N/2 pairs of S/N bytes each way across the cut."""
+    cut_bw = topo.bisection_bw_bytes_per_s() * params.eff("ici")(size)
+    n = topo.num_devices
+    return params.xla_base_latency_s + topo.diameter_hops() * topo.axes[0].link.latency_s + n * size / 4.0 / cut_bw
+
+
 def _max_hops(group: TorusGroup, k: int) -> int:
     n_k = group.sizes[k]
     return (n_k // 2 if group.wraps[k] else n_k - 1) * group.strides[k]
@@ -215,6 +225,8 @@ def torus_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.ndar
     if op == "p2p":
         return {"direct": _torus_p2p_s(topo, devices, size, params)}
     group = torus_group(topo, devices)
+    if op == "all_to_all" and topo.twisted and devices.size == topo.num_devices:
+        return {"direct": _twisted_all_to_all_s(topo, size, params)}
     if op in ("all_gather", "reduce_scatter"):
         return {"ring": torus_all_gather_s(group, size, params)}
     if op == "all_reduce":  # reduce_scatter then all_gather

@@ -48,6 +48,8 @@ def simulate(
 ) -> LinkSimResult:
     """Route the flows of ``op`` (``algorithm`` "ring", "direct" or "nvls") and time it link by link."""
     params = params or CommParams()
+    if topo.twisted:
+        raise ValueError("linksim: twisted tori have no dimension-order routing here; use the closed form")
     ids = topo.device_ids(topo.num_devices if devices is None else devices)
     builder = _torus_phases if topo.kind == TORUS else _switched_phases
     phases = builder(topo, op, float(size_bytes), ids, algorithm)

@@ -25,7 +25,8 @@ _CANDIDATES = [
     Path(__file__).resolve().parents[2] / "shared" / "validation" / "published.yaml",
     Path(__file__).resolve().parents[1] / "validation" / "published.yaml",
 ]
-DEFAULT_PATH = Path(os.environ.get("MOEPLAN_PUBLISHED") or next((p for p in _CANDIDATES if p.is_file()), _CANDIDATES[-1]))
+_FOUND = next((p for p in _CANDIDATES if p.is_file()), _CANDIDATES[-1])
+DEFAULT_PATH = Path(os.environ.get("MOEPLAN_PUBLISHED") or _FOUND)
 
 # Published hardware that a bundled family describes at the level the model sees it.
 FAMILY_ALIASES = {
@@ -76,7 +77,7 @@ def collective_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple
             continue
         measurements = point.get("measurements") or []
         if not measurements:
-            skipped.append((point["id"], "relative figures only (no absolute measurement)"))
+            skipped.append((point["id"], "relative figures only (A10, A11: see relative_rows)"))
             continue
         handler = _collective_row if kind == "collective" else _dispatch_row
         for index, row in enumerate(measurements):
@@ -177,6 +178,32 @@ def _fmt_size(size: float) -> str:
         if size >= scale:
             return f"{size / scale:g}{unit}"
     return f"{size:g}B"
+
+
+def relative_rows(points: list[dict]) -> list[ValidationRow]:
+    """Published ratios the model can reproduce (printed by the benchmark; not asserted: they are
+    read off figures or second-hand, see each point's notes). Error = predicted / measured ratio - 1."""
+    rows = []
+    by_id = {p["id"]: p for p in points}
+    if "A11" in by_id:  # TPU v4 twisted vs regular torus, all-to-all throughput
+        for item in by_id["A11"].get("relative") or []:
+            shape = tuple(item["tpu_shape"])
+            plain = load_topology("tpu-v4", shape=shape)
+            twisted = load_topology("tpu-v4", shape=shape, twisted=True)
+            ratio = float(collective_cost(plain, "all_to_all", 1e9).time_s[0] /
+                          collective_cost(twisted, "all_to_all", 1e9).time_s[0])
+            rows.append(ValidationRow("A11", f"tpu-v4 {'x'.join(map(str, shape))} twisted/regular a2a throughput",
+                                      "ratio", item["value"], ratio, ratio / item["value"] - 1, False, "direct"))
+    if "A10" in by_id:  # GShard: all-to-all time from 16 to 2048 TPU v3 cores (8 MB per core)
+        item = next(r for r in by_id["A10"]["relative"] if r["metric"] == "alltoall_time_ratio")
+        small = load_topology("tpu-v3", shape=(2, 4))  # 16 cores = 8 chips (slice shape not stated)
+        large = load_topology("tpu-v3", shape=(32, 32))  # 2048 cores = the 1024-chip pod
+        per_chip = 2 * 8e6
+        ratio = float(collective_cost(large, "all_to_all", per_chip).time_s[0] /
+                      collective_cost(small, "all_to_all", per_chip).time_s[0])
+        rows.append(ValidationRow("A10", "tpu-v3 a2a time 2048 vs 16 cores, 8 MB per core", "ratio",
+                                  item["value"], ratio, ratio / item["value"] - 1, False, "direct"))
+    return rows
 
 
 def summarize(rows: list[ValidationRow]) -> dict[str, float]:
