@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -141,6 +142,12 @@ class SwitchedGroup:
 
 def torus_group(topo: Topology, devices: np.ndarray) -> TorusGroup:
     """Describe a device group as a product of evenly strided axis segments, or raise."""
+    return _torus_group(topo, np.asarray(devices, dtype=np.int64).tobytes())
+
+
+@lru_cache(maxsize=1024)
+def _torus_group(topo: Topology, key: bytes) -> TorusGroup:
+    devices = np.frombuffer(key, dtype=np.int64)
     coords = topo.coordinates[devices]
     sizes, wraps, strides, bws = [], [], [], []
     long_size = max(a.size for a in topo.axes)
@@ -171,6 +178,12 @@ def torus_group(topo: Topology, devices: np.ndarray) -> TorusGroup:
 
 
 def switched_group(topo: Topology, devices: np.ndarray) -> SwitchedGroup:
+    return _switched_group(topo, np.asarray(devices, dtype=np.int64).tobytes())
+
+
+@lru_cache(maxsize=1024)
+def _switched_group(topo: Topology, key: bytes) -> SwitchedGroup:
+    devices = np.frombuffer(key, dtype=np.int64)
     nodes_of = topo.coordinates[devices, 0]
     _, counts = np.unique(nodes_of, return_counts=True)
     return SwitchedGroup(int(devices.size), int(counts.size), int(counts.max()))

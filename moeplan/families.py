@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from moeplan.hardware import ChipSpec, LinkSpec
+from moeplan.hardware import ChipSpec, ComputeEfficiency, LinkSpec
 from moeplan.schema import SchemaError, Section, read_yaml_mapping
 from moeplan.topology import NodeSpec, ScaleOut, Topology, switched_cluster, torus
 
@@ -108,9 +108,22 @@ def _chip(sec: Section) -> ChipSpec:
         hbm_bw_bytes_per_s=sec.number("hbm_bw_bytes_per_s"),
         cores_per_chip=sec.integer("cores_per_chip", optional=True) or 1,
         source=_sourced(sec),
+        efficiency=_efficiency(sec.section("efficiency")),
     )
     sec.finish()
     return chip
+
+
+def _efficiency(sec: Section) -> ComputeEfficiency:
+    eff = ComputeEfficiency(
+        matmul=sec.number("matmul"),
+        attention=sec.number("attention"),
+        memory=sec.number("memory"),
+        matmul_tile=sec.integer("matmul_tile"),
+        source=_sourced(sec),
+    )
+    sec.finish()
+    return eff
 
 
 def _link(sec: Section) -> LinkSpec:

@@ -26,6 +26,30 @@ def _require_positive(owner: str, field: str, value: float | None, optional: boo
 
 
 @dataclass(frozen=True)
+class ComputeEfficiency:
+    """Achieved / peak for one chip family: the defaults a calibration profile replaces.
+
+    ``matmul``: large dense matmuls at the matmul peak; ``attention``: fused attention kernels;
+    ``memory``: streaming HBM traffic; ``matmul_tile``: the matrix-unit tile (rows and columns are
+    padded to it, so a matmul of m rows runs at m / (ceil(m / tile) * tile) of the rate).
+    """
+
+    matmul: float = 0.75
+    attention: float = 0.5
+    memory: float = 0.85
+    matmul_tile: int = 128
+    source: str = "moeplan defaults (no family figures given)"
+
+    def __post_init__(self) -> None:
+        for name in ("matmul", "attention", "memory"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+                raise ValueError(f"efficiency.{name}: got {value!r}; expected a number in (0, 1]")
+        if isinstance(self.matmul_tile, bool) or not isinstance(self.matmul_tile, int) or self.matmul_tile < 1:
+            raise ValueError(f"efficiency.matmul_tile: got {self.matmul_tile!r}; expected an integer >= 1")
+
+
+@dataclass(frozen=True)
 class ChipSpec:
     """One accelerator. Peak rates are dense (no structured sparsity), per chip.
 
@@ -42,9 +66,12 @@ class ChipSpec:
     peak_fp8_flop_per_s: float | None = None
     cores_per_chip: int = 1
     source: str = ""
+    efficiency: ComputeEfficiency | None = None  # achieved / peak defaults for this family (cited)
 
     def __post_init__(self) -> None:
         owner = f"chip {self.name!r}"
+        if self.efficiency is None:
+            object.__setattr__(self, "efficiency", ComputeEfficiency())
         for field in ("peak_bf16_flop_per_s", "peak_fp32_flop_per_s", "hbm_capacity_bytes", "hbm_bw_bytes_per_s"):
             _require_positive(owner, field, getattr(self, field))
         _require_positive(owner, "peak_fp8_flop_per_s", self.peak_fp8_flop_per_s, optional=True)

@@ -1,0 +1,48 @@
+"""Roofline time of matmuls and memory-bound ops on one chip, with the family's efficiencies.
+
+time = max(FLOPs / (peak * e_matmul * e_tile), bytes / (HBM bandwidth * e_memory)), where
+e_tile = m / (ceil(m / tile) * tile) * n / (ceil(n / tile) * tile) is the tile quantization of the
+matrix unit (NVIDIA, "Matrix Multiplication Background" user's guide; the MXU's 128x128 or
+256x256 array on TPUs): a grouped expert matmul of 40 tokens on a 128-row tile runs at 31 %.
+Efficiencies come from the chip family's file (cited) unless a calibration profile passes its own.
+All functions accept numpy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from moeplan.hardware import ChipSpec, ComputeEfficiency
+from moeplan.units import dtype_bytes
+
+
+def tile_efficiency(rows, cols, tile: int):
+    rows = np.maximum(np.asarray(rows, dtype=float), 1.0)
+    cols = np.maximum(np.asarray(cols, dtype=float), 1.0)
+    return rows / (np.ceil(rows / tile) * tile) * cols / (np.ceil(cols / tile) * tile)
+
+
+def matmul_time_s(m, n, k, chip: ChipSpec, dtype: str, eff: ComputeEfficiency, count=1.0):
+    """``count`` independent [m, k] x [k, n] matmuls (m tokens, n output features)."""
+    m, n, k = (np.asarray(x, dtype=float) for x in (m, n, k))
+    flops = 2.0 * m * n * k * count
+    nbytes = (m * k + k * n + m * n) * dtype_bytes(dtype) * count
+    rate = chip.peak_flop_per_s(dtype) * eff.matmul * tile_efficiency(m, n, eff.matmul_tile)
+    return np.maximum(flops / rate, nbytes / (chip.hbm_bw_bytes_per_s * eff.memory))
+
+
+def attention_time_s(flops, nbytes, chip: ChipSpec, dtype: str, eff: ComputeEfficiency):
+    """Fused attention (scores and values): its own efficiency, or HBM-bound."""
+    return np.maximum(np.asarray(flops) / (chip.peak_flop_per_s(dtype) * eff.attention),
+                      np.asarray(nbytes) / (chip.hbm_bw_bytes_per_s * eff.memory))
+
+
+def memory_time_s(nbytes, chip: ChipSpec, eff: ComputeEfficiency):
+    return np.asarray(nbytes, dtype=float) / (chip.hbm_bw_bytes_per_s * eff.memory)
+
+
+def efficiency_for(chip: ChipSpec, override: ComputeEfficiency | None = None, **changes) -> ComputeEfficiency:
+    base = override or chip.efficiency
+    return replace(base, **changes) if changes else base

@@ -1,0 +1,134 @@
+"""Layout: how a model is spread over devices (data / fsdp / expert / tensor / pipeline), and checks.
+
+devices = data x fsdp x tensor x pipeline. Expert parallelism folds into the other axes, as in
+Megatron-Core's parallel folding and MaxText's expert axis: ``expert`` divides data x fsdp x
+tensor and takes the innermost devices of that block (tensor first, then data, then fsdp), so an
+expert group sits on the fastest links. Non-expert layers shard the batch over data x fsdp and
+their weights over fsdp x tensor x pipeline; expert weights are sharded over the expert group,
+then over whatever part of fsdp the expert group does not already cover.
+
+The logical mesh, outermost axis first, is (pipeline, fsdp, data, tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeplan.moe import MoEModel
+from moeplan.topology import DeviceMesh, Topology
+
+RECOMPUTE = ("none", "selective", "full")
+_INT_FIELDS = ("data", "fsdp", "expert", "tensor", "pipeline", "virtual_pipeline", "micro_batch_size")
+
+
+@dataclass(frozen=True)
+class Layout:
+    data: int = 1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int = 1
+    micro_batch_size: int = 1  # sequences per micro-batch on one batch shard (one data x fsdp rank)
+    recompute: str = "selective"  # activation recomputation: none | selective (attention) | full
+    sequence_parallel: bool = True  # Megatron SP: norms/dropout sharded over tensor, AG/RS instead of AR
+
+    def __post_init__(self) -> None:
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"layout.{name}: got {value!r}; expected an integer >= 1")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"layout.recompute: got {self.recompute!r}; expected one of {list(RECOMPUTE)}")
+        if self.batch_block % self.expert:
+            raise ValueError(
+                f"layout.expert: got {self.expert}; expected a divisor of data x fsdp x tensor = {self.batch_block}"
+            )
+        if self.virtual_pipeline > 1 and self.pipeline == 1:
+            raise ValueError("layout.virtual_pipeline: expected 1 without pipeline parallelism")
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.fsdp * self.tensor * self.pipeline
+
+    @property
+    def batch_shards(self) -> int:
+        """Ways the batch is split in non-expert layers (data x fsdp)."""
+        return self.data * self.fsdp
+
+    @property
+    def batch_block(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+    @property
+    def expert_fsdp_cover(self) -> int:
+        """How much of the fsdp axis the expert group spans (it fills tensor and data first)."""
+        inner = self.tensor * self.data
+        return max(1, self.expert // math.gcd(self.expert, inner)) if self.expert > inner else 1
+
+    @property
+    def expert_weight_shards(self) -> int:
+        """Ways one MoE layer's expert weights are split (pipeline stages aside)."""
+        return self.expert * (self.fsdp // math.gcd(self.fsdp, self.expert_fsdp_cover))
+
+    @property
+    def dense_weight_shards(self) -> int:
+        return self.fsdp * self.tensor
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """'expert=8,fsdp=16,recompute=full' -> Layout; unknown keys and bad values are errors."""
+        kwargs: dict = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or key not in _INT_FIELDS + ("recompute", "sequence_parallel"):
+                raise ValueError(f"layout: {part!r}; expected key=value with key in "
+                                 f"{list(_INT_FIELDS) + ['recompute', 'sequence_parallel']}")
+            if key == "recompute":
+                kwargs[key] = value.strip()
+            elif key == "sequence_parallel":
+                kwargs[key] = value.strip().lower() in ("1", "true", "yes")
+            else:
+                try:
+                    kwargs[key] = int(value)
+                except ValueError:
+                    raise ValueError(f"layout.{key}: got {value!r}; expected an integer") from None
+        return cls(**kwargs)
+
+
+def check_layout(model: MoEModel, topo: Topology, layout: Layout) -> None:
+    """Raise a ValueError naming the field when the layout cannot run this model on this topology."""
+    if layout.devices != topo.num_devices:
+        raise ValueError(
+            f"layout: data x fsdp x tensor x pipeline = {layout.data} x {layout.fsdp} x {layout.tensor} x "
+            f"{layout.pipeline} = {layout.devices} devices; expected the {topo.num_devices} of {topo.name}"
+        )
+    if model.num_experts % layout.expert and layout.expert % model.num_experts:
+        raise ValueError(f"layout.expert: got {layout.expert}; expected a divisor or multiple of num_experts "
+                         f"({model.num_experts})")
+    if layout.expert > model.num_experts:
+        raise ValueError(f"layout.expert: got {layout.expert}; expected at most num_experts ({model.num_experts})")
+    if model.n_heads % layout.tensor or model.n_kv_heads % layout.tensor and layout.tensor % model.n_kv_heads:
+        raise ValueError(f"layout.tensor: got {layout.tensor}; expected a divisor of n_heads ({model.n_heads}) "
+                         f"that divides or is divided by n_kv_heads ({model.n_kv_heads})")
+    stages = layout.pipeline * layout.virtual_pipeline
+    if model.n_layers % stages:
+        raise ValueError(f"layout.pipeline: {layout.pipeline} x virtual {layout.virtual_pipeline} stages; expected "
+                         f"a divisor of n_layers ({model.n_layers})")
+    for name, width in (("d_ff", model.d_ff), ("expert_d_ff", model.expert_d_ff)):
+        if width and width % layout.tensor:
+            raise ValueError(f"layout.tensor: got {layout.tensor}; expected a divisor of {name} ({width})")
+
+
+def layout_mesh(topo: Topology, layout: Layout) -> DeviceMesh:
+    return topo.place_mesh({"pipeline": layout.pipeline, "fsdp": layout.fsdp, "data": layout.data,
+                            "tensor": layout.tensor})
+
+
+def expert_group(layout: Layout) -> np.ndarray:
+    """Device ids of the first expert group: the innermost ``expert`` devices of a stage's block."""
+    return np.arange(layout.expert)

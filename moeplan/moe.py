@@ -1,0 +1,264 @@
+"""The MoE transformer and its counting: parameters, FLOPs, bytes, tokens per expert. No hardware.
+
+Notation (one table for the whole package): B batch (sequences), s sequence length, T tokens,
+d d_model, h query heads, kv key/value heads, dh head dim, f dense FFN width, E experts,
+k top-k, fe expert FFN width, L layers, V vocabulary. A matmul of [m, n] x [n, p] costs 2 m n p
+FLOP. Gated FFNs (SwiGLU/GEGLU) have three d x f matrices, plain ones two.
+
+Per token, forward (the convention moeplan's MFU uses, PaLM appendix B): 2 FLOP per matmul weight
+the token touches (active weights) plus attention scores and values, ``4 s h dh`` per layer for
+self-attention over the full sequence (no causal discount). Training = 3x forward.
+
+Counting functions use arithmetic only (no branching on sizes), so they also take numpy arrays in
+place of scalar fields: the layout search scores many models at once with the same formulas.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from moeplan.schema import Section, read_yaml_mapping
+
+ATTENTION_KINDS = ("mha", "gqa", "mla")
+PRESET_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass(frozen=True)
+class MLADims:
+    """DeepSeek multi-head latent attention dimensions, as DeepSeek publishes them."""
+
+    q_lora_rank: int  # 0 = no query compression (DeepSeek-V2-Lite)
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
+class MoEModel:
+    """A decoder-only (or encoder-decoder) transformer with MoE FFNs. See the module notation."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    vocab_size: int
+    seq_len: int
+    d_ff: int  # dense FFN width (dense layers); 0 when every layer is MoE
+    num_experts: int
+    top_k: int
+    expert_d_ff: int
+    num_shared_experts: int = 0
+    moe_every: int = 1
+    first_dense_layers: int = 0
+    capacity_factor: float | None = 1.25  # None = dropless
+    attention: str = "gqa"
+    mla: MLADims | None = None
+    encoder_decoder: bool = False
+    gated_ffn: bool = True
+    tied_embeddings: bool = False
+    name: str = "custom"
+    source: str = ""
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        owner = f"model {self.name!r}"
+        ints = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_size", "seq_len",
+                "num_experts", "top_k", "expert_d_ff", "moe_every")
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{owner}.{name}: got {value!r}; expected an integer >= 1")
+        for name in ("d_ff", "num_shared_experts", "first_dense_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+                raise ValueError(f"{owner}.{name}: got {value!r}; expected an integer >= 0")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"{owner}.top_k: got {self.top_k}; expected at most num_experts ({self.num_experts})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{owner}.n_kv_heads: got {self.n_kv_heads}; expected a divisor of n_heads ({self.n_heads})")
+        if self.capacity_factor is not None and not (math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
+            raise ValueError(f"{owner}.capacity_factor: got {self.capacity_factor!r}; expected > 0, or None (dropless)")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"{owner}.attention: got {self.attention!r}; expected one of {list(ATTENTION_KINDS)}")
+        if (self.attention == "mla") != (self.mla is not None):
+            raise ValueError(f"{owner}.mla: MLA dimensions are required with attention='mla' and only then")
+        if self.encoder_decoder and self.n_layers % 2:
+            raise ValueError(f"{owner}.n_layers: got {self.n_layers}; an encoder-decoder needs an even count")
+        if self.n_dense_layers > 0 and self.d_ff == 0:
+            raise ValueError(f"{owner}.d_ff: 0, but {self.n_dense_layers} layers are dense; expected d_ff >= 1")
+
+    # ------------------------------------------------------------ layer census
+    @cached_property
+    def is_moe_layer(self) -> np.ndarray:
+        """Bool per block (encoder blocks first): MoE every ``moe_every``-th block after the dense ones."""
+        per_stack = self.n_layers // 2 if self.encoder_decoder else self.n_layers
+        i = np.arange(per_stack)
+        stack = (i >= self.first_dense_layers) & ((i + 1 - self.first_dense_layers) % self.moe_every == 0)
+        return np.concatenate([stack, stack]) if self.encoder_decoder else stack
+
+    @cached_property
+    def n_moe_layers(self) -> int:
+        return int(self.is_moe_layer.sum())
+
+    @property
+    def n_dense_layers(self) -> int:
+        return self.n_layers - self.n_moe_layers
+
+    @property
+    def n_cross_attention_layers(self) -> int:
+        return self.n_layers // 2 if self.encoder_decoder else 0
+
+    def with_(self, **changes) -> MoEModel:
+        return replace(self, **changes)
+
+
+# ---------------------------------------------------------------- parameters
+def attention_params(m: MoEModel) -> float:
+    """Weights of one self-attention block (projections only)."""
+    if m.attention == "mla":
+        a = m.mla
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        q = m.d_model * m.n_heads * qk if a.q_lora_rank == 0 else a.q_lora_rank * (m.d_model + m.n_heads * qk)
+        kv = m.d_model * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * m.n_heads * (
+            a.qk_nope_head_dim + a.v_head_dim)
+        return q + kv + m.n_heads * a.v_head_dim * m.d_model
+    return m.d_model * m.d_head * (2 * m.n_heads + 2 * m.n_kv_heads)
+
+
+def ffn_params(m: MoEModel, width) -> float:
+    return (3 if m.gated_ffn else 2) * m.d_model * width
+
+
+def router_params(m: MoEModel) -> float:
+    return m.d_model * m.num_experts
+
+
+def expert_params_per_layer(m: MoEModel) -> float:
+    """Routed experts of one MoE layer (shared experts count as dense weights)."""
+    return m.num_experts * ffn_params(m, m.expert_d_ff)
+
+
+def dense_params_per_moe_layer(m: MoEModel) -> float:
+    """Weights of an MoE block that every token uses: attention, router, shared experts."""
+    return attention_params(m) + router_params(m) + m.num_shared_experts * ffn_params(m, m.expert_d_ff)
+
+
+def embedding_params(m: MoEModel) -> float:
+    return m.vocab_size * m.d_model * (1 if m.tied_embeddings else 2)
+
+
+def param_counts(m: MoEModel) -> dict[str, float]:
+    """Total and active (per token) parameter counts, by kind."""
+    n_moe, n_dense, n_cross = m.n_moe_layers, m.n_dense_layers, m.n_cross_attention_layers
+    attn = attention_params(m)
+    dense_ffn = ffn_params(m, m.d_ff)
+    non_expert = (n_moe * dense_params_per_moe_layer(m) + n_dense * (attn + dense_ffn) + n_cross * attn
+                  + embedding_params(m))
+    experts = n_moe * expert_params_per_layer(m)
+    active_experts = n_moe * m.top_k * ffn_params(m, m.expert_d_ff)
+    return {
+        "total": non_expert + experts,
+        "non_expert": non_expert,
+        "expert": experts,
+        "active": non_expert + active_experts,
+        "embedding": embedding_params(m),
+    }
+
+
+# ---------------------------------------------------------------- FLOPs per token (forward)
+def attention_score_flops(m: MoEModel) -> float:
+    """QK^T and AV per token per layer, over the full sequence: 2 * 2 * s * h * dh."""
+    if m.attention == "mla":
+        a = m.mla
+        return 2.0 * m.seq_len * m.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
+    return 4.0 * m.seq_len * m.n_heads * m.d_head
+
+
+def forward_flops_per_token(m: MoEModel) -> dict[str, float]:
+    """Forward FLOPs per token by part (matmuls; norms and softmax are memory-bound, not counted)."""
+    n_moe, n_dense, n_cross = m.n_moe_layers, m.n_dense_layers, m.n_cross_attention_layers
+    n_attn = m.n_layers + n_cross
+    attn_proj = 2.0 * attention_params(m) * n_attn
+    scores = attention_score_flops(m) * n_attn
+    dense_ffn = 2.0 * ffn_params(m, m.d_ff) * n_dense
+    router = 2.0 * router_params(m) * n_moe
+    shared = 2.0 * m.num_shared_experts * ffn_params(m, m.expert_d_ff) * n_moe
+    experts = 2.0 * m.top_k * ffn_params(m, m.expert_d_ff) * n_moe
+    logits = 2.0 * m.vocab_size * m.d_model
+    return {"attention_proj": attn_proj, "attention_scores": scores, "dense_ffn": dense_ffn, "router": router,
+            "shared_experts": shared, "experts": experts, "logits": logits}
+
+
+def model_flops_per_token(m: MoEModel, training: bool = True) -> float:
+    """MFU convention: (6 or 2) x active matmul weights + attention scores (3x or 1x)."""
+    return (3.0 if training else 1.0) * sum(forward_flops_per_token(m).values())
+
+
+def capacity(tokens_per_group, m: MoEModel, capacity_factor=None):
+    """Tokens one expert takes from one routing group: ceil(T * k * cf / E) (GShard, Switch)."""
+    cf = m.capacity_factor if capacity_factor is None else capacity_factor
+    return np.ceil(np.asarray(tokens_per_group) * m.top_k * cf / m.num_experts)
+
+
+def kv_cache_bytes_per_token(m: MoEModel, dtype_bytes: float) -> float:
+    """KV cache per token summed over the self-attention layers (MLA caches the latent and the rope key)."""
+    if m.attention == "mla":
+        per_layer = m.mla.kv_lora_rank + m.mla.qk_rope_head_dim
+    else:
+        per_layer = 2 * m.n_kv_heads * m.d_head
+    return per_layer * m.n_layers * dtype_bytes
+
+
+# ---------------------------------------------------------------- presets and files
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_model(name: str | os.PathLike[str]) -> MoEModel:
+    """A bundled preset (``list_presets()``) or a path to a model ``.yaml``; strict like the topologies."""
+    text = os.fspath(name)
+    presets = {p.stem: p for p in PRESET_DIR.glob("*.yaml")}
+    if text in presets:
+        path = presets[text]
+    elif Path(text).suffix in (".yaml", ".yml") and Path(text).is_file():
+        path = Path(text)
+    else:
+        raise ValueError(f"model: {text!r} is neither a preset nor an existing .yaml file; presets: {sorted(presets)}")
+    return model_from_mapping(read_yaml_mapping(path, "model"), str(path))
+
+
+_INT_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_size", "seq_len", "num_experts",
+               "top_k", "expert_d_ff")
+_OPTIONAL_INT_FIELDS = ("d_ff", "num_shared_experts", "first_dense_layers")
+
+
+def model_from_mapping(data: dict, file: str = "<mapping>") -> MoEModel:
+    sec = Section(data, "", file)
+    kwargs: dict = {name: sec.integer(name) for name in _INT_FIELDS}
+    for name in _OPTIONAL_INT_FIELDS:
+        kwargs[name] = sec.integer(name, optional=True, minimum=0) or 0
+    kwargs["moe_every"] = sec.integer("moe_every", optional=True) or 1
+    kwargs["capacity_factor"] = sec.number("capacity_factor", optional=True)
+    kwargs["attention"] = sec.string("attention", optional=True, choices=ATTENTION_KINDS) or "gqa"
+    mla = sec.section("mla", optional=True)
+    if mla is not None:
+        kwargs["mla"] = MLADims(**{f.name: mla.integer(f.name, minimum=0) for f in fields(MLADims)})
+        mla.finish()
+    kwargs["encoder_decoder"] = sec.boolean("encoder_decoder", optional=True)
+    kwargs["gated_ffn"] = sec.boolean("gated_ffn", optional=True, default=True)
+    kwargs["tied_embeddings"] = sec.boolean("tied_embeddings", optional=True)
+    kwargs["name"] = sec.string("name", optional=True) or Path(file).stem
+    kwargs["source"] = sec.string("source", optional=True) or ""
+    sec.finish()
+    try:
+        return MoEModel(**kwargs)
+    except ValueError as exc:
+        raise ValueError(f"{file}: {exc}") from None

@@ -1,0 +1,144 @@
+"""From a routing distribution and a capacity to drop rate and straggler load.
+
+A routing group of T tokens sends each token to k distinct experts. Expert i is picked by a token
+with probability q_i = k p_i (p the expert popularity, summing to 1), independently across tokens,
+so its load is X_i ~ Binomial(T, q_i). With capacity C per expert:
+
+* drop rate = sum_i E[max(X_i - C, 0)] / (T k)  (tokens past capacity are dropped);
+* the most-loaded expert's expected load E[max_i X_i] = sum_x (1 - prod_i F_i(x)) sets the
+  straggler of a dropless run; a device holding experts j..j+m carries the sum of their loads,
+  Binomial(T, sum q) for the group (the multinomial covariance is negative, so this slightly
+  overstates the spread).
+
+Distributions: "balanced" (every expert exactly T k / E, as benchmarks that force balance),
+"uniform" (p_i = 1/E, the default), a Zipf skew p_i ~ (i+1)^-s, or a measured histogram of
+tokens per expert. Tests hold these against a Monte Carlo simulation of top-k routing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from scipy import special, stats
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How tokens spread over experts: kind "balanced" | "uniform" | "zipf" | "histogram"."""
+
+    kind: str = "uniform"
+    skew: float = 0.0  # zipf exponent s
+    histogram: tuple[float, ...] = ()  # measured tokens (or frequencies) per expert
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.skew, tuple(self.histogram)))
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("balanced", "uniform", "zipf", "histogram"):
+            raise ValueError(f"routing.kind: got {self.kind!r}; expected balanced, uniform, zipf or histogram")
+        if self.kind == "zipf" and not self.skew > 0:
+            raise ValueError(f"routing.skew: got {self.skew!r}; expected > 0 for a zipf distribution")
+        if self.kind == "histogram":
+            h = np.asarray(self.histogram, dtype=float)
+            if h.size == 0 or np.any(h < 0) or h.sum() <= 0 or not np.all(np.isfinite(h)):
+                raise ValueError("routing.histogram: expected non-negative counts per expert with a positive sum")
+
+    def popularity(self, num_experts: int) -> np.ndarray:
+        """p_i, sorted most popular first (so the first device holds the hottest experts)."""
+        if self.kind in ("balanced", "uniform"):
+            return np.full(num_experts, 1.0 / num_experts)
+        if self.kind == "zipf":
+            p = (np.arange(num_experts) + 1.0) ** -self.skew
+        else:
+            p = np.asarray(self.histogram, dtype=float)
+            if p.size != num_experts:
+                raise ValueError(f"routing.histogram: {p.size} entries; expected one per expert ({num_experts})")
+        return np.sort(p / p.sum())[::-1]
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    drop_rate: float  # fraction of token-expert assignments dropped
+    mean_expert_load: float  # T k / E
+    max_expert_load: float  # expected load of the most-loaded expert (no capacity)
+    max_device_load: float  # expected token-expert assignments on the most-loaded device
+    mean_device_load: float
+
+
+def _probabilities(routing: Routing, num_experts: int, top_k: int) -> np.ndarray:
+    return np.minimum(routing.popularity(num_experts) * top_k, 1.0)
+
+
+def _expected_max(trials: int, probs: np.ndarray) -> float:
+    """E[max_i X_i], X_i ~ Binomial(trials, probs_i) independent, by summing 1 - prod F_i."""
+    p_max = float(probs.max())
+    hi = int(min(trials, trials * p_max + 12.0 * np.sqrt(trials * p_max * (1 - p_max) + 1.0) + 2))
+    x = np.arange(hi + 1, dtype=float)
+    # log prod_i F_i(x), grouped by distinct probabilities for speed
+    uniq, counts = np.unique(probs, return_counts=True)
+    log_cdf = np.zeros(x.size)
+    with np.errstate(divide="ignore"):
+        for p, c in zip(uniq, counts, strict=True):
+            log_cdf += c * np.log(special.bdtr(x, trials, p))
+    return float(np.sum(1.0 - np.exp(log_cdf)))
+
+
+def routing_stats(tokens: int, num_experts: int, top_k: int, capacity: float | None,
+                  experts_per_device: int = 1, routing: Routing | None = None) -> RoutingStats:
+    """Drop rate and straggler loads for one routing group of ``tokens`` tokens (memoised)."""
+    return _routing_stats(int(tokens), int(num_experts), int(top_k), None if capacity is None else float(capacity),
+                          int(experts_per_device), routing or Routing())
+
+
+@lru_cache(maxsize=4096)
+def _routing_stats(tokens: int, num_experts: int, top_k: int, capacity: float | None,
+                   experts_per_device: int, routing: Routing) -> RoutingStats:
+    tokens = int(tokens)
+    if tokens < 1 or num_experts % experts_per_device:
+        raise ValueError(f"routing: got tokens={tokens}, experts_per_device={experts_per_device}; expected "
+                         f"tokens >= 1 and experts_per_device dividing num_experts ({num_experts})")
+    mean = tokens * top_k / num_experts
+    mean_dev = mean * experts_per_device
+    if routing.kind == "balanced":
+        drop = 0.0 if capacity is None else max(0.0, mean - capacity) / mean
+        return RoutingStats(drop, mean, mean, mean_dev, mean_dev)
+    q = _probabilities(routing, num_experts, top_k)
+    drop = 0.0
+    if capacity is not None:
+        c = np.floor(capacity)
+        x = np.arange(int(c) + 1)
+        # E[max(X - c, 0)] = E[X] - c + sum_{x<=c} (c - x) P(X = x)
+        below = np.array([np.sum((c - x) * stats.binom.pmf(x, tokens, qi)) for qi in np.unique(q)]) if c >= 0 else 0.0
+        excess_by_q = tokens * np.unique(q) - c + below
+        counts = np.array([np.count_nonzero(q == qi) for qi in np.unique(q)])
+        drop = float(np.sum(excess_by_q * counts) / (tokens * top_k))
+    per_device = q.reshape(-1, experts_per_device).sum(axis=1)
+    max_dev = _expected_max(tokens * top_k, per_device / top_k) if experts_per_device > 1 else _expected_max(
+        tokens, q)
+    return RoutingStats(drop, mean, _expected_max(tokens, q), max_dev, mean_dev)
+
+
+def simulate_routing(tokens: int, num_experts: int, top_k: int, capacity: float | None, experts_per_device: int,
+                     routing: Routing | None = None, trials: int = 200, seed: int = 0) -> RoutingStats:
+    """Monte Carlo twin of ``routing_stats``: sample top-k distinct experts per token by popularity."""
+    routing = routing or Routing()
+    rng = np.random.default_rng(seed)
+    p = routing.popularity(num_experts)
+    drops, max_e, max_d = [], [], []
+    for _ in range(trials):
+        if routing.kind == "balanced":
+            loads = np.full(num_experts, tokens * top_k / num_experts)
+        else:
+            # Gumbel top-k = sampling k distinct experts with probability proportional to p
+            keys = np.log(p)[None, :] + rng.gumbel(size=(tokens, num_experts))
+            chosen = np.argpartition(-keys, top_k - 1, axis=1)[:, :top_k]
+            loads = np.bincount(chosen.ravel(), minlength=num_experts).astype(float)
+        if capacity is not None:
+            drops.append(np.maximum(loads - np.floor(capacity), 0).sum() / (tokens * top_k))
+        max_e.append(loads.max())
+        max_d.append(loads.reshape(-1, experts_per_device).sum(axis=1).max())
+    mean = tokens * top_k / num_experts
+    return RoutingStats(float(np.mean(drops)) if drops else 0.0, mean, float(np.mean(max_e)),
+                        float(np.mean(max_d)), mean * experts_per_device)
