@@ -12,6 +12,10 @@ FSDP gathers behind each micro-batch's compute, while tensor-parallel collective
 all-to-alls stay on the critical path; "full" also hides all-to-all and tensor-parallel traffic
 behind compute layer by layer (DualPipe-style), so a layer costs max(compute, comm).
 
+Pipeline send/receive is exposed only under "none" (interleaved 1F1B overlaps it otherwise).
+With an 8-bit ``dtype`` the linear layers run at the fp8 rate while attention, the output layer,
+activations and communication stay in bf16, as in Transformer Engine's recipes.
+
 Backward = 2x forward compute and the same collectives again (two more all-to-alls per MoE
 layer). Recompute: "selective" recomputes attention scores, "full" the whole forward with its
 collectives. MFU = model FLOPs (moe.model_flops_per_token) / (step time x devices x dense bf16 peak).
@@ -94,7 +98,13 @@ class _Ctx:
 
     @property
     def b(self) -> float:
-        return dtype_bytes(self.dtype)
+        """Bytes per activation / communicated element: 8-bit formats keep activations in bf16."""
+        return 2.0 if dtype_bytes(self.dtype) < 2 else dtype_bytes(self.dtype)
+
+    @property
+    def high_precision(self) -> str:
+        """Dtype of attention and the output layer: bf16 under fp8 training (Transformer Engine recipes)."""
+        return "bf16" if dtype_bytes(self.dtype) < 2 else self.dtype
 
     def coll(self, op: str, nbytes: float, group: str) -> float:
         ids = self.groups[group]
@@ -179,8 +189,9 @@ def _tp_comm_s(ctx: _Ctx, tokens: float) -> tuple[float, float]:
     return ctx.coll("all_reduce", nbytes, "tensor"), nbytes
 
 
-def _attention(ctx: _Ctx, tokens: float, kv_tokens: float) -> tuple[_Part, _Part]:
-    """(projections + norms, scores) for one self-attention block on ``tokens`` tokens."""
+def _attention(ctx: _Ctx, tokens: float, context: float) -> tuple[_Part, _Part]:
+    """(projections + norms, scores) for one self-attention block on ``tokens`` tokens, each attending to
+    ``context`` tokens (seq_len in training and prefill, the cache length in decode)."""
     m, t = ctx.model, ctx.layout.tensor
     width = M.attention_params(m) / m.d_model / t  # output features per rank, all projections together
     proj = _Part(count=1.0)
@@ -189,10 +200,15 @@ def _attention(ctx: _Ctx, tokens: float, kv_tokens: float) -> tuple[_Part, _Part
     proj.flops = 2.0 * tokens * width * m.d_model
     proj.comm_s, proj.bytes = _tp_comm_s(ctx, tokens)
     scores = _Part(count=1.0)
-    scores.flops = M.attention_score_flops(m) * kv_tokens / m.seq_len * tokens / t
-    kv_bytes = kv_tokens * M.kv_cache_bytes_per_token(m, ctx.b) / m.n_layers / t
+    scores.flops = M.attention_score_flops(m) * context / m.seq_len * tokens / t
+    sequences = tokens / m.seq_len if context == m.seq_len else tokens  # decode: one token per sequence
+    kv_bytes = sequences * context * M.kv_cache_bytes_per_token(m, ctx.b) / m.n_layers / t
     scores.bytes = kv_bytes + tokens * m.n_heads * m.d_head * 2 * ctx.b / t
-    scores.compute_s = float(attention_time_s(scores.flops, scores.bytes, ctx.topo.chip, ctx.dtype, ctx.eff))
+    # causal self-attention (decoder stacks) skips the masked half of the score blocks in training and
+    # prefill (FlashAttention); the FLOPs reported keep the full count, as the MFU convention does
+    causal = 0.5 if not m.encoder_decoder and context == m.seq_len and tokens >= m.seq_len else 1.0
+    scores.compute_s = float(attention_time_s(scores.flops * causal, scores.bytes, ctx.topo.chip,
+                                              ctx.high_precision, ctx.eff))
     return proj, scores
 
 
@@ -265,13 +281,14 @@ def _train(ctx: _Ctx, micro_batches: int, gbt: int, overlap: str) -> Estimate:
     m, lay, topo = ctx.model, ctx.layout, ctx.topo
     p, v = lay.pipeline, lay.virtual_pipeline
     tokens = lay.micro_batch_size * m.seq_len  # per batch shard and micro-batch
-    stage = 1.0 / p  # share of each layer kind on one stage (stages are balanced)
+    # share of each layer kind on the slowest stage: ceil(L / (p v)) layers per virtual stage
+    stage = math.ceil(m.n_layers / (p * v)) * v / m.n_layers
     n_attn = m.n_layers + m.n_cross_attention_layers
-    proj, scores = _attention(ctx, tokens, m.seq_len * lay.micro_batch_size)
+    proj, scores = _attention(ctx, tokens, m.seq_len)
     dense = _ffn(ctx, tokens, m.d_ff) if m.n_dense_layers else _Part()
     moe = _moe(ctx, tokens) if m.n_moe_layers else None
     logits = _Part(count=1.0)
-    logits.compute_s = ctx.mm(tokens, m.vocab_size / lay.tensor, m.d_model) + float(
+    logits.compute_s = ctx.mm(tokens, m.vocab_size / lay.tensor, m.d_model, dtype=ctx.high_precision) + float(
         memory_time_s(3 * tokens * m.vocab_size / lay.tensor * 4, topo.chip, ctx.eff))
     logits.flops = 2.0 * tokens * m.vocab_size / lay.tensor * m.d_model
 
@@ -308,6 +325,7 @@ def _train(ctx: _Ctx, micro_batches: int, gbt: int, overlap: str) -> Estimate:
     if p > 1:
         act = tokens * m.d_model * ctx.b / lay.tensor
         p2p = 2.0 * float(collective_time_s(topo, "p2p", act, ctx.groups["pipeline"], params=ctx.comm)) * v
+        p2p = p2p if overlap == "none" else 0.0  # overlapped with the other micro-batches' compute otherwise
         stage_s += p2p
         rows.append(LayerRow("pipeline_p2p", "comm", p2p * micro_batches, 0.0, 2 * act * v * micro_batches,
                              2 * v * micro_batches))
@@ -362,7 +380,11 @@ def _train_memory(ctx: _Ctx, counts: dict, tokens: float, micro_batches: int, mo
     params = counts["non_expert"] / (p * lay.dense_weight_shards) + counts["expert"] / (p * lay.expert_weight_shards)
     mixed = ctx.dtype != "fp32"
     weights = params * (2.0 if mixed else 4.0)
-    states = params * ((4.0 if mixed else 0.0) + 4.0 + 8.0)  # master, grads, Adam m and v
+    grads = params * 4.0
+    optimizer = params * ((4.0 if mixed else 0.0) + 8.0)  # fp32 master, Adam m and v
+    if lay.shard_optimizer:  # distributed optimizer (ZeRO-1) over the data-parallel replicas
+        optimizer /= lay.data
+    states = grads + optimizer
     per_token_layer = _activation_bytes_per_token_layer(ctx)
     in_flight = min(micro_batches, p) * (1.0 + (p - 1) / (p * lay.virtual_pipeline)) if p > 1 else 1.0
     layers = m.n_layers / p
@@ -406,7 +428,7 @@ def _inference(ctx: _Ctx, mode: str, gbt: int) -> Estimate:
         raise ValueError(f"global_batch_tokens: prefill of {gbt} tokens; expected whole sequences of {m.seq_len} "
                          "per batch shard")
     seqs = tokens if decode else tokens / m.seq_len
-    proj, scores = _attention(ctx, tokens, seqs * m.seq_len if decode else tokens)
+    proj, scores = _attention(ctx, tokens, m.seq_len)
     n_attn = m.n_layers + m.n_cross_attention_layers
     parts = [("attention", "compute", proj, n_attn), ("attention_scores", "compute", scores, n_attn)]
     if m.n_dense_layers:
@@ -418,7 +440,7 @@ def _inference(ctx: _Ctx, mode: str, gbt: int) -> Estimate:
                   ("experts", "compute", moe.experts, k), ("combine_a2a", "a2a", moe.combine, k)]
     logits = _Part(count=1.0)
     last = seqs if decode else tokens
-    logits.compute_s = ctx.mm(last, m.vocab_size / lay.tensor, m.d_model)
+    logits.compute_s = ctx.mm(last, m.vocab_size / lay.tensor, m.d_model, dtype=ctx.high_precision)
     parts.append(("logits", "compute", logits, 1.0))
     rows, step = [], 0.0
     for name, kind, part, count in parts:

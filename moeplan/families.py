@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -221,25 +221,35 @@ def load_topology(
     nodes: int | None = None,
     twisted: bool = False,
     wraparound: bool | tuple[bool, ...] | None = None,
+    devices_per_node: int | None = None,
 ) -> Topology:
     """Build a topology of a bundled family (or a family file) at a size.
 
     Torus families take ``shape`` (tuple or ``"4x4x8"``), ``twisted`` and an optional explicit
     ``wraparound`` (one flag, or one per axis) that overrides the family's rule; switched families
-    take ``nodes``. Sizes default to the family's default.
+    take ``nodes`` and, to use part of each node (64 of an NVL72 rack's 72 GPUs), ``devices_per_node``.
+    Sizes default to the family's default.
     """
     fam = load_family(name)
     where = f"topology {fam.name!r}"
     if isinstance(fam.layout, TorusFamily):
+        if devices_per_node is not None:
+            raise ValueError(f"{where}: devices_per_node: a torus family takes shape=..., not devices_per_node")
         if nodes is not None:
             raise ValueError(f"{where}: nodes: got {nodes!r}; a torus family takes shape=..., not nodes")
         return _build_torus(fam, shape, twisted, wraparound)
     if shape is not None or twisted or wraparound is not None:
         raise ValueError(f"{where}: shape/twisted/wraparound given; a switched family takes nodes=... only")
+    node = fam.layout.node
+    if devices_per_node is not None:
+        full = node.devices_per_node
+        if isinstance(devices_per_node, bool) or not isinstance(devices_per_node, int) or not 1 <= devices_per_node <= full:
+            raise ValueError(f"{where}: devices_per_node: got {devices_per_node!r}; expected an integer from 1 to {full}")
+        node = replace(node, devices_per_node=devices_per_node)
     nodes = fam.layout.default_nodes if nodes is None else nodes
     if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= fam.layout.max_nodes:
         raise ValueError(f"{where}: nodes: got {nodes!r}; expected an integer from 1 to {fam.layout.max_nodes}")
-    return switched_cluster(fam.name, fam.chip, nodes, fam.layout.node, fam.layout.scale_out)
+    return switched_cluster(fam.name, fam.chip, nodes, node, fam.layout.scale_out)
 
 
 def _build_torus(fam: Family, shape, twisted: bool, wraparound) -> Topology:

@@ -35,6 +35,7 @@ class Layout:
     micro_batch_size: int = 1  # sequences per micro-batch on one batch shard (one data x fsdp rank)
     recompute: str = "selective"  # activation recomputation: none | selective (attention) | full
     sequence_parallel: bool = True  # Megatron SP: norms/dropout sharded over tensor, AG/RS instead of AR
+    shard_optimizer: bool = True  # distributed optimizer (ZeRO-1): Adam states split over the data replicas
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -85,12 +86,15 @@ class Layout:
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")
             key = key.strip()
-            if not sep or key not in _INT_FIELDS + ("recompute", "sequence_parallel"):
+            flags = ("sequence_parallel", "shard_optimizer")
+            if not sep or key not in _INT_FIELDS + ("recompute",) + flags:
                 raise ValueError(f"layout: {part!r}; expected key=value with key in "
-                                 f"{list(_INT_FIELDS) + ['recompute', 'sequence_parallel']}")
+                                 f"{list(_INT_FIELDS) + ['recompute', *flags]}")
             if key == "recompute":
                 kwargs[key] = value.strip()
-            elif key == "sequence_parallel":
+            elif key in flags:
+                if value.strip().lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(f"layout.{key}: got {value!r}; expected true or false")
                 kwargs[key] = value.strip().lower() in ("1", "true", "yes")
             else:
                 try:
@@ -116,9 +120,9 @@ def check_layout(model: MoEModel, topo: Topology, layout: Layout) -> None:
         raise ValueError(f"layout.tensor: got {layout.tensor}; expected a divisor of n_heads ({model.n_heads}) "
                          f"that divides or is divided by n_kv_heads ({model.n_kv_heads})")
     stages = layout.pipeline * layout.virtual_pipeline
-    if model.n_layers % stages:
+    if model.n_layers < stages:
         raise ValueError(f"layout.pipeline: {layout.pipeline} x virtual {layout.virtual_pipeline} stages; expected "
-                         f"a divisor of n_layers ({model.n_layers})")
+                         f"at most n_layers ({model.n_layers})")
     for name, width in (("d_ff", model.d_ff), ("expert_d_ff", model.expert_d_ff)):
         if width and width % layout.tensor:
             raise ValueError(f"layout.tensor: got {layout.tensor}; expected a divisor of {name} ({width})")

@@ -9,6 +9,8 @@ which the model has no term for) is listed in ``skipped`` with the reason, never
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,3 +218,96 @@ def summarize(rows: list[ValidationRow]) -> dict[str, float]:
         "held_out_points": int(held.size),
         "held_out_median_abs_error": float(np.median(held)) if held.size else float("nan"),
     }
+
+
+# ------------------------------------------------------------------ training steps
+_MODEL_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_size", "seq_len", "d_ff",
+               "num_experts", "top_k", "expert_d_ff", "num_shared_experts", "moe_every", "first_dense_layers",
+               "capacity_factor", "attention", "encoder_decoder")
+
+
+def training_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple[str, str]]]:
+    """Rows for every ``training_step`` point whose model, layout and batch are published."""
+    rows: list[ValidationRow] = []
+    skipped: list[tuple[str, str]] = []
+    for point in points:
+        if point.get("kind") != "training_step":
+            continue
+        try:
+            rows.append(_training_row(point))
+        except _Skip as why:
+            skipped.append((point["id"], str(why)))
+    return rows, skipped
+
+
+def _training_row(point: dict) -> ValidationRow:
+    from moeplan.estimate import estimate
+    from moeplan.layout import Layout
+    from moeplan.moe import MLADims, MoEModel
+    from moeplan.routing import Routing
+
+    spec = point.get("model") or {}
+    missing = [k for k in ("d_model", "n_layers", "seq_len", "vocab_size", "n_heads") if spec.get(k) is None]
+    if missing:
+        raise _Skip(f"model {', '.join(missing)} not published")
+    if point.get("global_batch_tokens") is None or not point.get("layout"):
+        raise _Skip("global batch or layout not published")
+    family, _ = _hardware(point, {})
+    chips = int(point["hardware"]["chips"])
+    kwargs = {k: spec[k] for k in _MODEL_KEYS if spec.get(k) is not None}
+    kwargs.setdefault("d_ff", 0)
+    kwargs["capacity_factor"] = spec.get("capacity_factor")
+    if spec.get("attention") == "mla":
+        kwargs["mla"] = MLADims(**spec["mla"])
+    model = MoEModel(name=spec.get("name", point["id"]), **kwargs)
+    lay = point["layout"]
+    fsdp, tensor, pipeline = (int(lay.get(k) or 1) for k in ("fsdp", "tensor", "pipeline"))
+    data = chips // (fsdp * tensor * pipeline)  # the sources' data degree counts the expert axis too
+    # MaxText's "remat ... offload" policies keep only each layer's input: a full recompute.
+    notes = point.get("notes", "")
+    recompute = "full" if "remat" in notes and "offload" in notes else "selective"
+    layout = Layout(data=data, fsdp=fsdp, tensor=tensor, pipeline=pipeline, expert=int(lay.get("expert") or 1),
+                    virtual_pipeline=int(lay.get("virtual_pipeline") or 1),
+                    micro_batch_size=int(lay.get("micro_batch_per_device") or 1), recompute=recompute)
+    topo = _training_topology(family, chips)
+    balanced = "force-balance" in point.get("notes", "")
+    try:
+        est = estimate(model, topo, layout, int(point["global_batch_tokens"]), dtype=point.get("dtype") or "bf16",
+                       routing=Routing("balanced" if balanced else "uniform"))
+    except ValueError as exc:
+        raise _Skip(f"not expressible: {exc}") from None
+    measured = point.get("measured") or {}
+    derived = point.get("derived_values") or {}
+    step = measured.get("step_time_s") or derived.get("step_time_s")
+    label = f"{family} x{chips} {model.name} {point.get('dtype')}"
+    if step:
+        return ValidationRow(point["id"], label, "step_time_s", float(step), est.step_time_s,
+                             est.step_time_s / float(step) - 1.0, False, "estimate")
+    if measured.get("mfu"):
+        mfu = float(measured["mfu"])
+        return ValidationRow(point["id"], label, "mfu", mfu, est.mfu, mfu / est.mfu - 1.0, False, "estimate")
+    raise _Skip("no step time, throughput or MFU published")
+
+
+def _training_topology(family: str, chips: int):
+    from moeplan.families import load_family
+
+    fam = load_family(family)
+    if hasattr(fam.layout, "default_shape"):
+        return load_topology(family, shape=_torus_shape(fam.layout, chips))
+    per_node = fam.layout.node.devices_per_node
+    nodes = math.ceil(chips / per_node)
+    return load_topology(family, nodes=nodes, devices_per_node=chips // nodes)
+
+
+def _torus_shape(fam, chips: int) -> tuple[int, ...]:
+    """The most cubic allowed slice shape with ``chips`` chips."""
+    best = None
+    sizes = fam.allowed_axis_sizes
+    for shape in itertools.product(sizes, repeat=len(fam.default_shape)):
+        if math.prod(shape) == chips and list(shape) == sorted(shape):
+            if best is None or max(shape) < max(best):
+                best = shape
+    if best is None:
+        raise _Skip(f"no slice shape of {chips} chips")
+    return best
