@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from moeplan.validation import collective_rows, load_points, relative_rows, summarize
+from moeplan.validation import collective_rows, load_points, relative_rows, summarize, training_rows
 
 
 def main() -> int:
@@ -27,6 +27,13 @@ def main() -> int:
     print("\nrelative (published ratios; figure-read or second-hand, not asserted):")
     for r in relative_rows(points):
         print(f"  {r.point_id:4} {r.label:58} measured {r.measured:6.3g}  predicted {r.predicted:6.3g}  {r.error:+.0%}")
+    train, train_skipped = training_rows(points)
+    print("\ntraining steps (estimate() against published runs):")
+    for r in train:
+        print(f"  {r.point_id:20} {r.label:52} {r.metric:12} {r.measured:10.4g} {r.predicted:10.4g} {r.error:+7.1%}")
+    t = summarize(train)
+    print(f"training_step: {t['points']} points, median |error| {t['median_abs_error']:.1%}, worst {t['max_abs_error']:.1%}")
+    skipped = skipped + train_skipped
     print(f"skipped {len(skipped)}:")
     for ident, reason in skipped:
         print(f"  {ident:8} {reason}")

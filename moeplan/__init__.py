@@ -6,8 +6,12 @@ numpy, scipy, networkx and pyyaml only: jax lives under ``moeplan.calibrate``, p
 """
 
 from moeplan.collectives import CommParams, Efficiency, collective_cost, collective_time_s
+from moeplan.estimate import Estimate, LayerRow, estimate
 from moeplan.families import list_topologies, load_topology
 from moeplan.hardware import ChipSpec, LinkSpec
+from moeplan.layout import Layout
+from moeplan.moe import MLADims, MoEModel, list_presets, load_model, param_counts
+from moeplan.routing import Routing
 from moeplan.schema import SchemaError
 from moeplan.topology import DeviceMesh, Topology
 
@@ -15,6 +19,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChipSpec",
+    "Estimate",
+    "LayerRow",
+    "Layout",
+    "MLADims",
+    "MoEModel",
+    "Routing",
+    "estimate",
+    "list_presets",
+    "load_model",
+    "param_counts",
     "CommParams",
     "Efficiency",
     "collective_cost",

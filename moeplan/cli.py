@@ -10,13 +10,18 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 
 import numpy as np
 
 import moeplan as mp
 from moeplan.collectives import OPS, bus_bandwidth_factor, collective_cost
+from moeplan.estimate import MODES, OVERLAPS, estimate
 from moeplan.families import load_family
-from moeplan.units import fmt_bytes, fmt_flops, fmt_rate, parse_shape
+from moeplan.layout import Layout
+from moeplan.moe import list_presets, load_model, param_counts
+from moeplan.routing import Routing
+from moeplan.units import fmt_bytes, fmt_flops, fmt_rate, fmt_time, parse_shape
 
 
 def _shape_arg(text: str) -> tuple[int, ...]:
@@ -133,6 +138,47 @@ def cmd_collective(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    for name in list_presets():
+        model = load_model(name)
+        counts = param_counts(model)
+        print(f"{name:16} {counts['total'] / 1e9:8.1f}B total {counts['active'] / 1e9:7.2f}B active  "
+              f"E={model.num_experts} k={model.top_k} moe_every={model.moe_every}")
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    topo = topology_from_args(args)
+    model = load_model(args.model)
+    layout = Layout.parse(args.layout) if args.layout else Layout(data=topo.num_devices)
+    routing = Routing(args.routing) if args.routing else None
+    est = estimate(model, topo, layout, global_batch_tokens=args.batch_tokens, dtype=args.dtype, mode=args.mode,
+                   routing=routing, overlap=args.overlap)
+    if args.json:
+        print(json.dumps({"topology": topo.name, "model": model.name, "layout": asdict(layout), "mode": est.mode,
+                          "step_time_s": est.step_time_s, "tokens_per_s": est.tokens_per_s, "mfu": est.mfu,
+                          "memory_per_device_bytes": est.memory_per_device_bytes, "memory": est.memory,
+                          "fits": est.fits, "reason": est.reason, "drop_rate": est.drop_rate,
+                          "micro_batches": est.micro_batches, "details": est.details, "layers": est.to_rows()},
+                         indent=2))
+        return 0
+    print(f"{model.name} on {topo.name}, {est.mode}, layout {args.layout or f'data={topo.num_devices}'}, "
+          f"{args.batch_tokens} tokens, {args.dtype}")
+    print(f"  {'part':20} {'kind':10} {'time':>10} {'share':>7}")
+    for row in est.layers:
+        if row.time_s > 0:
+            print(f"  {row.name:20} {row.kind:10} {fmt_time(row.time_s):>10} {row.time_s / est.step_time_s:7.1%}")
+    print(f"  step {fmt_time(est.step_time_s)}, {est.tokens_per_s:,.0f} tokens/s, MFU {est.mfu:.1%}, "
+          f"{est.micro_batches} micro-batches, drop rate {est.drop_rate:.2%}")
+    parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in est.memory.items())
+    print(f"  memory {fmt_bytes(est.memory_per_device_bytes)} per device ({parts}) "
+          f"of {fmt_bytes(topo.chip.hbm_capacity_bytes)}" + ("" if est.fits else "  DOES NOT FIT"))
+    for key, value in est.details.items():
+        if key != "model_flops":
+            print(f"  {key.replace('_', ' ')}: {value:g}")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     parser = argparse.ArgumentParser(prog="moeplan", description="Hardware-aware MoE cost model and layout planner")
     parser.add_argument("--version", action="version", version=f"moeplan {mp.__version__}")
@@ -156,6 +202,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     coll.add_argument("--algorithm", help="force an algorithm (ring, tree, nvls, nvls_tree, direct)")
     coll.add_argument("--json", action="store_true")
     handlers["collective"] = cmd_collective
+
+    sub.add_parser("models", help="list the bundled model presets")
+    handlers["models"] = cmd_models
+
+    est = sub.add_parser("estimate", help="per-layer time and memory of one model, topology and layout")
+    _add_topology_args(est, positional=False)
+    est.add_argument("--model", required=True, help="preset name (see 'moeplan models') or a model .yaml")
+    est.add_argument("--layout", default="", help="e.g. expert=8,fsdp=16,pipeline=2,micro_batch_size=2 (default: data)")
+    est.add_argument("--batch-tokens", type=int, required=True, help="global batch in tokens (decode: sequences)")
+    est.add_argument("--mode", choices=MODES, default="train")
+    est.add_argument("--dtype", default="bf16", help="bf16, fp8, mxfp8 or fp32")
+    est.add_argument("--routing", choices=["balanced", "uniform"], help="routing distribution (default uniform)")
+    est.add_argument("--overlap", choices=OVERLAPS, default="dp", help="communication overlap policy")
+    est.add_argument("--json", action="store_true")
+    handlers["estimate"] = cmd_estimate
     return parser, handlers
 
 

@@ -378,7 +378,7 @@ def collective_cost(
     size = np.atleast_1d(np.asarray(bytes_per_device, dtype=float))
     if size.size and (not np.all(np.isfinite(size)) or size.min() < 0):
         raise ValueError("bytes_per_device: expected finite sizes >= 0")
-    ids = topo.device_ids(topo.num_devices if devices is None else devices)
+    ids = _group_ids(topo, devices)
     params = params or CommParams()
     if op == "p2p" and ids.size != 2:
         raise ValueError(f"devices: p2p takes exactly 2 devices, got {ids.size}")
@@ -392,11 +392,32 @@ def collective_cost(
         if algorithm not in candidates:
             raise ValueError(f"algorithm: {algorithm!r} not available for {op} on this group; expected one of {names}")
         names = [algorithm]
+    if size.size == 1:  # the scalar path of estimate(): no stacking
+        best_name = min(names, key=lambda a: float(np.asarray(candidates[a]).reshape(-1)[0]))
+        value = 0.0 if size[0] == 0 else float(np.asarray(candidates[best_name]).reshape(-1)[0])
+        return CollectiveCost(np.array([value]), np.array([best_name], dtype=object))
     times = np.stack([np.broadcast_to(candidates[a], size.shape) for a in names])
     best = np.argmin(times, axis=0)
     chosen = np.take_along_axis(times, best[None], axis=0)[0]
     chosen = np.where(size == 0, 0.0, chosen)
     return CollectiveCost(chosen, np.asarray(names, dtype=object)[best])
+
+
+def _group_ids(topo: Topology, devices) -> np.ndarray:
+    """Validated device ids; explicit groups are checked once and remembered."""
+    if devices is None or isinstance(devices, int | np.integer):
+        return topo.device_ids(topo.num_devices if devices is None else devices)
+    ids = np.asarray(devices)
+    if ids.ndim == 1 and ids.size and np.issubdtype(ids.dtype, np.integer):
+        return _checked_ids(topo, ids.astype(np.int64).tobytes())
+    return topo.device_ids(devices)
+
+
+@lru_cache(maxsize=4096)
+def _checked_ids(topo: Topology, key: bytes) -> np.ndarray:
+    ids = topo.device_ids(np.frombuffer(key, dtype=np.int64))
+    ids.flags.writeable = False
+    return ids
 
 
 def collective_time_s(

@@ -74,8 +74,8 @@ class Estimate:
     def to_rows(self) -> list[dict]:
         """Flat dicts (one per breakdown line, then one summary line) for tables and CSV."""
         rows = [asdict(r) for r in self.layers]
-        rows.append({"name": "step", "kind": "total", "time_s": self.step_time_s, "flops": sum(r.flops for r in self.layers),
-                     "bytes": self.memory_per_device_bytes, "count": 1.0})
+        rows.append({"name": "step", "kind": "total", "time_s": self.step_time_s,
+                     "flops": sum(r.flops for r in self.layers), "bytes": self.memory_per_device_bytes, "count": 1.0})
         return rows
 
     def time_by_kind(self) -> dict[str, float]:
@@ -133,14 +133,14 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
 
 def _context(model, topo, layout, dtype, profile, routing) -> _Ctx:
     mesh = layout_mesh(topo, layout)
-    edp_stride = layout.expert
+    edp = layout.batch_block // layout.expert_weight_shards  # replicas of one expert shard
     groups = {
         "tensor": mesh.groups("tensor")[0],
         "data": mesh.groups("data")[0],
         "fsdp": mesh.groups("fsdp")[0],
         "pipeline": mesh.groups("pipeline")[0][:2],
         "expert": np.arange(layout.expert),
-        "expert_data": np.arange(0, layout.batch_block, edp_stride)[: layout.batch_block // layout.expert_weight_shards],
+        "expert_data": np.arange(0, layout.batch_block, layout.expert)[:edp],
     }
     eff = getattr(profile, "compute", None) or topo.chip.efficiency
     comm = getattr(profile, "comm", None) or CommParams()
@@ -453,6 +453,11 @@ def _inference(ctx: _Ctx, mode: str, gbt: int) -> Estimate:
         step += p2p
         rows.append(LayerRow("pipeline_p2p", "comm", p2p, 0.0, act * (lay.pipeline - 1), lay.pipeline - 1))
     counts = M.param_counts(m)
+    if lay.fsdp > 1:  # FSDP weights are gathered for every forward
+        dense_stage = counts["non_expert"] / (lay.pipeline * lay.tensor) * ctx.b
+        gather = lay.pipeline * ctx.coll("all_gather", dense_stage, "fsdp")
+        step += gather
+        rows.append(LayerRow("fsdp_gather", "comm", gather, 0.0, dense_stage * lay.pipeline, 1.0))
     params = counts["non_expert"] / (lay.pipeline * lay.dense_weight_shards) + counts["expert"] / (
         lay.pipeline * lay.expert_weight_shards)
     kv = seqs * m.seq_len * M.kv_cache_bytes_per_token(m, ctx.b) / (lay.pipeline * lay.tensor)

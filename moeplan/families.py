@@ -243,8 +243,9 @@ def load_topology(
     node = fam.layout.node
     if devices_per_node is not None:
         full = node.devices_per_node
-        if isinstance(devices_per_node, bool) or not isinstance(devices_per_node, int) or not 1 <= devices_per_node <= full:
-            raise ValueError(f"{where}: devices_per_node: got {devices_per_node!r}; expected an integer from 1 to {full}")
+        ok = isinstance(devices_per_node, int) and not isinstance(devices_per_node, bool)
+        if not ok or not 1 <= devices_per_node <= full:
+            raise ValueError(f"{where}: devices_per_node: got {devices_per_node!r}; expected an integer 1..{full}")
         node = replace(node, devices_per_node=devices_per_node)
     nodes = fam.layout.default_nodes if nodes is None else nodes
     if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= fam.layout.max_nodes:

@@ -111,11 +111,8 @@ def check_layout(model: MoEModel, topo: Topology, layout: Layout) -> None:
             f"layout: data x fsdp x tensor x pipeline = {layout.data} x {layout.fsdp} x {layout.tensor} x "
             f"{layout.pipeline} = {layout.devices} devices; expected the {topo.num_devices} of {topo.name}"
         )
-    if model.num_experts % layout.expert and layout.expert % model.num_experts:
-        raise ValueError(f"layout.expert: got {layout.expert}; expected a divisor or multiple of num_experts "
-                         f"({model.num_experts})")
-    if layout.expert > model.num_experts:
-        raise ValueError(f"layout.expert: got {layout.expert}; expected at most num_experts ({model.num_experts})")
+    if model.num_experts % layout.expert:
+        raise ValueError(f"layout.expert: got {layout.expert}; expected a divisor of num_experts ({model.num_experts})")
     if model.n_heads % layout.tensor or model.n_kv_heads % layout.tensor and layout.tensor % model.n_kv_heads:
         raise ValueError(f"layout.tensor: got {layout.tensor}; expected a divisor of n_heads ({model.n_heads}) "
                          f"that divides or is divided by n_kv_heads ({model.n_kv_heads})")

@@ -83,7 +83,8 @@ class MoEModel:
         if self.top_k > self.num_experts:
             raise ValueError(f"{owner}.top_k: got {self.top_k}; expected at most num_experts ({self.num_experts})")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"{owner}.n_kv_heads: got {self.n_kv_heads}; expected a divisor of n_heads ({self.n_heads})")
+            raise ValueError(f"{owner}.n_kv_heads: got {self.n_kv_heads}; expected a divisor of n_heads "
+                             f"({self.n_heads})")
         if self.capacity_factor is not None and not (math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
             raise ValueError(f"{owner}.capacity_factor: got {self.capacity_factor!r}; expected > 0, or None (dropless)")
         if self.attention not in ATTENTION_KINDS:

@@ -70,3 +70,31 @@ def test_collective_json_and_errors(capsys):
     assert "not a size list" in capsys.readouterr().err
     assert main(["collective", "all_gather", "--topology", "dgx-h100", "--algorithm", "nvls", "--bytes", "1e6"]) == 2
     assert "not available" in capsys.readouterr().err
+
+
+def test_models_lists_presets(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "deepseek-v3" in out and "671.0B total" in out
+
+
+def test_estimate_prints_breakdown_and_json(capsys):
+    argv = ["estimate", "--topology", "dgx-h100", "--nodes", "2", "--model", "mixtral-8x7b",
+            "--layout", "data=16,expert=8", "--batch-tokens", str(64 * 4096)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "dispatch_a2a" in out and "experts" in out and "tokens/s" in out and "MFU" in out
+    assert main(argv + ["--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fits"] in (True, False) and info["step_time_s"] > 0
+    assert info["layers"][-1]["name"] == "step" and info["layout"]["expert"] == 8
+
+
+def test_estimate_errors_are_one_line(capsys):
+    base = ["estimate", "--topology", "dgx-h100", "--model", "mixtral-8x7b", "--batch-tokens", "32768"]
+    assert main(base + ["--layout", "data=8,expert=3"]) == 2
+    assert "layout.expert" in capsys.readouterr().err
+    assert main(base + ["--layout", "data=8,colour=2"]) == 2
+    assert "expected key=value" in capsys.readouterr().err
+    assert main(["estimate", "--topology", "dgx-h100", "--model", "gpt-9", "--batch-tokens", "1"]) == 2
+    assert "presets" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""estimate(): memory by hand, physics directions, impossible layouts, inference, published runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import moeplan as mp
+from moeplan.hardware import LinkSpec
+from moeplan.topology import NodeSpec, ScaleOut, switched_cluster
+from moeplan.validation import load_points, training_rows
+
+DENSE_LIKE = dict(d_model=1024, n_layers=8, n_heads=16, n_kv_heads=16, d_head=64, vocab_size=32000, seq_len=1024,
+                  d_ff=4096, num_experts=8, top_k=1, expert_d_ff=4096, moe_every=1000, capacity_factor=1.0)
+
+
+def test_dense_model_memory_equals_a_hand_count():
+    model = mp.MoEModel(**DENSE_LIKE)  # moe_every > n_layers: no MoE layer at all
+    assert model.n_moe_layers == 0
+    topo = mp.load_topology("dgx-h100")
+    layout = mp.Layout(data=8, micro_batch_size=1, recompute="full", shard_optimizer=False)
+    est = mp.estimate(model, topo, layout, global_batch_tokens=8 * 1024)
+    params = 8 * (4 * 1024 * 1024 + 3 * 1024 * 4096) + 2 * 32000 * 1024
+    assert mp.param_counts(model)["total"] == params
+    assert est.memory["weights"] == pytest.approx(2 * params)  # bf16
+    assert est.memory["optimizer_and_grads"] == pytest.approx(16 * params)  # fp32 grads, master, Adam m and v
+    # full recompute keeps each layer's input (bf16) plus one layer's activations and the fp32 logits
+    tokens = 1024
+    per_layer = 2 * (3 * 1024 + 2 * 16 * 64 + 2 * 16 * 64) + 2 * (2 * 1024 + 3 * 4096)
+    expected = tokens * 1024 * 2 * 8 + tokens * per_layer + tokens * 32000 * 4
+    assert est.memory["activations"] == pytest.approx(expected)
+    sharded = mp.estimate(model, topo, mp.Layout(data=8, recompute="full"), global_batch_tokens=8 * 1024)
+    assert sharded.memory["optimizer_and_grads"] == pytest.approx(4 * params + 12 * params / 8)
+
+
+def _mixtral_small():
+    return mp.load_model("mixtral-8x7b").with_(n_layers=8)
+
+
+def test_dropless_straggler_is_never_faster_than_balanced():
+    topo = mp.load_topology("dgx-h100")
+    layout = mp.Layout(data=8, expert=8)
+    model = _mixtral_small()
+    balanced = mp.estimate(model, topo, layout, 8 * 4096, routing=mp.Routing("balanced"))
+    uniform = mp.estimate(model, topo, layout, 8 * 4096)
+    skewed = mp.estimate(model, topo, layout, 8 * 4096, routing=mp.Routing("zipf", skew=1.0))
+    assert balanced.step_time_s <= uniform.step_time_s <= skewed.step_time_s
+    assert skewed.step_time_s > 1.2 * balanced.step_time_s
+
+
+def _cluster(scale: float):
+    node = NodeSpec(8, LinkSpec("nvl", 4.5e11 * scale, 3e-7), in_switch_reduction=True)
+    so = ScaleOut(LinkSpec("pcie", 6.4e10 * scale, 5e-7), LinkSpec("nic", 5e10 * scale, 8.5e-7), 32, 1.0)
+    return switched_cluster("c", mp.load_topology("dgx-h100").chip, 4, node, so)
+
+
+@pytest.mark.parametrize("layout", [mp.Layout(data=32, expert=8), mp.Layout(data=8, tensor=4, expert=8),
+                                    mp.Layout(data=4, fsdp=4, pipeline=2, expert=8, micro_batch_size=1)])
+def test_more_link_bandwidth_is_never_slower(layout):
+    model = _mixtral_small()
+    times = [mp.estimate(model, _cluster(s), layout, 64 * 4096).step_time_s for s in (0.5, 1.0, 2.0, 8.0)]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(times, times[1:], strict=False))
+    assert times[0] > times[-1]
+
+
+def test_capacity_factor_pads_compute_and_drops_tokens():
+    topo = mp.load_topology("tpu-v5p", shape=(2, 2, 2))
+    model = mp.load_model("switch-base-128").with_(n_layers=4)
+    layout = mp.Layout(data=8, expert=8, micro_batch_size=4)
+    tight = mp.estimate(model, topo, layout, 8 * 4 * 512, mode="train", routing=None)
+    loose = mp.estimate(model.with_(capacity_factor=2.0), topo, layout, 8 * 4 * 512)
+    assert loose.drop_rate < tight.drop_rate
+    experts = {e: next(r.time_s for r in est.layers if r.name == "experts") for e, est in (("t", tight), ("l", loose))}
+    assert experts["l"] > experts["t"]
+
+
+@pytest.mark.parametrize(
+    "layout,message",
+    [
+        (dict(data=8, expert=3), "layout.expert"),  # 8 experts over 3
+        (dict(data=4), "devices"),  # 4 of 8 devices
+        (dict(data=2, tensor=4, expert=8), None),  # fine
+        (dict(data=1, tensor=8, expert=8), "n_kv_heads"),  # mixtral: 8 kv heads / 8 is fine, heads 32 / 8 fine
+        (dict(data=8, micro_batch_size=3), "global_batch_tokens"),
+    ],
+)
+def test_impossible_layouts_are_named(layout, message):
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=8)
+    topo = mp.load_topology("dgx-h100")
+    if message is None or message == "n_kv_heads":
+        est = mp.estimate(model, topo, mp.Layout(**layout), 8 * 4096)
+        assert est.step_time_s > 0
+        return
+    with pytest.raises(ValueError, match=message):
+        mp.estimate(model, topo, mp.Layout(**layout), 8 * 4096)
+
+
+def test_heads_must_divide_by_tensor_and_too_big_models_do_not_fit():
+    topo = mp.load_topology("dgx-h100")
+    model = mp.load_model("qwen3-30b-a3b").with_(n_heads=36, n_kv_heads=4)
+    with pytest.raises(ValueError, match="layout.tensor"):
+        mp.estimate(model, topo, mp.Layout(data=1, tensor=8), 4096)
+    big = mp.estimate(mp.load_model("deepseek-v3"), topo, mp.Layout(data=8, expert=8), 8 * 4096)
+    assert not big.fits and "per device" in big.reason and big.memory_per_device_bytes > 80e9
+
+
+def test_breakdown_adds_up_and_rows_are_flat():
+    est = mp.estimate(_mixtral_small(), mp.load_topology("dgx-h100", nodes=2),
+                      mp.Layout(data=8, pipeline=2, expert=8, micro_batch_size=1), 64 * 4096)
+    assert sum(r.time_s for r in est.layers if r.kind != "bubble") + next(
+        r.time_s for r in est.layers if r.kind == "bubble") == pytest.approx(est.step_time_s, rel=1e-9)
+    names = {r.name for r in est.layers}
+    assert {"attention", "router", "dispatch_a2a", "experts", "combine_a2a", "pipeline_bubble", "grad_sync"} <= names
+    rows = est.to_rows()
+    assert rows[-1]["name"] == "step" and all(set(r) >= {"name", "kind", "time_s", "flops", "bytes"} for r in rows)
+    assert est.tokens_per_s == pytest.approx(64 * 4096 / est.step_time_s)
+
+
+def test_expert_parallel_across_nodes_costs_all_to_all_time():
+    model = _mixtral_small()
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    inside = mp.estimate(model, topo, mp.Layout(data=16, expert=8), 16 * 4096)
+    a2a_inside = inside.time_by_kind()["a2a"]
+    dense_expert = model.with_(num_experts=16)
+    across = mp.estimate(dense_expert, topo, mp.Layout(data=16, expert=16), 16 * 4096)
+    assert across.time_by_kind()["a2a"] > 3 * a2a_inside  # NIC vs NVLink
+
+
+def test_decode_is_bound_by_weights_and_reports_inference_figures():
+    model = mp.load_model("mixtral-8x7b")
+    topo = mp.load_topology("dgx-h100")
+    layout = mp.Layout(data=1, tensor=8)
+    small = mp.estimate(model, topo, layout, 1, mode="decode")
+    big = mp.estimate(model, topo, layout, 64, mode="decode")
+    assert big.step_time_s < 4 * small.step_time_s  # 64x the tokens for far less than 64x the time
+    assert big.tokens_per_s > 10 * small.tokens_per_s
+    assert small.details["min_devices_to_hold_weights"] == 2  # 93 GB of bf16 weights, 80 GB per H100
+    assert small.details["batch_for_busy_experts"] == 4  # 8 experts / top-2
+    prefill = mp.estimate(model, topo, layout, 8 * 4096, mode="prefill")
+    assert prefill.tokens_per_s > 50 * big.tokens_per_s
+    assert big.memory["kv_cache"] == pytest.approx(64 * 4096 * 2 * 8 * 128 * 32 * 2 / 8)
+
+
+def test_bad_arguments():
+    model, topo = _mixtral_small(), mp.load_topology("dgx-h100")
+    for kwargs, message in [(dict(mode="serve"), "mode"), (dict(overlap="some"), "overlap"),
+                            (dict(dtype="fp12"), "dtype"), (dict(global_batch_tokens=0), "global_batch_tokens")]:
+        args = dict(global_batch_tokens=8 * 4096) | kwargs
+        with pytest.raises(ValueError, match=message):
+            mp.estimate(model, topo, mp.Layout(data=8), **args)
+    with pytest.raises(ValueError, match="layout.recompute"):
+        mp.Layout(recompute="some")
+    with pytest.raises(ValueError, match="layout.data"):
+        mp.Layout.parse("data=two")
+    assert mp.Layout.parse("data=4,expert=2,recompute=full").recompute == "full"
+
+
+def test_published_training_steps():
+    """Every training_step point of shared/validation/published.yaml whose model, layout and batch are
+    published: median |error| on step time (or MFU where only MFU is published) <= 20 %."""
+    rows, skipped = training_rows(load_points())
+    assert len(rows) >= 10, skipped
+    errors = np.abs([r.error for r in rows])
+    assert np.median(errors) <= 0.20, [(r.point_id, round(r.error, 2)) for r in rows]

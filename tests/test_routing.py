@@ -1,0 +1,56 @@
+"""Routing statistics against a Monte Carlo simulation of top-k routing."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeplan.routing import Routing, routing_stats, simulate_routing
+
+CASES = [
+    (2048, 64, 2, 64.0, 1, Routing()),  # capacity factor 1.0: real drops
+    (1024, 16, 1, 64.0, 1, Routing()),
+    (4096, 64, 2, 80.0, 4, Routing("zipf", skew=0.6)),
+    (2048, 32, 2, 128.0, 2, Routing("histogram", histogram=tuple(range(1, 33)))),
+]
+
+
+@pytest.mark.parametrize("tokens,experts,k,capacity,per_device,routing", CASES)
+def test_drop_rate_and_loads_match_monte_carlo(tokens, experts, k, capacity, per_device, routing):
+    exact = routing_stats(tokens, experts, k, capacity, per_device, routing)
+    sampled = simulate_routing(tokens, experts, k, capacity, per_device, routing, trials=400, seed=1)
+    assert exact.drop_rate == pytest.approx(sampled.drop_rate, rel=0.02, abs=2e-3)
+    # loads: q_i = k p_i slightly overstates how often top-k *without replacement* picks a hot expert
+    tolerance = 0.02 if routing.kind == "uniform" else 0.05
+    assert exact.max_expert_load == pytest.approx(sampled.max_expert_load, rel=tolerance)
+    assert exact.max_device_load == pytest.approx(sampled.max_device_load, rel=tolerance)
+
+
+def test_uniform_capacity_one_drops_a_known_share():
+    stats = routing_stats(2048, 64, 2, 64.0, 1)
+    # E[max(X - mu, 0)] for X ~ Binomial(2048, 1/32) is about sigma * phi(0) = 7.9 * 0.399 = 3.1 of mu = 64
+    assert stats.drop_rate == pytest.approx(3.14 / 64, rel=0.03)
+
+
+def test_balanced_routing_has_no_straggler_and_dropless_has_no_drops():
+    balanced = routing_stats(4096, 64, 2, None, 8, Routing("balanced"))
+    assert balanced.max_device_load == balanced.mean_device_load and balanced.drop_rate == 0.0
+    uniform = routing_stats(4096, 64, 2, None, 8)
+    assert uniform.max_device_load > uniform.mean_device_load and uniform.drop_rate == 0.0
+
+
+def test_skew_raises_the_straggler():
+    flat = routing_stats(4096, 64, 2, None, 8)
+    skewed = routing_stats(4096, 64, 2, None, 8, Routing("zipf", skew=1.0))
+    assert skewed.max_device_load > 1.5 * flat.max_device_load
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [(dict(kind="random"), "routing.kind"), (dict(kind="zipf"), "skew"), (dict(kind="histogram"), "histogram"),
+     (dict(kind="histogram", histogram=(1.0, -2.0)), "histogram")],
+)
+def test_bad_routing_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Routing(**kwargs)
+    with pytest.raises(ValueError, match="experts_per_device"):
+        routing_stats(100, 10, 2, None, 3)
