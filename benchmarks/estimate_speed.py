@@ -29,8 +29,10 @@ def main() -> None:
                 start = time.perf_counter()
                 mp.estimate(model, topo, layout, tokens)
                 times.append(time.perf_counter() - start)
-        print(f"{model.name:14} on {topo.name:18} {len(times):4} estimates: median {statistics.median(times) * 1e3:.3f} ms,"
-              f" p90 {sorted(times)[int(0.9 * len(times))] * 1e3:.3f} ms")
+        median_ms = statistics.median(times) * 1e3
+        p90_ms = sorted(times)[int(0.9 * len(times))] * 1e3
+        print(f"{model.name:14} on {topo.name:18} {len(times):4} estimates: "
+              f"median {median_ms:.3f} ms, p90 {p90_ms:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ def main() -> int:
     for r in train:
         print(f"  {r.point_id:20} {r.label:52} {r.metric:12} {r.measured:10.4g} {r.predicted:10.4g} {r.error:+7.1%}")
     t = summarize(train)
-    print(f"training_step: {t['points']} points, median |error| {t['median_abs_error']:.1%}, worst {t['max_abs_error']:.1%}")
+    print(f"training_step: {t['points']} points, median |error| {t['median_abs_error']:.1%}, "
+          f"worst {t['max_abs_error']:.1%}")
     skipped = skipped + train_skipped
     print(f"skipped {len(skipped)}:")
     for ident, reason in skipped:

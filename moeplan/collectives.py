@@ -92,6 +92,15 @@ class CommParams:
     efficiency: dict[str, Efficiency] = field(default_factory=lambda: dict(DEFAULT_EFFICIENCY))
     source: str = _NCCL
 
+    def __hash__(self) -> int:
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.nccl_base_latency_s, self.node_step_latency_s, self.net_step_latency_s,
+                           self.net_tree_step_latency_s, self.nvls_latency_s, self.xla_base_latency_s,
+                           tuple(sorted(self.efficiency.items()))))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     def eff(self, fabric: str) -> Efficiency:
         try:
             return self.efficiency[fabric]
@@ -120,6 +129,8 @@ DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
     "ici": Efficiency(0.90, 0.0, 0.5, "jax-ml scaling-book (9e10 planning vs 1e11 spec per link)"),
 }
 
+
+DEFAULT_PARAMS = CommParams()
 
 # ------------------------------------------------------------------ group analysis
 @dataclass(frozen=True)
@@ -403,6 +414,13 @@ def collective_cost(
     return CollectiveCost(chosen, np.asarray(names, dtype=object)[best])
 
 
+@lru_cache(maxsize=65536)
+def _scalar_time_s(topo: Topology, op: str, nbytes: float, key: bytes, params: CommParams) -> float:
+    """Memoised scalar collective time (the same sizes recur across estimates and searches)."""
+    ids = np.frombuffer(key, dtype=np.int64)
+    return float(collective_cost(topo, op, nbytes, ids, params=params).time_s[0])
+
+
 def _group_ids(topo: Topology, devices) -> np.ndarray:
     """Validated device ids; explicit groups are checked once and remembered."""
     if devices is None or isinstance(devices, int | np.integer):
@@ -433,6 +451,9 @@ def collective_time_s(
 
     A scalar size gives a float; an array gives an array of the same shape.
     """
+    if np.ndim(bytes_per_device) == 0 and algorithm is None and not isinstance(devices, list):
+        ids = _group_ids(topo, devices)
+        return _scalar_time_s(topo, op, float(bytes_per_device), ids.tobytes(), params or DEFAULT_PARAMS)
     cost = collective_cost(topo, op, bytes_per_device, devices, algorithm=algorithm, params=params)
     if np.ndim(bytes_per_device) == 0:
         return float(cost.time_s[0])

@@ -2,46 +2,48 @@
 
 One device's view of one step. A training step runs ``m`` micro-batches through ``p`` pipeline
 stages (1F1B, ``v`` virtual stages): time = (m + (p - 1) / v) x (forward + backward of one
-micro-batch on one stage), plus the exposed data-parallel gradient sync and FSDP gathers, plus the
-optimizer. Inside a stage every layer is computed by roofline (``compute``) and every collective
-by ``collectives`` on the layout's actual device groups.
+micro-batch on the slowest stage), plus the exposed data-parallel gradient sync and FSDP gathers,
+plus the optimizer. Inside a stage every layer is computed by roofline (``compute``) and every
+collective by ``collectives`` on the layout's actual device groups.
+
+The formulas are written once, over arrays: ``plan_costs`` scores a ``Plan`` (a structure of
+arrays, one entry per candidate layout) and ``estimate`` is that same function on a plan of one.
+The layout search calls ``plan_costs`` directly.
 
 Overlap policy (``overlap``): "none" exposes every communication; "dp" (default, what Megatron-Core
-and MaxText do out of the box) hides the gradient sync behind the last micro-batch's backward and
-FSDP gathers behind each micro-batch's compute, while tensor-parallel collectives and the MoE
-all-to-alls stay on the critical path; "full" also hides all-to-all and tensor-parallel traffic
-behind compute layer by layer (DualPipe-style), so a layer costs max(compute, comm).
-
-Pipeline send/receive is exposed only under "none" (interleaved 1F1B overlaps it otherwise).
+and MaxText do out of the box) hides the gradient sync behind the last micro-batch's backward, FSDP
+gathers behind each micro-batch's compute and pipeline sends behind other micro-batches, while
+tensor-parallel collectives and the MoE all-to-alls stay on the critical path; "full" also hides
+all-to-all and tensor-parallel traffic behind compute layer by layer (DualPipe-style).
 With an 8-bit ``dtype`` the linear layers run at the fp8 rate while attention, the output layer,
 activations and communication stay in bf16, as in Transformer Engine's recipes.
 
 Backward = 2x forward compute and the same collectives again (two more all-to-alls per MoE
 layer). Recompute: "selective" recomputes attention scores, "full" the whole forward with its
 collectives. MFU = model FLOPs (moe.model_flops_per_token) / (step time x devices x dense bf16 peak).
-Memory (training): weights in ``dtype`` (fp32 for fp32 runs) + fp32 master weights + fp32 grads +
-Adam m, v (18 bytes per parameter in mixed precision, 16 in fp32), activations of the micro-batches
-in flight, all-to-all buffers.
+Memory (training): weights in ``dtype`` (fp32 for fp32 runs) + fp32 grads + fp32 master weights
+and Adam m, v (sharded over data replicas with the distributed optimizer), activations of the
+micro-batches in flight, all-to-all buffers.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from moeplan import moe as M
-from moeplan.collectives import CommParams, collective_time_s
+from moeplan.collectives import DEFAULT_PARAMS, CommParams, collective_time_s
 from moeplan.compute import attention_time_s, matmul_time_s, memory_time_s
 from moeplan.hardware import ComputeEfficiency
-from moeplan.layout import Layout, check_layout, layout_mesh
+from moeplan.layout import RECOMPUTE, Layout, check_layout
 from moeplan.routing import Routing, routing_stats
 from moeplan.topology import Topology
 from moeplan.units import dtype_bytes
 
 MODES = ("train", "prefill", "decode")
 OVERLAPS = ("none", "dp", "full")
+_LAYOUT_FIELDS = ("data", "fsdp", "expert", "tensor", "pipeline", "virtual_pipeline", "micro_batch_size")
 
 
 @dataclass(frozen=True)
@@ -85,406 +87,485 @@ class Estimate:
         return out
 
 
+# ------------------------------------------------------------------ plans (structure of arrays)
 @dataclass
+class Plan:
+    """Candidates as arrays: a model view (MoE fields may be arrays) and layout degrees per candidate."""
+
+    model: M.ModelView
+    data: np.ndarray
+    fsdp: np.ndarray
+    expert: np.ndarray
+    tensor: np.ndarray
+    pipeline: np.ndarray
+    virtual_pipeline: np.ndarray
+    micro_batch_size: np.ndarray
+    recompute: np.ndarray  # index into layout.RECOMPUTE
+    sequence_parallel: bool = True
+    shard_optimizer: bool = True
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    @classmethod
+    def from_layout(cls, model: M.MoEModel, layout: Layout) -> Plan:
+        arrays = {f: np.array([getattr(layout, f)], dtype=np.int64) for f in _LAYOUT_FIELDS}
+        return cls(M.ModelView(model), recompute=np.array([RECOMPUTE.index(layout.recompute)]),
+                   sequence_parallel=layout.sequence_parallel, shard_optimizer=layout.shard_optimizer, **arrays)
+
+    @property
+    def batch_shards(self) -> np.ndarray:
+        return self.data * self.fsdp
+
+    @property
+    def batch_block(self) -> np.ndarray:
+        return self.data * self.fsdp * self.tensor
+
+    @property
+    def expert_weight_shards(self) -> np.ndarray:
+        """Expert weights: over the expert group, then the part of fsdp it does not cover (layout.py)."""
+        inner = self.tensor * self.data
+        cover = np.where(self.expert > inner, self.expert // np.gcd(self.expert, inner), 1)
+        return self.expert * (self.fsdp // np.gcd(self.fsdp, np.maximum(cover, 1)))
+
+    @property
+    def dense_weight_shards(self) -> np.ndarray:
+        return self.fsdp * self.tensor
+
+
 class _Ctx:
-    model: M.MoEModel
-    topo: Topology
-    layout: Layout
-    dtype: str
-    eff: ComputeEfficiency
-    comm: CommParams
-    routing: Routing
-    groups: dict[str, np.ndarray]
+    """Everything constant across a plan's candidates, plus the grouped collective lookups."""
 
-    @property
-    def b(self) -> float:
-        """Bytes per activation / communicated element: 8-bit formats keep activations in bf16."""
-        return 2.0 if dtype_bytes(self.dtype) < 2 else dtype_bytes(self.dtype)
+    def __init__(self, plan: Plan, topo: Topology, dtype: str, eff: ComputeEfficiency, comm: CommParams,
+                 routing: Routing) -> None:
+        self.plan, self.topo, self.dtype, self.eff, self.comm, self.routing = plan, topo, dtype, eff, comm, routing
+        self.m = plan.model
+        bits = dtype_bytes(dtype)
+        self.b = 2.0 if bits < 2 else bits  # activations and communication: bf16 under 8-bit training
+        self.high = "bf16" if bits < 2 else dtype  # attention and the output layer
+        self.n = plan.size
+        self._ids_cache: dict = {}
 
-    @property
-    def high_precision(self) -> str:
-        """Dtype of attention and the output layer: bf16 under fp8 training (Transformer Engine recipes)."""
-        return "bf16" if dtype_bytes(self.dtype) < 2 else self.dtype
+    def mm(self, m, n, k, count=1.0, dtype: str | None = None) -> np.ndarray:
+        return matmul_time_s(m, n, k, self.topo.chip, dtype or self.dtype, self.eff, count)
 
-    def coll(self, op: str, nbytes: float, group: str) -> float:
-        ids = self.groups[group]
-        if ids.size < 2 or nbytes <= 0:
+    def mem(self, nbytes) -> np.ndarray:
+        return memory_time_s(nbytes, self.topo.chip, self.eff)
+
+    def _group(self, kind: str) -> tuple[np.ndarray, callable]:
+        p = self.plan
+        dt = p.data * p.tensor
+        if kind == "tensor":
+            return p.tensor[:, None], lambda k: np.arange(k[0])
+        if kind == "expert":
+            return p.expert[:, None], lambda k: np.arange(k[0])
+        if kind == "data":
+            return np.stack([p.data, p.tensor], 1), lambda k: np.arange(k[0]) * k[1]
+        if kind == "fsdp":
+            return np.stack([p.fsdp, dt], 1), lambda k: np.arange(k[0]) * k[1]
+        if kind == "pipeline":
+            return np.stack([p.pipeline, p.fsdp * dt], 1), lambda k: np.array([0, k[1]]) if k[0] > 1 else np.array([0])
+        edp = p.batch_block // p.expert_weight_shards  # expert_data: replicas of one expert shard
+        return np.stack([p.batch_block, p.expert, edp], 1), lambda k: np.arange(0, k[0], k[1])[: k[2]]
+
+    def _coll_one(self, op: str, nbytes: float, kind: str) -> float:
+        """The single-candidate path of ``coll`` (estimate()): plain Python on the group key."""
+        if nbytes <= 0:
             return 0.0
-        return float(collective_time_s(self.topo, op, float(nbytes), ids, params=self.comm))
+        key = tuple(int(x) for x in self._group_key_one(kind))
+        ids = self._ids_cache.get((kind, key))
+        if ids is None:
+            ids = self._ids_cache[(kind, key)] = self._group(kind)[1](key)
+        if ids.size < 2:
+            return 0.0
+        return float(collective_time_s(self.topo, op, nbytes, ids, params=self.comm))
 
-    def mm(self, m, n, k, count=1.0, dtype: str | None = None) -> float:
-        return float(matmul_time_s(m, n, k, self.topo.chip, dtype or self.dtype, self.eff, count))
+    def _group_key_one(self, kind: str) -> list[int]:
+        p = self.plan
+        d, f, t, e = int(p.data[0]), int(p.fsdp[0]), int(p.tensor[0]), int(p.expert[0])
+        return {"tensor": [t], "expert": [e], "data": [d, t], "fsdp": [f, d * t],
+                "pipeline": [int(p.pipeline[0]), f * d * t],
+                "expert_data": [d * f * t, e, d * f * t // int(p.expert_weight_shards[0])]}[kind]
+
+    def coll(self, op: str, nbytes, kind: str) -> np.ndarray:
+        """Collective time per candidate, computed once per distinct group placement."""
+        if self.n == 1:
+            return np.array([self._coll_one(op, float(np.ravel(nbytes)[0]), kind)])
+        nbytes = np.broadcast_to(np.asarray(nbytes, dtype=float), (self.n,))
+        out = np.zeros(self.n)
+        if not nbytes.any():
+            return out
+        cols, ids_of = self._group(kind)
+        if self.n == 1:
+            keys, inverse = cols, np.zeros(1, dtype=np.int64)
+        else:
+            keys, inverse = np.unique(cols, axis=0, return_inverse=True)
+            inverse = inverse.reshape(-1)
+        for j, key in enumerate(keys):
+            ids = ids_of(key)
+            if ids.size < 2:
+                continue
+            sel = inverse == j
+            out[sel] = collective_time_s(self.topo, op, nbytes[sel], ids, params=self.comm)
+        return np.where(nbytes > 0, out, 0.0)
 
 
-def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tokens: int, dtype: str = "bf16",
-             mode: str = "train", profile=None, routing: Routing | None = None, overlap: str = "dp") -> Estimate:
-    """Estimate one step (train) or one forward (prefill) or one decode step of ``model``."""
-    if mode not in MODES:
-        raise ValueError(f"mode: got {mode!r}; expected one of {list(MODES)}")
-    if overlap not in OVERLAPS:
-        raise ValueError(f"overlap: got {overlap!r}; expected one of {list(OVERLAPS)}")
-    dtype_bytes(dtype)
-    check_layout(model, topo, layout)
-    ctx = _context(model, topo, layout, dtype, profile, routing)
-    if mode == "train":
-        return _train(ctx, _micro_batches(model, layout, global_batch_tokens), global_batch_tokens, overlap)
-    return _inference(ctx, mode, global_batch_tokens)
-
-
-def _context(model, topo, layout, dtype, profile, routing) -> _Ctx:
-    mesh = layout_mesh(topo, layout)
-    edp = layout.batch_block // layout.expert_weight_shards  # replicas of one expert shard
-    groups = {
-        "tensor": mesh.groups("tensor")[0],
-        "data": mesh.groups("data")[0],
-        "fsdp": mesh.groups("fsdp")[0],
-        "pipeline": mesh.groups("pipeline")[0][:2],
-        "expert": np.arange(layout.expert),
-        "expert_data": np.arange(0, layout.batch_block, layout.expert)[:edp],
-    }
+def _context(plan, topo, dtype, profile, routing) -> _Ctx:
     eff = getattr(profile, "compute", None) or topo.chip.efficiency
-    comm = getattr(profile, "comm", None) or CommParams()
-    return _Ctx(model, topo, layout, dtype, eff, comm, routing or Routing(), groups)
+    comm = getattr(profile, "comm", None) or DEFAULT_PARAMS
+    return _Ctx(plan, topo, dtype, eff, comm, routing or Routing())
 
 
-def _micro_batches(model: M.MoEModel, layout: Layout, global_batch_tokens: int) -> int:
-    if isinstance(global_batch_tokens, bool) or not isinstance(global_batch_tokens, int | np.integer) \
-            or global_batch_tokens < 1:
-        raise ValueError(f"global_batch_tokens: got {global_batch_tokens!r}; expected a positive integer")
-    seqs, rest = divmod(global_batch_tokens, model.seq_len)
-    per_shard, rest2 = divmod(seqs, layout.batch_shards)
-    if rest or rest2 or per_shard % layout.micro_batch_size or per_shard == 0:
-        raise ValueError(
-            f"global_batch_tokens: {global_batch_tokens} = {global_batch_tokens / model.seq_len:g} sequences of "
-            f"{model.seq_len}; expected a whole number of sequences per batch shard ({layout.batch_shards} shards) "
-            f"and of micro-batches of {layout.micro_batch_size}"
-        )
-    return per_shard // layout.micro_batch_size
-
-
-# ------------------------------------------------------------------ one micro-batch, one stage, forward
-@dataclass
-class _Part:
-    compute_s: float = 0.0
-    comm_s: float = 0.0
-    flops: float = 0.0
-    bytes: float = 0.0
-    count: float = 0.0
-
-    def add(self, other: _Part, times: float = 1.0) -> None:
-        self.compute_s += other.compute_s * times
-        self.comm_s += other.comm_s * times
-        self.flops += other.flops * times
-        self.bytes += other.bytes * times
-        self.count += other.count * times
-
-
-def _tp_comm_s(ctx: _Ctx, tokens: float) -> tuple[float, float]:
+# ------------------------------------------------------------------ building blocks (arrays)
+def _tp_comm(ctx: _Ctx, tokens) -> tuple[np.ndarray, np.ndarray]:
     """Tensor-parallel collectives around one block: AG + RS with sequence parallelism, else AR."""
-    if ctx.layout.tensor == 1:
-        return 0.0, 0.0
-    nbytes = tokens * ctx.model.d_model * ctx.b
-    if ctx.layout.sequence_parallel:
+    nbytes = tokens * ctx.m.d_model * ctx.b * (ctx.plan.tensor > 1)
+    if ctx.plan.sequence_parallel:
         return ctx.coll("all_gather", nbytes, "tensor") + ctx.coll("reduce_scatter", nbytes, "tensor"), 2 * nbytes
     return ctx.coll("all_reduce", nbytes, "tensor"), nbytes
 
 
-def _attention(ctx: _Ctx, tokens: float, context: float) -> tuple[_Part, _Part]:
-    """(projections + norms, scores) for one self-attention block on ``tokens`` tokens, each attending to
-    ``context`` tokens (seq_len in training and prefill, the cache length in decode)."""
-    m, t = ctx.model, ctx.layout.tensor
-    width = M.attention_params(m) / m.d_model / t  # output features per rank, all projections together
-    proj = _Part(count=1.0)
-    proj.compute_s = ctx.mm(tokens, width, m.d_model) + float(memory_time_s(6 * tokens * m.d_model * ctx.b / t,
-                                                                             ctx.topo.chip, ctx.eff))
-    proj.flops = 2.0 * tokens * width * m.d_model
-    proj.comm_s, proj.bytes = _tp_comm_s(ctx, tokens)
-    scores = _Part(count=1.0)
-    scores.flops = M.attention_score_flops(m) * context / m.seq_len * tokens / t
-    sequences = tokens / m.seq_len if context == m.seq_len else tokens  # decode: one token per sequence
-    kv_bytes = sequences * context * M.kv_cache_bytes_per_token(m, ctx.b) / m.n_layers / t
-    scores.bytes = kv_bytes + tokens * m.n_heads * m.d_head * 2 * ctx.b / t
-    # causal self-attention (decoder stacks) skips the masked half of the score blocks in training and
-    # prefill (FlashAttention); the FLOPs reported keep the full count, as the MFU convention does
-    causal = 0.5 if not m.encoder_decoder and context == m.seq_len and tokens >= m.seq_len else 1.0
-    scores.compute_s = float(attention_time_s(scores.flops * causal, scores.bytes, ctx.topo.chip,
-                                              ctx.high_precision, ctx.eff))
-    return proj, scores
+def _attention(ctx: _Ctx, tokens, context: float, decode: bool) -> dict[str, np.ndarray]:
+    """Projections, norms, TP collectives and scores of one self-attention block."""
+    m, t = ctx.m, ctx.plan.tensor
+    width = M.attention_params(m) / m.d_model / t  # output features per rank, projections together
+    out = {"proj_s": ctx.mm(tokens, width, m.d_model) + ctx.mem(6 * tokens * m.d_model * ctx.b / t),
+           "proj_flops": 2.0 * tokens * width * m.d_model}
+    out["tp_s"], out["tp_bytes"] = _tp_comm(ctx, tokens)
+    flops = M.attention_score_flops(m) * context / m.seq_len * tokens / t
+    sequences = tokens if decode else tokens / m.seq_len
+    nbytes = sequences * context * M.kv_cache_bytes_per_token(m, ctx.b) / m.n_layers / t
+    nbytes = nbytes + tokens * m.n_heads * m.d_head * 2 * ctx.b / t
+    # causal self-attention skips the masked half of the score blocks (FlashAttention) in training and
+    # prefill; the FLOPs reported keep the full count, as the MFU convention does
+    causal = 1.0 if (m.encoder_decoder or decode) else 0.5
+    out["scores_s"] = attention_time_s(flops * causal, nbytes, ctx.topo.chip, ctx.high, ctx.eff)
+    out["scores_flops"] = flops
+    return out
 
 
-def _ffn(ctx: _Ctx, tokens: float, width: int) -> _Part:
-    m, t = ctx.model, ctx.layout.tensor
+def _ffn(ctx: _Ctx, tokens, width) -> dict[str, np.ndarray]:
+    m, t = ctx.m, ctx.plan.tensor
     up = 2 if m.gated_ffn else 1
-    part = _Part(count=1.0)
-    part.compute_s = ctx.mm(tokens, up * width / t, m.d_model) + ctx.mm(tokens, m.d_model, width / t)
-    part.compute_s += float(memory_time_s(3 * tokens * width / t * ctx.b, ctx.topo.chip, ctx.eff))
-    part.flops = 2.0 * tokens * (up + 1) * width / t * m.d_model
-    part.comm_s, part.bytes = _tp_comm_s(ctx, tokens)
-    return part
+    time = ctx.mm(tokens, up * width / t, m.d_model) + ctx.mm(tokens, m.d_model, width / t)
+    time = time + ctx.mem(3 * tokens * width / t * ctx.b)
+    tp_s, tp_bytes = _tp_comm(ctx, tokens)
+    return {"s": time * (width > 0), "flops": 2.0 * tokens * (up + 1) * width / t * m.d_model,
+            "tp_s": tp_s * (width > 0), "tp_bytes": tp_bytes * (width > 0)}
 
 
-@dataclass
-class _MoE:
-    router: _Part
-    dispatch: _Part
-    experts: _Part
-    combine: _Part
-    drop_rate: float
-    a2a_bytes: float
+def _routing(ctx: _Ctx, group, ep, local) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(drop rate, tokens per expert on the busiest device, straggler factor) per candidate."""
+    m = ctx.m
+    experts = np.broadcast_to(m.num_experts, (ctx.n,))
+    top_k = np.broadcast_to(m.top_k, (ctx.n,))
+    cf = np.broadcast_to(m.capacity_factor_array, (ctx.n,))
+    keys = np.stack([group, ep, experts, top_k, np.nan_to_num(cf, nan=-1.0), local], 1)
+    uniq, inverse = (keys, np.zeros(1, np.int64)) if ctx.n == 1 else np.unique(keys, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    drop, per_expert, straggle = np.zeros(ctx.n), np.zeros(ctx.n), np.ones(ctx.n)
+    for j, (g, e_par, n_exp, k, c, loc) in enumerate(uniq):
+        g, e_par, n_exp, k, loc = int(g), int(e_par), int(n_exp), int(k), int(loc)
+        sel = inverse == j
+        if c > 0:
+            cap = float(np.ceil(g * k * c / n_exp))
+            drop[sel] = routing_stats(g, n_exp, k, cap, 1, ctx.routing).drop_rate
+            per_expert[sel] = e_par * cap  # padded: every group fills its slot
+            straggle[sel] = n_exp * cap / (g * k)  # send buffer: all slots
+        else:
+            stats = routing_stats(g * e_par, n_exp, k, None, loc, ctx.routing)
+            per_expert[sel] = stats.max_device_load / loc
+            straggle[sel] = stats.max_device_load / stats.mean_device_load
+    return drop, per_expert, straggle
 
 
-def _moe(ctx: _Ctx, tokens: float, decode: bool = False) -> _MoE:
+def _moe(ctx: _Ctx, tokens, decode: bool = False) -> dict[str, np.ndarray]:
     """Router, dispatch all-to-all, expert FFNs, combine all-to-all for one MoE layer."""
-    m, lay = ctx.model, ctx.layout
-    group = max(int(round(tokens / lay.tensor)), 1)  # tokens this device routes (sequence-parallel shard)
-    ep = lay.expert
+    m, p = ctx.m, ctx.plan
+    group = np.maximum(np.round(tokens / p.tensor), 1).astype(np.int64)  # tokens this device routes
+    ep = p.expert
     local = m.num_experts // ep
-    router = _Part(count=1.0)
-    router.compute_s = ctx.mm(group, m.num_experts, m.d_model, dtype="fp32")  # router in float32
-    router.compute_s += float(memory_time_s(3 * group * m.num_experts * 4 + 4 * group * m.top_k * m.d_model * ctx.b,
-                                            ctx.topo.chip, ctx.eff))
-    router.flops = 2.0 * group * m.num_experts * m.d_model
-    if m.capacity_factor is not None:
-        cap = float(M.capacity(group, m))
-        stats = routing_stats(group, m.num_experts, m.top_k, cap, 1, ctx.routing)
-        per_expert = ep * cap  # padded: every group fills its slot
-        send = m.num_experts * cap * m.d_model * ctx.b
-        drop = stats.drop_rate
-    else:
-        stats = routing_stats(group * ep, m.num_experts, m.top_k, None, local, ctx.routing)
-        per_expert = stats.max_device_load / local  # the straggler device sets the pace
-        send = group * m.top_k * m.d_model * ctx.b * stats.max_device_load / stats.mean_device_load
-        drop = 0.0
-    active = local
-    if decode:  # only experts that received a token read their weights
-        active = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (group * ep))
+    out = {"router_s": ctx.mm(group, m.num_experts, m.d_model, dtype="fp32") + ctx.mem(
+        3 * group * m.num_experts * 4 + 4 * group * m.top_k * m.d_model * ctx.b),
+        "router_flops": 2.0 * group * m.num_experts * m.d_model}
+    drop, per_expert, straggle = _routing(ctx, group, ep, local)
+    send = group * m.top_k * m.d_model * ctx.b * straggle
+    active = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (group * ep)) if decode else local
     up = 2 if m.gated_ffn else 1
-    experts = _Part(count=1.0)
-    experts.compute_s = ctx.mm(per_expert, up * m.expert_d_ff, m.d_model, active) + ctx.mm(
-        per_expert, m.d_model, m.expert_d_ff, active)
-    experts.compute_s += float(memory_time_s(3 * per_expert * active * m.expert_d_ff * ctx.b, ctx.topo.chip, ctx.eff))
-    experts.flops = 2.0 * per_expert * active * (up + 1) * m.expert_d_ff * m.d_model
-    if m.num_shared_experts:
-        experts.add(_ffn(ctx, tokens, m.num_shared_experts * m.expert_d_ff))
-        experts.count = 1.0
-    dispatch, combine = _Part(count=1.0), _Part(count=1.0)
-    if ep > 1:
-        dispatch.comm_s = combine.comm_s = ctx.coll("all_to_all", send, "expert")
-        dispatch.bytes = combine.bytes = send
-    permute = float(memory_time_s(2 * send, ctx.topo.chip, ctx.eff))
-    dispatch.compute_s = combine.compute_s = permute
-    return _MoE(router, dispatch, experts, combine, drop, send)
+    experts = ctx.mm(per_expert, up * m.expert_d_ff, m.d_model, active) + ctx.mm(
+        per_expert, m.d_model, m.expert_d_ff, active) + ctx.mem(3 * per_expert * active * m.expert_d_ff * ctx.b)
+    flops = 2.0 * per_expert * active * (up + 1) * m.expert_d_ff * m.d_model
+    shared = _ffn(ctx, tokens, m.num_shared_experts * m.expert_d_ff)
+    out.update(experts_s=experts + shared["s"], experts_flops=flops + shared["flops"], shared_tp_s=shared["tp_s"],
+               shared_tp_bytes=shared["tp_bytes"], drop=drop, send=send * (ep > 1),
+               a2a_s=ctx.coll("all_to_all", send * (ep > 1), "expert"), permute_s=ctx.mem(2 * send))
+    return out
 
 
 # ------------------------------------------------------------------ training
-def _train(ctx: _Ctx, micro_batches: int, gbt: int, overlap: str) -> Estimate:
-    m, lay, topo = ctx.model, ctx.layout, ctx.topo
-    p, v = lay.pipeline, lay.virtual_pipeline
-    tokens = lay.micro_batch_size * m.seq_len  # per batch shard and micro-batch
-    # share of each layer kind on the slowest stage: ceil(L / (p v)) layers per virtual stage
-    stage = math.ceil(m.n_layers / (p * v)) * v / m.n_layers
-    n_attn = m.n_layers + m.n_cross_attention_layers
-    proj, scores = _attention(ctx, tokens, m.seq_len)
-    dense = _ffn(ctx, tokens, m.d_ff) if m.n_dense_layers else _Part()
-    moe = _moe(ctx, tokens) if m.n_moe_layers else None
-    logits = _Part(count=1.0)
-    logits.compute_s = ctx.mm(tokens, m.vocab_size / lay.tensor, m.d_model, dtype=ctx.high_precision) + float(
-        memory_time_s(3 * tokens * m.vocab_size / lay.tensor * 4, topo.chip, ctx.eff))
-    logits.flops = 2.0 * tokens * m.vocab_size / lay.tensor * m.d_model
+def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Micro-batches per step and a validity mask (whole sequences per shard and micro-batch)."""
+    s = plan.model.seq_len
+    seqs = gbt // s
+    per_shard = seqs // plan.batch_shards
+    ok = (gbt % s == 0) & (seqs % plan.batch_shards == 0) & (per_shard % plan.micro_batch_size == 0) & (per_shard > 0)
+    return np.maximum(per_shard // plan.micro_batch_size, 1), ok
 
-    # forward parts of one micro-batch on one stage: (name, kind, part, layers on the stage)
-    parts = [("attention", "compute", proj, n_attn * stage), ("attention_scores", "compute", scores, n_attn * stage),
-             ("dense_ffn", "compute", dense, m.n_dense_layers * stage)]
-    if moe is not None:
-        k = m.n_moe_layers * stage
-        parts += [("router", "compute", moe.router, k), ("dispatch_a2a", "a2a", moe.dispatch, k),
-                  ("experts", "compute", moe.experts, k), ("combine_a2a", "a2a", moe.combine, k)]
-    parts.append(("logits", "compute", logits, 1.0))  # the last stage, which is the slowest
 
-    recompute = {"none": 0.0, "selective": 0.0, "full": 1.0}[lay.recompute]
-    rows: list[LayerRow] = []
-    stage_s = 0.0
-    per_mb = micro_batches + (p - 1) / v
-    for name, kind, part, count in parts:
-        passes = 3.0 + recompute + (1.0 if lay.recompute == "selective" and name == "attention_scores" else 0.0)
-        compute = part.compute_s * passes * count
-        comm_passes = 2.0 + recompute  # forward, backward (+ recomputed forward)
-        comm = part.comm_s * comm_passes * count
-        t = compute + comm if overlap != "full" else max(compute, comm)
-        stage_s += t
-        comm_row = "a2a" if kind == "a2a" else "comm"
+def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str = "bf16", profile=None,
+               routing: Routing | None = None, overlap: str = "dp") -> dict[str, np.ndarray]:
+    """Training cost of every candidate of ``plan``: per-part times (arrays), step time, memory, MFU."""
+    ctx = _context(plan, topo, dtype, profile, routing)
+    m, p = ctx.m, plan
+    mb, valid = _micro_batches(plan, global_batch_tokens)
+    pp, v = p.pipeline, p.virtual_pipeline
+    tokens = p.micro_batch_size * m.seq_len  # per batch shard and micro-batch
+    stage = -(-m.n_layers // (pp * v)) * v / m.n_layers  # slowest stage: ceil(L / (p v)) layers per chunk
+    n_attn = (m.n_layers + m.n_cross_attention_layers) * stage
+    n_moe, n_dense = m.n_moe_layers * stage, m.n_dense_layers * stage
+    attn = _attention(ctx, tokens, m.seq_len, decode=False)
+    dense = _ffn(ctx, tokens, m.d_ff)
+    moe = _moe(ctx, tokens)
+    logits_s = ctx.mm(tokens, m.vocab_size / p.tensor, m.d_model, dtype=ctx.high) + ctx.mem(
+        3 * tokens * m.vocab_size / p.tensor * 4)
+    logits_flops = 2.0 * tokens * m.vocab_size / p.tensor * m.d_model
+
+    full = (p.recompute == RECOMPUTE.index("full")).astype(float)
+    selective = (p.recompute == RECOMPUTE.index("selective")).astype(float)
+    compute_passes, comm_passes = 3.0 + full, 2.0 + full
+    # (name, kind, compute per micro-batch forward, comm per pass, layers on the stage, flops, comm bytes)
+    parts = [
+        ("attention", "compute", attn["proj_s"], attn["tp_s"], n_attn, attn["proj_flops"], attn["tp_bytes"]),
+        ("attention_scores", "compute", attn["scores_s"] * (compute_passes + selective) / compute_passes, 0.0,
+         n_attn, attn["scores_flops"], 0.0),
+        ("dense_ffn", "compute", dense["s"], dense["tp_s"], n_dense, dense["flops"], dense["tp_bytes"]),
+        ("router", "compute", moe["router_s"], 0.0, n_moe, moe["router_flops"], 0.0),
+        ("dispatch_a2a", "a2a", moe["permute_s"], moe["a2a_s"], n_moe, 0.0, moe["send"]),
+        ("experts", "compute", moe["experts_s"], moe["shared_tp_s"], n_moe, moe["experts_flops"],
+         moe["shared_tp_bytes"]),
+        ("combine_a2a", "a2a", moe["permute_s"], moe["a2a_s"], n_moe, 0.0, moe["send"]),
+        ("logits", "compute", logits_s, 0.0, 1.0, logits_flops, 0.0),
+    ]
+    out: dict[str, np.ndarray] = {}
+    stage_s = np.zeros(ctx.n)
+    for name, kind, compute, comm, count, flops, comm_bytes in parts:
+        c = compute * compute_passes * count
+        k = comm * comm_passes * count
+        if overlap == "full":
+            t, c_row, k_row = np.maximum(c, k), np.maximum(c, k), 0.0 * k
+        else:
+            t, c_row, k_row = c + k, c, k
+        stage_s = stage_s + t
         if kind == "a2a":
-            rows.append(LayerRow(name, "a2a", t * micro_batches, part.flops * 3 * count * micro_batches,
-                                 part.bytes * comm_passes * count * micro_batches, count * micro_batches))
-            continue
-        rows.append(LayerRow(name, kind, compute * micro_batches if overlap != "full" else t * micro_batches,
-                             part.flops * 3 * count * micro_batches, 0.0, count * micro_batches))
-        if comm > 0 and overlap != "full":
-            rows.append(LayerRow(f"{name}_tp", comm_row, comm * micro_batches, 0.0,
-                                 part.bytes * comm_passes * count * micro_batches, count * micro_batches))
-    if p > 1:
-        act = tokens * m.d_model * ctx.b / lay.tensor
-        p2p = 2.0 * float(collective_time_s(topo, "p2p", act, ctx.groups["pipeline"], params=ctx.comm)) * v
-        p2p = p2p if overlap == "none" else 0.0  # overlapped with the other micro-batches' compute otherwise
-        stage_s += p2p
-        rows.append(LayerRow("pipeline_p2p", "comm", p2p * micro_batches, 0.0, 2 * act * v * micro_batches,
-                             2 * v * micro_batches))
-        rows.append(LayerRow("pipeline_bubble", "bubble", stage_s * (p - 1) / v))
-    pipe_s = stage_s * per_mb
+            out[name] = t * mb
+        else:
+            out[name] = c_row * mb
+            out[f"{name}_tp"] = k_row * mb
+        out[f"{name}:flops"] = flops * 3.0 * count * mb
+        out[f"{name}:bytes"] = comm_bytes * comm_passes * count * mb
+        out[f"{name}:count"] = count * mb
+    act = tokens * m.d_model * ctx.b / p.tensor
+    p2p = 2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline")
+    p2p = p2p if overlap == "none" else 0.0 * p2p  # interleaved 1F1B overlaps sends with other micro-batches
+    stage_s = stage_s + p2p
+    out["pipeline_p2p"] = p2p * mb
+    out["pipeline_p2p:bytes"] = 2.0 * v * act * mb * (pp > 1)
+    out["pipeline_bubble"] = stage_s * (pp - 1) / v
 
     counts = M.param_counts(m)
-    dense_local = counts["non_expert"] / (p * lay.dense_weight_shards)
-    expert_local = counts["expert"] / (p * lay.expert_weight_shards)
-    grad_s, fsdp_s, sync_rows = _data_parallel(ctx, counts, micro_batches)
+    dense_local = counts["non_expert"] / (pp * p.dense_weight_shards)
+    expert_local = counts["expert"] / (pp * p.expert_weight_shards)
+    grad_s, grad_bytes, fsdp_s, fsdp_bytes = _data_parallel(ctx, counts, mb)
     last_bwd = stage_s * 2.0 / 3.0
-    exposed_grad = grad_s if overlap == "none" else max(0.0, grad_s - last_bwd)
-    exposed_fsdp = fsdp_s if overlap == "none" else max(0.0, fsdp_s - stage_s * micro_batches)
-    opt_s = float(memory_time_s(30.0 * (dense_local + expert_local), topo.chip, ctx.eff))
-    rows += [LayerRow(sync_rows[0], "comm", exposed_grad, 0.0, sync_rows[1]),
-             LayerRow("fsdp_gather", "comm", exposed_fsdp, 0.0, sync_rows[2]),
-             LayerRow("optimizer", "optimizer", opt_s, 0.0, 30.0 * (dense_local + expert_local))]
-    step = pipe_s + exposed_grad + exposed_fsdp + opt_s
-    memory = _train_memory(ctx, counts, tokens, micro_batches, moe)
-    return _finish(ctx, "train", step, gbt, M.model_flops_per_token(m, True) * gbt, memory, rows,
-                   moe.drop_rate if moe else 0.0, micro_batches)
+    out["grad_sync"] = grad_s if overlap == "none" else np.maximum(0.0, grad_s - last_bwd)
+    out["grad_sync:bytes"] = grad_bytes
+    out["fsdp_gather"] = fsdp_s if overlap == "none" else np.maximum(0.0, fsdp_s - stage_s * mb)
+    out["fsdp_gather:bytes"] = fsdp_bytes
+    out["optimizer"] = ctx.mem(30.0 * (dense_local + expert_local))
+    out["optimizer:bytes"] = 30.0 * (dense_local + expert_local)
+    step = stage_s * (mb + (pp - 1) / v) + out["grad_sync"] + out["fsdp_gather"] + out["optimizer"]
+    out.update(_train_memory(ctx, counts, tokens, mb, moe["send"]))
+    out["step_time_s"] = step
+    out["tokens_per_s"] = global_batch_tokens / step
+    out["model_flops"] = M.model_flops_per_token(m, True) * global_batch_tokens + 0.0 * step
+    out["mfu"] = out["model_flops"] / (step * topo.num_devices * topo.chip.peak_bf16_flop_per_s)
+    out["drop_rate"] = moe["drop"] * (m.n_moe_layers > 0)
+    out["micro_batches"] = mb
+    out["valid"] = valid
+    out["fits"] = out["memory_per_device_bytes"] <= topo.chip.hbm_capacity_bytes
+    return out
 
 
-def _data_parallel(ctx: _Ctx, counts: dict, micro_batches: int) -> tuple[float, float, tuple[str, float, float]]:
+def _data_parallel(ctx: _Ctx, counts: dict, mb) -> tuple[np.ndarray, ...]:
     """Gradient sync (fp32 grads) over data/fsdp and expert-data groups; FSDP parameter gathers."""
-    lay = ctx.layout
-    p = lay.pipeline
-    dense_stage = counts["non_expert"] / (p * lay.tensor)  # before FSDP sharding
-    expert_stage = counts["expert"] / (p * lay.expert)
-    grad = 0.0
+    p = ctx.plan
+    dense_stage = counts["non_expert"] / (p.pipeline * p.tensor)  # before FSDP sharding
     grad_bytes = 4.0 * dense_stage
-    if lay.fsdp > 1:
-        grad += ctx.coll("reduce_scatter", grad_bytes, "fsdp")
-        grad += ctx.coll("all_reduce", grad_bytes / lay.fsdp, "data")
-    else:
-        grad += ctx.coll("all_reduce", grad_bytes, "data")
-    expert_shard = 4.0 * counts["expert"] / (p * lay.expert_weight_shards)
-    grad += ctx.coll("all_reduce", expert_shard, "expert_data")
-    fsdp = 0.0
-    gather_bytes = 0.0
-    if lay.fsdp > 1:
-        gather_bytes = (dense_stage + expert_stage * lay.expert / lay.expert_weight_shards * 0) * ctx.b
-        per_mb = 2.0 * ctx.coll("all_gather", dense_stage * ctx.b, "fsdp")  # forward and backward
-        fsdp = per_mb * micro_batches
-        gather_bytes = 2.0 * dense_stage * ctx.b * micro_batches
-    return grad, fsdp, ("grad_sync", grad_bytes + expert_shard, gather_bytes)
+    has_fsdp = p.fsdp > 1
+    grad = np.where(has_fsdp, ctx.coll("reduce_scatter", grad_bytes * has_fsdp, "fsdp")
+                    + ctx.coll("all_reduce", grad_bytes / p.fsdp * has_fsdp, "data"),
+                    ctx.coll("all_reduce", grad_bytes * ~has_fsdp, "data"))
+    expert_shard = 4.0 * counts["expert"] / (p.pipeline * p.expert_weight_shards)
+    grad = grad + ctx.coll("all_reduce", expert_shard, "expert_data")
+    gather = 2.0 * ctx.coll("all_gather", dense_stage * ctx.b * has_fsdp, "fsdp") * mb  # forward and backward
+    return grad, grad_bytes + expert_shard, gather, 2.0 * dense_stage * ctx.b * mb * has_fsdp
 
 
-def _train_memory(ctx: _Ctx, counts: dict, tokens: float, micro_batches: int, moe: _MoE | None) -> dict[str, float]:
-    m, lay = ctx.model, ctx.layout
-    p, t = lay.pipeline, lay.tensor
-    params = counts["non_expert"] / (p * lay.dense_weight_shards) + counts["expert"] / (p * lay.expert_weight_shards)
-    mixed = ctx.dtype != "fp32"
-    weights = params * (2.0 if mixed else 4.0)
-    grads = params * 4.0
-    optimizer = params * ((4.0 if mixed else 0.0) + 8.0)  # fp32 master, Adam m and v
-    if lay.shard_optimizer:  # distributed optimizer (ZeRO-1) over the data-parallel replicas
-        optimizer /= lay.data
-    states = grads + optimizer
-    per_token_layer = _activation_bytes_per_token_layer(ctx)
-    in_flight = min(micro_batches, p) * (1.0 + (p - 1) / (p * lay.virtual_pipeline)) if p > 1 else 1.0
-    layers = m.n_layers / p
-    if lay.recompute == "full":
-        acts = tokens / t * m.d_model * ctx.b * layers * in_flight + tokens / t * per_token_layer
-    else:
-        acts = tokens / t * per_token_layer * layers * in_flight
-    acts += tokens * m.vocab_size / t * 4.0  # fp32 logits of the last stage
-    buffers = 4.0 * moe.a2a_bytes if moe is not None and lay.expert > 1 else 0.0
-    return {"weights": weights, "optimizer_and_grads": states, "activations": acts, "a2a_buffers": buffers}
-
-
-def _activation_bytes_per_token_layer(ctx: _Ctx) -> float:
+def _activation_bytes_per_token_layer(ctx: _Ctx):
     """Stored activations per token per layer (flash attention: no s^2 term), averaged over layer kinds.
 
     Attention: block input, norm output, q, k, v, attention output (Korthikanti et al. 2022 without the
     score matrix). FFN: input, norm, gate/up/activation (x3 of the width); MoE: the routed copies at
     k x capacity factor, router logits in fp32."""
-    m = ctx.model
-    b = ctx.b
+    m, b = ctx.m, ctx.b
     attn = b * (3 * m.d_model + 2 * m.n_heads * m.d_head + 2 * m.n_kv_heads * m.d_head)
     up = 3 if m.gated_ffn else 2
     dense = b * (2 * m.d_model + up * m.d_ff)
-    copies = m.top_k * (m.capacity_factor or 1.0)
+    copies = m.top_k * np.nan_to_num(m.capacity_factor_array, nan=1.0)
     moe = b * (2 * m.d_model + copies * (m.d_model + up * m.expert_d_ff)) + 4 * m.num_experts
-    moe += b * m.num_shared_experts * up * m.expert_d_ff
+    moe = moe + b * m.num_shared_experts * up * m.expert_d_ff
     return attn + (dense * m.n_dense_layers + moe * m.n_moe_layers) / m.n_layers
+
+
+def _train_memory(ctx: _Ctx, counts: dict, tokens, mb, send) -> dict[str, np.ndarray]:
+    m, p = ctx.m, ctx.plan
+    pp, t = p.pipeline, p.tensor
+    params = counts["non_expert"] / (pp * p.dense_weight_shards) + counts["expert"] / (pp * p.expert_weight_shards)
+    mixed = ctx.dtype != "fp32"
+    optimizer = params * ((4.0 if mixed else 0.0) + 8.0)  # fp32 master, Adam m and v
+    if p.shard_optimizer:  # distributed optimizer (ZeRO-1) over the data-parallel replicas
+        optimizer = optimizer / p.data
+    mem = {"mem:weights": params * (2.0 if mixed else 4.0), "mem:optimizer_and_grads": params * 4.0 + optimizer}
+    per_token_layer = _activation_bytes_per_token_layer(ctx)
+    in_flight = np.where(pp > 1, np.minimum(mb, pp) * (1.0 + (pp - 1) / (pp * p.virtual_pipeline)), 1.0)
+    layers = m.n_layers / pp
+    full = p.recompute == RECOMPUTE.index("full")
+    stored = np.where(full, tokens / t * m.d_model * ctx.b * layers * in_flight + tokens / t * per_token_layer,
+                      tokens / t * per_token_layer * layers * in_flight)
+    mem["mem:activations"] = stored + tokens * m.vocab_size / t * 4.0  # fp32 logits of the last stage
+    mem["mem:a2a_buffers"] = 4.0 * send
+    mem["memory_per_device_bytes"] = sum(mem.values())
+    return mem
+
+
+# ------------------------------------------------------------------ the scalar API
+def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tokens: int, dtype: str = "bf16",
+             mode: str = "train", profile=None, routing: Routing | None = None, overlap: str = "dp") -> Estimate:
+    """Estimate one training step, one prefill forward, or one decode step of ``model``."""
+    if mode not in MODES:
+        raise ValueError(f"mode: got {mode!r}; expected one of {list(MODES)}")
+    if overlap not in OVERLAPS:
+        raise ValueError(f"overlap: got {overlap!r}; expected one of {list(OVERLAPS)}")
+    if isinstance(global_batch_tokens, bool) or not isinstance(global_batch_tokens, int | np.integer) \
+            or global_batch_tokens < 1:
+        raise ValueError(f"global_batch_tokens: got {global_batch_tokens!r}; expected a positive integer")
+    dtype_bytes(dtype)
+    check_layout(model, topo, layout)
+    plan = Plan.from_layout(model, layout)
+    if mode != "train":
+        return _inference(_context(plan, topo, dtype, profile, routing), mode, int(global_batch_tokens))
+    costs = plan_costs(plan, topo, int(global_batch_tokens), dtype, profile, routing, overlap)
+    if not costs["valid"][0]:
+        raise ValueError(
+            f"global_batch_tokens: {global_batch_tokens} = {global_batch_tokens / model.seq_len:g} sequences of "
+            f"{model.seq_len}; expected a whole number of sequences per batch shard ({layout.batch_shards} shards) "
+            f"and of micro-batches of {layout.micro_batch_size}")
+    return estimate_from_costs(costs, 0, topo)
+
+
+_ROWS = [("attention", "compute"), ("attention_tp", "comm"), ("attention_scores", "compute"),
+         ("dense_ffn", "compute"), ("dense_ffn_tp", "comm"), ("router", "compute"), ("dispatch_a2a", "a2a"),
+         ("experts", "compute"), ("experts_tp", "comm"), ("combine_a2a", "a2a"), ("logits", "compute"),
+         ("pipeline_p2p", "comm"), ("pipeline_bubble", "bubble"), ("grad_sync", "comm"), ("fsdp_gather", "comm"),
+         ("optimizer", "optimizer")]
+
+
+def estimate_from_costs(costs: dict[str, np.ndarray], i: int, topo: Topology) -> Estimate:
+    """The Estimate of candidate ``i`` of a ``plan_costs`` result (what estimate() returns for it)."""
+    def at(key, default=0.0):
+        value = np.asarray(costs.get(key, default), dtype=float)
+        return float(value if value.ndim == 0 else value.reshape(-1)[i if value.size > 1 else 0])
+
+    rows = [LayerRow(name, kind, at(name), at(f"{name}:flops"), at(f"{name}:bytes"), at(f"{name}:count"))
+            for name, kind in _ROWS if name in costs and (at(name) > 0 or not name.endswith("_tp"))]
+    memory = {k.split(":", 1)[1]: at(k) for k in costs if k.startswith("mem:")}
+    return _finish(topo, "train", at("step_time_s"), at("model_flops"), at("tokens_per_s") * at("step_time_s"),
+                   memory, rows, at("drop_rate"), int(at("micro_batches")))
+
+
+def _finish(topo: Topology, mode: str, step: float, model_flops: float, tokens: float, memory: dict[str, float],
+            rows: list[LayerRow], drop: float, micro_batches: int) -> Estimate:
+    total_mem = sum(memory.values())
+    hbm = topo.chip.hbm_capacity_bytes
+    fits = total_mem <= hbm
+    reason = "" if fits else (f"needs {total_mem / 1e9:.1f} GB per device "
+                              f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in memory.items())}); "
+                              f"the chip has {hbm / 1e9:.1f} GB")
+    mfu = model_flops / (step * topo.num_devices * topo.chip.peak_bf16_flop_per_s)
+    return Estimate(mode, step, tokens / step, mfu, total_mem, memory, fits, reason, rows, drop, micro_batches,
+                    {"model_flops": model_flops})
 
 
 # ------------------------------------------------------------------ inference
 def _inference(ctx: _Ctx, mode: str, gbt: int) -> Estimate:
     """prefill: one forward over ``gbt`` tokens. decode: one new token for each of ``gbt`` sequences,
     attending to ``seq_len`` cached tokens. Pipeline stages run one after another (no micro-batches)."""
-    m, lay, topo = ctx.model, ctx.layout, ctx.topo
-    if gbt < 1 or gbt % lay.batch_shards:
-        raise ValueError(f"global_batch_tokens: got {gbt}; expected a positive multiple of the {lay.batch_shards} "
+    m, topo, p = ctx.m, ctx.topo, ctx.plan
+    shards = int(p.batch_shards[0])
+    if gbt % shards:
+        raise ValueError(f"global_batch_tokens: got {gbt}; expected a positive multiple of the {shards} "
                          "batch shards (data x fsdp)")
     decode = mode == "decode"
-    tokens = gbt / lay.batch_shards  # per batch shard
+    tokens = gbt / shards
     if not decode and tokens % m.seq_len:
         raise ValueError(f"global_batch_tokens: prefill of {gbt} tokens; expected whole sequences of {m.seq_len} "
                          "per batch shard")
-    seqs = tokens if decode else tokens / m.seq_len
-    proj, scores = _attention(ctx, tokens, m.seq_len)
+    attn = _attention(ctx, tokens, m.seq_len, decode)
     n_attn = m.n_layers + m.n_cross_attention_layers
-    parts = [("attention", "compute", proj, n_attn), ("attention_scores", "compute", scores, n_attn)]
+    parts = [("attention", "compute", attn["proj_s"] + attn["tp_s"], attn["proj_flops"], attn["tp_bytes"], n_attn),
+             ("attention_scores", "compute", attn["scores_s"], attn["scores_flops"], 0.0, n_attn)]
     if m.n_dense_layers:
-        parts.append(("dense_ffn", "compute", _ffn(ctx, tokens, m.d_ff), m.n_dense_layers))
-    moe = _moe(ctx, tokens, decode=decode) if m.n_moe_layers else None
-    if moe is not None:
+        dense = _ffn(ctx, tokens, m.d_ff)
+        parts.append(("dense_ffn", "compute", dense["s"] + dense["tp_s"], dense["flops"], dense["tp_bytes"],
+                      m.n_dense_layers))
+    drop, send = 0.0, 0.0
+    if m.n_moe_layers:
+        moe = _moe(ctx, tokens, decode=decode)
+        drop, send = float(moe["drop"][0]), float(moe["send"][0])
         k = m.n_moe_layers
-        parts += [("router", "compute", moe.router, k), ("dispatch_a2a", "a2a", moe.dispatch, k),
-                  ("experts", "compute", moe.experts, k), ("combine_a2a", "a2a", moe.combine, k)]
-    logits = _Part(count=1.0)
-    last = seqs if decode else tokens
-    logits.compute_s = ctx.mm(last, m.vocab_size / lay.tensor, m.d_model, dtype=ctx.high_precision)
-    parts.append(("logits", "compute", logits, 1.0))
-    rows, step = [], 0.0
-    for name, kind, part, count in parts:
-        t = (part.compute_s + part.comm_s) * count
-        step += t
-        rows.append(LayerRow(name, kind, t, part.flops * count, part.bytes * count, count))
-    if lay.pipeline > 1:
-        act = last * m.d_model * ctx.b
-        p2p = (lay.pipeline - 1) * float(collective_time_s(topo, "p2p", act, ctx.groups["pipeline"], params=ctx.comm))
-        step += p2p
-        rows.append(LayerRow("pipeline_p2p", "comm", p2p, 0.0, act * (lay.pipeline - 1), lay.pipeline - 1))
+        parts += [("router", "compute", moe["router_s"], moe["router_flops"], 0.0, k),
+                  ("dispatch_a2a", "a2a", moe["a2a_s"] + moe["permute_s"], 0.0, moe["send"], k),
+                  ("experts", "compute", moe["experts_s"] + moe["shared_tp_s"], moe["experts_flops"], 0.0, k),
+                  ("combine_a2a", "a2a", moe["a2a_s"] + moe["permute_s"], 0.0, moe["send"], k)]
+    parts.append(("logits", "compute", ctx.mm(tokens, m.vocab_size / p.tensor, m.d_model, dtype=ctx.high),
+                  2.0 * tokens * m.vocab_size / p.tensor * m.d_model, 0.0, 1.0))
+    rows = [LayerRow(name, kind, float(np.ravel(t)[0] * count), float(np.ravel(f)[0] * count) if np.size(f) else 0.0,
+                     float(np.ravel(np.asarray(b, dtype=float))[0] * count), float(count))
+            for name, kind, t, f, b, count in parts]
+    pp = int(p.pipeline[0])
     counts = M.param_counts(m)
-    if lay.fsdp > 1:  # FSDP weights are gathered for every forward
-        dense_stage = counts["non_expert"] / (lay.pipeline * lay.tensor) * ctx.b
-        gather = lay.pipeline * ctx.coll("all_gather", dense_stage, "fsdp")
-        step += gather
-        rows.append(LayerRow("fsdp_gather", "comm", gather, 0.0, dense_stage * lay.pipeline, 1.0))
-    params = counts["non_expert"] / (lay.pipeline * lay.dense_weight_shards) + counts["expert"] / (
-        lay.pipeline * lay.expert_weight_shards)
-    kv = seqs * m.seq_len * M.kv_cache_bytes_per_token(m, ctx.b) / (lay.pipeline * lay.tensor)
-    memory = {"weights": params * ctx.b, "kv_cache": kv,
-              "activations": tokens * _activation_bytes_per_token_layer(ctx) / lay.tensor,
-              "a2a_buffers": 2.0 * moe.a2a_bytes if moe is not None else 0.0}
-    new_tokens = gbt if decode else gbt
-    flops = M.model_flops_per_token(m, training=False) * new_tokens
-    est = _finish(ctx, mode, step, new_tokens, flops, memory, rows, moe.drop_rate if moe else 0.0, 1)
-    hbm = topo.chip.hbm_capacity_bytes
+    if pp > 1:
+        act = tokens * m.d_model * ctx.b
+        p2p = (pp - 1) * float(ctx.coll("p2p", act, "pipeline")[0])
+        rows.append(LayerRow("pipeline_p2p", "comm", p2p, 0.0, act * (pp - 1), pp - 1))
+    if int(p.fsdp[0]) > 1:  # FSDP weights are gathered for every forward
+        dense_stage = counts["non_expert"] / (pp * int(p.tensor[0])) * ctx.b
+        gather = pp * float(ctx.coll("all_gather", dense_stage, "fsdp")[0])
+        rows.append(LayerRow("fsdp_gather", "comm", gather, 0.0, dense_stage * pp, 1.0))
+    step = sum(r.time_s for r in rows)
+    params = float(counts["non_expert"] / (pp * p.dense_weight_shards[0])
+                   + counts["expert"] / (pp * p.expert_weight_shards[0]))
+    sequences = tokens if decode else tokens / m.seq_len
+    memory = {"weights": params * ctx.b,
+              "kv_cache": sequences * m.seq_len * M.kv_cache_bytes_per_token(m, ctx.b) / (pp * int(p.tensor[0])),
+              "activations": float(np.ravel(tokens * _activation_bytes_per_token_layer(ctx) / p.tensor)[0]),
+              "a2a_buffers": 2.0 * send}
+    flops = M.model_flops_per_token(m.base, training=False) * gbt
+    est = _finish(topo, mode, step, flops, gbt, memory, rows, drop, 1)
     est.details.update({
-        "min_devices_to_hold_weights": float(math.ceil(counts["total"] * ctx.b / hbm)),
-        "batch_for_busy_experts": float(math.ceil(m.num_experts / m.top_k)),
+        "min_devices_to_hold_weights": float(np.ceil(counts["total"] * ctx.b / topo.chip.hbm_capacity_bytes)),
+        "batch_for_busy_experts": float(np.ceil(m.num_experts / m.top_k)),
         "time_per_token_s": step if decode else step / max(tokens, 1.0),
     })
     return est
-
-
-def _finish(ctx: _Ctx, mode: str, step: float, tokens: int, model_flops: float, memory: dict[str, float],
-            rows: list[LayerRow], drop: float, micro_batches: int) -> Estimate:
-    devices = ctx.topo.num_devices
-    total_mem = sum(memory.values())
-    hbm = ctx.topo.chip.hbm_capacity_bytes
-    fits = total_mem <= hbm
-    reason = "" if fits else (f"needs {total_mem / 1e9:.1f} GB per device "
-                              f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in memory.items())}); "
-                              f"the chip has {hbm / 1e9:.1f} GB")
-    mfu = model_flops / (step * devices * ctx.topo.chip.peak_bf16_flop_per_s)
-    return Estimate(mode, step, tokens / step, mfu, total_mem, memory, fits, reason, rows, drop, micro_batches,
-                    {"model_flops": model_flops})

@@ -107,7 +107,7 @@ class MoEModel:
 
     @cached_property
     def n_moe_layers(self) -> int:
-        return int(self.is_moe_layer.sum())
+        return int(layer_census(self.n_layers, self.moe_every, self.first_dense_layers, self.encoder_decoder))
 
     @property
     def n_dense_layers(self) -> int:
@@ -119,6 +119,45 @@ class MoEModel:
 
     def with_(self, **changes) -> MoEModel:
         return replace(self, **changes)
+
+
+def layer_census(n_layers, moe_every, first_dense_layers, encoder_decoder: bool):
+    """MoE blocks: floor((blocks per stack - first dense) / moe_every) per stack (arrays welcome)."""
+    per_stack = np.asarray(n_layers) // 2 if encoder_decoder else np.asarray(n_layers)
+    per = np.maximum(per_stack - first_dense_layers, 0) // moe_every
+    return per * 2 if encoder_decoder else per
+
+
+class ModelView:
+    """A model whose MoE fields may be arrays (one entry per search candidate).
+
+    Reads every attribute from ``base`` unless ``overrides`` gives it; ``capacity_factor`` is a float
+    array with NaN for dropless. The counting functions of this module accept it like a MoEModel.
+    """
+
+    def __init__(self, base: MoEModel, **overrides) -> None:
+        self.base = base
+        self.overrides = overrides
+        for f in fields(base):  # plain attributes: fast reads on the hot path
+            self.__dict__[f.name] = overrides.get(f.name, getattr(base, f.name))
+        self.n_cross_attention_layers = base.n_cross_attention_layers
+        cf = overrides.get("capacity_factor", base.capacity_factor)
+        self.capacity_factor_array = np.asarray(np.nan if cf is None else cf, dtype=float)
+
+    def __getattr__(self, name: str):
+        if name in ("base", "overrides"):
+            raise AttributeError(name)
+        if name in self.overrides:
+            return self.overrides[name]
+        return getattr(self.base, name)
+
+    @property
+    def n_moe_layers(self):
+        return layer_census(self.n_layers, self.moe_every, self.first_dense_layers, self.encoder_decoder)
+
+    @property
+    def n_dense_layers(self):
+        return self.n_layers - self.n_moe_layers
 
 
 # ---------------------------------------------------------------- parameters
