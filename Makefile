@@ -18,9 +18,13 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.core
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-plan: $(VENV)/.core
-	$(BIN)/moeplan show tpu-v5p --shape 4x4x8
-	$(BIN)/moeplan show dgx-h100 --nodes 4
+$(VENV)/.report: pyproject.toml $(VENV)/.core
+	$(BIN)/python -m pip install --quiet -e '.[report]'
+	touch $@
+
+# The main job on a built-in default: an ST-MoE-like model searched on a TPU v5p slice and on 4 H100 nodes.
+plan: $(VENV)/.report
+	$(BIN)/moeplan plan --html artifacts/plan.html
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q

@@ -13,6 +13,7 @@ from moeplan.layout import Layout
 from moeplan.moe import MLADims, MoEModel, list_presets, load_model, param_counts
 from moeplan.routing import Routing
 from moeplan.schema import SchemaError
+from moeplan.search import Constraints, SearchResult, SearchSpace, search
 from moeplan.topology import DeviceMesh, Topology
 
 __version__ = "0.1.0"
@@ -25,6 +26,10 @@ __all__ = [
     "MLADims",
     "MoEModel",
     "Routing",
+    "Constraints",
+    "SearchResult",
+    "SearchSpace",
+    "search",
     "estimate",
     "list_presets",
     "load_model",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
@@ -20,7 +21,9 @@ from moeplan.estimate import MODES, OVERLAPS, estimate
 from moeplan.families import load_family
 from moeplan.layout import Layout
 from moeplan.moe import list_presets, load_model, param_counts
+from moeplan.profiles import write_csv, write_json
 from moeplan.routing import Routing
+from moeplan.search import OBJECTIVES, Constraints, SearchResult, SearchSpace, search
 from moeplan.units import fmt_bytes, fmt_flops, fmt_rate, fmt_time, parse_shape
 
 
@@ -179,6 +182,139 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 8,16,32") from None
+
+
+def _cf_list(text: str) -> list[float | None]:
+    out: list[float | None] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if part.lower() in ("none", "dropless"):
+            out.append(None)
+            continue
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected a number or 'dropless'") from None
+    return out
+
+
+def _space_from_args(args: argparse.Namespace) -> SearchSpace:
+    return SearchSpace(num_experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
+                       moe_every=args.moe_every, expert_d_ff=args.expert_d_ff, expert=args.expert_degree,
+                       tensor=args.tensor, pipeline=args.pipeline, fsdp=args.fsdp,
+                       micro_batch_size=args.micro_batch_size)
+
+
+def _print_table(result: SearchResult, top: int) -> None:
+    print(f"  {'#':>3} {'E':>4} {'k':>2} {'cf':>8} {'every':>5} {'data':>5} {'fsdp':>5} {'exp':>4} {'tp':>3} "
+          f"{'pp':>3} {'mbs':>3} {'recompute':>9} {'step':>10} {'tokens/s':>12} {'MFU':>6} {'loss':>7} {'mem GB':>7}")
+    for i, r in enumerate(result.table[:top], 1):
+        cf = "dropless" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
+        print(f"  {i:>3} {r['num_experts']:>4} {r['top_k']:>2} {cf:>8} {r['moe_every']:>5} {r['data']:>5} "
+              f"{r['fsdp']:>5} {r['expert']:>4} {r['tensor']:>3} {r['pipeline']:>3} {r['micro_batch_size']:>3} "
+              f"{r['recompute']:>9} {fmt_time(r['step_time_s']):>10} {r['tokens_per_s']:>12,.0f} {r['mfu']:>6.1%} "
+              f"{r['loss']:>7.4f} {r['memory_per_device_bytes'] / 1e9:>7.1f}")
+
+
+def _write_table(result: SearchResult, csv_path: str | None, json_path: str | None) -> None:
+    if csv_path:
+        write_csv(csv_path, result.table)
+    if json_path:
+        write_json(json_path, {"objective": result.objective, "evaluated": result.evaluated,
+                               "considered": result.considered, "details": result.details, "table": result.table})
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    topo = topology_from_args(args)
+    model = load_model(args.model)
+    start = time.perf_counter()
+    result = search(model, topo, _space_from_args(args), global_batch_tokens=args.batch_tokens,
+                    objective=args.objective, dtype=args.dtype, progress=not args.quiet,
+                    constraints=Constraints(max_drop_rate=args.max_drop_rate))
+    seconds = time.perf_counter() - start
+    print(f"{model.name} on {topo.name}: {result.evaluated:,} configurations scored in {seconds:.2f} s "
+          f"({result.evaluated / max(seconds, 1e-9):,.0f}/s), {result.details['kept']:,} meet the constraints; "
+          f"objective {args.objective}")
+    if result.best is None:
+        print("  no layout meets the constraints (memory, divisibility, drop rate)")
+        return 1
+    _print_table(result, args.top)
+    _write_table(result, args.csv, args.json)
+    if args.html:
+        _html_report(args.html, [(f"{model.name} on {topo.name}", model, topo, result, args.batch_tokens)])
+        print(f"  report: {args.html}")
+    return 0
+
+
+DEFAULT_PLANS = [("tpu-v5p", dict(shape=(4, 4, 8))), ("dgx-h100", dict(nodes=4))]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The main job on a built-in default: an ST-MoE-like model on a TPU v5p slice and a 4-node H100 cluster."""
+    model = load_model(args.model)
+    space = SearchSpace(num_experts=[16, 32, 64, 128], top_k=[1, 2], capacity_factor=[1.0, 1.25, 2.0, None],
+                        moe_every=[1, 2, 4], micro_batch_size=[1, 2, 4])
+    runs = []
+    start = time.perf_counter()
+    for family, size in DEFAULT_PLANS:
+        topo = mp.load_topology(family, **size)
+        result = search(model, topo, space, global_batch_tokens=args.batch_tokens, objective="quality_per_time",
+                        progress=not args.quiet)
+        runs.append((f"{model.name} on {topo.name}", model, topo, result, args.batch_tokens))
+    seconds = time.perf_counter() - start
+    total = sum(r[3].evaluated for r in runs)
+    print(f"plan: {model.name}, {args.batch_tokens:,} tokens per step, objective quality_per_time "
+          f"(loss reachable in 30 days); {total:,} configurations scored in {seconds:.2f} s")
+    for title, _, topo, result, _ in runs:
+        print(f"\n{title} ({topo.num_devices} x {topo.chip.name}): {result.details['kept']:,} layouts fit")
+        if result.best is None:
+            print("  nothing fits")
+            continue
+        _print_table(result, args.top)
+    _print_side_by_side(runs)
+    if args.html:
+        _html_report(args.html, runs)
+        print(f"\nreport: {args.html}")
+    return 0
+
+
+def _print_side_by_side(runs) -> None:
+    best = [(title, result.best) for title, _, _, result, _ in runs if result.best is not None]
+    if len(best) < 2:
+        return
+    print("\nbest layouts side by side")
+    keys = [("experts", lambda c: c.model.num_experts), ("top-k", lambda c: c.model.top_k),
+            ("capacity", lambda c: "dropless" if c.model.capacity_factor is None else c.model.capacity_factor),
+            ("moe every", lambda c: c.model.moe_every), ("data/fsdp", lambda c: f"{c.layout.data}/{c.layout.fsdp}"),
+            ("expert/tensor/pipe", lambda c: f"{c.layout.expert}/{c.layout.tensor}/{c.layout.pipeline}"),
+            ("step time", lambda c: fmt_time(c.step_time_s)), ("tokens/s", lambda c: f"{c.tokens_per_s:,.0f}"),
+            ("MFU", lambda c: f"{c.mfu:.1%}"), ("loss", lambda c: f"{c.loss:.4f}")]
+    width = max(len(t) for t, _ in best) + 2
+    print("  " + " " * 20 + "".join(f"{t[:width - 2]:>{width}}" for t, _ in best))
+    for name, get in keys:
+        print(f"  {name:20}" + "".join(f"{str(get(c)):>{width}}" for _, c in best))
+
+
+def _html_report(path: str, runs) -> None:
+    from moeplan import report  # plotly lives only there
+
+    sections = []
+    for title, _, topo, result, batch in runs:
+        if result.best is None:
+            continue
+        best_est = {f"#{i + 1}": estimate(c.model, topo, c.layout, batch) for i, c in enumerate(result.pareto[:6])}
+        text = (f"{result.evaluated:,} configurations scored; quality law: {result.details['quality_law']}; "
+                f"best: {report.describe_layout(result.best).replace('<br>', ' | ')}")
+        sections.append((title, [report.pareto_figure(result, f"{title}: loss vs step time"),
+                                 report.breakdown_figure(best_est, f"{title}: Pareto layouts, time by part"),
+                                 report.heatmap_figure(result, f"{title}: best step time")], text))
+    report.write_html(path, sections, "moeplan plan")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     parser = argparse.ArgumentParser(prog="moeplan", description="Hardware-aware MoE cost model and layout planner")
     parser.add_argument("--version", action="version", version=f"moeplan {mp.__version__}")
@@ -217,6 +353,35 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     est.add_argument("--overlap", choices=OVERLAPS, default="dp", help="communication overlap policy")
     est.add_argument("--json", action="store_true")
     handlers["estimate"] = cmd_estimate
+
+    srch = sub.add_parser("search", help="search MoE configurations and layouts, rank them, show the Pareto front")
+    _add_topology_args(srch, positional=False)
+    srch.add_argument("--model", required=True, help="preset name or a model .yaml")
+    srch.add_argument("--batch-tokens", type=int, required=True, help="global batch in tokens")
+    srch.add_argument("--objective", choices=OBJECTIVES, default="quality_per_time")
+    srch.add_argument("--dtype", default="bf16")
+    knobs = [("--experts", "experts", _int_list), ("--top-k", "top_k", _int_list),
+             ("--capacity-factor", "capacity_factor", _cf_list), ("--moe-every", "moe_every", _int_list),
+             ("--expert-d-ff", "expert_d_ff", _int_list), ("--expert-degree", "expert_degree", _int_list),
+             ("--tensor", "tensor", _int_list), ("--pipeline", "pipeline", _int_list), ("--fsdp", "fsdp", _int_list),
+             ("--micro-batch-size", "micro_batch_size", _int_list)]
+    for flag, dest, kind in knobs:
+        srch.add_argument(flag, dest=dest, type=kind, help="comma-separated values to try (default: model/topology)")
+    srch.add_argument("--max-drop-rate", type=float)
+    srch.add_argument("--top", type=int, default=10, help="rows to print")
+    srch.add_argument("--csv", help="write the ranked table as CSV")
+    srch.add_argument("--json", help="write the ranked table as JSON")
+    srch.add_argument("--html", help="write the HTML report (needs the 'report' extra: plotly)")
+    srch.add_argument("--quiet", action="store_true", help="no progress bar")
+    handlers["search"] = cmd_search
+
+    plan = sub.add_parser("plan", help="the default search: an ST-MoE-like model on TPU v5p and on 4 H100 nodes")
+    plan.add_argument("--model", default="st-moe-like-8b")
+    plan.add_argument("--batch-tokens", type=int, default=512 * 2048)
+    plan.add_argument("--top", type=int, default=5)
+    plan.add_argument("--html", help="write the HTML report (needs plotly)")
+    plan.add_argument("--quiet", action="store_true")
+    handlers["plan"] = cmd_plan
     return parser, handlers
 
 

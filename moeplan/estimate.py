@@ -108,6 +108,15 @@ class Plan:
     def size(self) -> int:
         return int(self.data.size)
 
+    def take(self, idx: np.ndarray) -> Plan:
+        """The candidates at ``idx`` (model fields that are per-candidate arrays are taken too)."""
+        n = self.size
+        over = {k: (np.asarray(v)[idx] if np.ndim(v) and np.size(v) == n else v)
+                for k, v in self.model.overrides.items()}
+        fields_ = {f: getattr(self, f)[idx] for f in _LAYOUT_FIELDS + ("recompute",)}
+        return Plan(M.ModelView(self.model.base, **over), sequence_parallel=self.sequence_parallel,
+                    shard_optimizer=self.shard_optimizer, **fields_)
+
     @classmethod
     def from_layout(cls, model: M.MoEModel, layout: Layout) -> Plan:
         arrays = {f: np.array([getattr(layout, f)], dtype=np.int64) for f in _LAYOUT_FIELDS}
@@ -146,6 +155,7 @@ class _Ctx:
         self.high = "bf16" if bits < 2 else dtype  # attention and the output layer
         self.n = plan.size
         self._ids_cache: dict = {}
+        self._placement_cache: dict = {}
 
     def mm(self, m, n, k, count=1.0, dtype: str | None = None) -> np.ndarray:
         return matmul_time_s(m, n, k, self.topo.chip, dtype or self.dtype, self.eff, count)
@@ -196,25 +206,49 @@ class _Ctx:
         out = np.zeros(self.n)
         if not nbytes.any():
             return out
-        cols, ids_of = self._group(kind)
-        if self.n == 1:
-            keys, inverse = cols, np.zeros(1, dtype=np.int64)
-        else:
-            keys, inverse = np.unique(cols, axis=0, return_inverse=True)
-            inverse = inverse.reshape(-1)
-        for j, key in enumerate(keys):
-            ids = ids_of(key)
-            if ids.size < 2:
-                continue
-            sel = inverse == j
+        for ids, sel in self._placements(kind):
             out[sel] = collective_time_s(self.topo, op, nbytes[sel], ids, params=self.comm)
         return np.where(nbytes > 0, out, 0.0)
+
+    def _placements(self, kind: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(device ids, candidate indices) per distinct group placement of ``kind``, computed once."""
+        cached = self._placement_cache.get(kind)
+        if cached is None:
+            cols, ids_of = self._group(kind)
+            keys, inverse = unique_rows(cols)
+            cached = [(ids_of(keys[j]), sel) for j, sel in enumerate(_members(inverse, len(keys)))]
+            cached = self._placement_cache[kind] = [(ids, sel) for ids, sel in cached if ids.size >= 2]
+        return cached
 
 
 def _context(plan, topo, dtype, profile, routing) -> _Ctx:
     eff = getattr(profile, "compute", None) or topo.chip.efficiency
     comm = getattr(profile, "comm", None) or DEFAULT_PARAMS
     return _Ctx(plan, topo, dtype, eff, comm, routing or Routing())
+
+
+def _members(inverse: np.ndarray, count: int) -> list[np.ndarray]:
+    """Indices of each group j (inverse == j) from one stable sort instead of one scan per group."""
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(count + 1))
+    return [order[bounds[j]:bounds[j + 1]] for j in range(count)]
+
+
+def unique_rows(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(cols, axis=0, return_inverse=True) for small non-negative integer columns, fast:
+    each row is packed into one int64 (mixed radix) before the 1-D unique."""
+    cols = np.asarray(cols)
+    if cols.shape[0] == 1:
+        return cols, np.zeros(1, dtype=np.int64)
+    ints = np.rint(cols).astype(np.int64)
+    if ints.min() < 0 or not np.array_equal(ints, cols):
+        uniq, inverse = np.unique(cols, axis=0, return_inverse=True)
+        return uniq, np.asarray(inverse).reshape(-1)
+    code = np.zeros(ints.shape[0], dtype=np.int64)
+    for j in range(ints.shape[1]):
+        code = code * (int(ints[:, j].max()) + 1) + ints[:, j]
+    _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+    return cols[first], np.asarray(inverse).reshape(-1)
 
 
 # ------------------------------------------------------------------ building blocks (arrays)
@@ -261,23 +295,22 @@ def _routing(ctx: _Ctx, group, ep, local) -> tuple[np.ndarray, np.ndarray, np.nd
     experts = np.broadcast_to(m.num_experts, (ctx.n,))
     top_k = np.broadcast_to(m.top_k, (ctx.n,))
     cf = np.broadcast_to(m.capacity_factor_array, (ctx.n,))
-    keys = np.stack([group, ep, experts, top_k, np.nan_to_num(cf, nan=-1.0), local], 1)
-    uniq, inverse = (keys, np.zeros(1, np.int64)) if ctx.n == 1 else np.unique(keys, axis=0, return_inverse=True)
-    inverse = np.asarray(inverse).reshape(-1)
-    drop, per_expert, straggle = np.zeros(ctx.n), np.zeros(ctx.n), np.ones(ctx.n)
-    for j, (g, e_par, n_exp, k, c, loc) in enumerate(uniq):
+    cf_code = np.where(np.isnan(cf), 0, np.rint(np.nan_to_num(cf) * 1e6) + 1)  # exact for 6 decimals
+    uniq, inverse = unique_rows(np.stack([group, ep, experts, top_k, cf_code, local], 1))
+    drop, per_expert, straggle = np.zeros(len(uniq)), np.zeros(len(uniq)), np.ones(len(uniq))
+    for j, (g, e_par, n_exp, k, code, loc) in enumerate(uniq):
         g, e_par, n_exp, k, loc = int(g), int(e_par), int(n_exp), int(k), int(loc)
-        sel = inverse == j
-        if c > 0:
+        c = (code - 1) / 1e6
+        if code > 0:
             cap = float(np.ceil(g * k * c / n_exp))
-            drop[sel] = routing_stats(g, n_exp, k, cap, 1, ctx.routing).drop_rate
-            per_expert[sel] = e_par * cap  # padded: every group fills its slot
-            straggle[sel] = n_exp * cap / (g * k)  # send buffer: all slots
+            drop[j] = routing_stats(g, n_exp, k, cap, 1, ctx.routing, loads=False).drop_rate
+            per_expert[j] = e_par * cap  # padded: every group fills its slot
+            straggle[j] = n_exp * cap / (g * k)  # send buffer: all slots
         else:
             stats = routing_stats(g * e_par, n_exp, k, None, loc, ctx.routing)
-            per_expert[sel] = stats.max_device_load / loc
-            straggle[sel] = stats.max_device_load / stats.mean_device_load
-    return drop, per_expert, straggle
+            per_expert[j] = stats.max_device_load / loc
+            straggle[j] = stats.max_device_load / stats.mean_device_load
+    return drop[inverse], per_expert[inverse], straggle[inverse]
 
 
 def _moe(ctx: _Ctx, tokens, decode: bool = False) -> dict[str, np.ndarray]:
@@ -304,6 +337,50 @@ def _moe(ctx: _Ctx, tokens, decode: bool = False) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------ training
+def _logits(ctx: _Ctx, tokens) -> dict[str, np.ndarray]:
+    m, t = ctx.m, ctx.plan.tensor
+    time = ctx.mm(tokens, m.vocab_size / t, m.d_model, dtype=ctx.high) + ctx.mem(3 * tokens * m.vocab_size / t * 4)
+    return {"s": time, "flops": 2.0 * tokens * m.vocab_size / t * m.d_model}
+
+
+_MODEL_ARRAYS = ("num_experts", "top_k", "capacity_factor", "moe_every", "expert_d_ff")
+
+
+def _on_distinct(ctx: _Ctx, keys: tuple[str, ...], fn) -> dict[str, np.ndarray]:
+    """Run ``fn`` once per distinct combination of ``keys`` (plan or model fields) and expand the
+    result to every candidate. ``fn`` must depend on no other per-candidate field; the
+    vectorised-vs-scalar test would catch one that does."""
+    if ctx.n == 1:
+        return fn(ctx)
+    cols = []
+    for k in keys:
+        if k in _MODEL_ARRAYS:
+            value = ctx.m.capacity_factor_array if k == "capacity_factor" else getattr(ctx.m, k)
+            value = np.nan_to_num(np.asarray(value, dtype=float), nan=-1.0)
+        else:
+            value = getattr(ctx.plan, k)
+        cols.append(np.broadcast_to(value, (ctx.n,)))
+    first, inverse = _distinct(np.stack(cols, 1))
+    sub = _Ctx(ctx.plan.take(first), ctx.topo, ctx.dtype, ctx.eff, ctx.comm, ctx.routing)
+    out = fn(sub)
+    return {k: (np.asarray(v)[inverse] if np.ndim(v) else v) for k, v in out.items()}
+
+
+def _distinct(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of a first row of each distinct row, and each row's distinct index."""
+    code = np.zeros(cols.shape[0], dtype=np.int64)
+    for j in range(cols.shape[1]):
+        col = cols[:, j]
+        ints = col.astype(np.int64)
+        if np.array_equal(ints, col) and ints.min() >= 0 and ints.max() < 4096:
+            code = code * (int(ints.max()) + 1) + ints  # small whole numbers: radix directly, no sort
+        else:
+            uniq, index = np.unique(col, return_inverse=True)
+            code = code * len(uniq) + np.asarray(index).reshape(-1)
+    _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+    return first, np.asarray(inverse).reshape(-1)
+
+
 def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
     """Micro-batches per step and a validity mask (whole sequences per shard and micro-batch)."""
     s = plan.model.seq_len
@@ -324,12 +401,16 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     stage = -(-m.n_layers // (pp * v)) * v / m.n_layers  # slowest stage: ceil(L / (p v)) layers per chunk
     n_attn = (m.n_layers + m.n_cross_attention_layers) * stage
     n_moe, n_dense = m.n_moe_layers * stage, m.n_dense_layers * stage
-    attn = _attention(ctx, tokens, m.seq_len, decode=False)
-    dense = _ffn(ctx, tokens, m.d_ff)
-    moe = _moe(ctx, tokens)
-    logits_s = ctx.mm(tokens, m.vocab_size / p.tensor, m.d_model, dtype=ctx.high) + ctx.mem(
-        3 * tokens * m.vocab_size / p.tensor * 4)
-    logits_flops = 2.0 * tokens * m.vocab_size / p.tensor * m.d_model
+    # per-layer parts depend on a few knobs only: evaluate them once per distinct combination
+    attn = _on_distinct(ctx, ("tensor", "micro_batch_size"),
+                        lambda c: _attention(c, c.plan.micro_batch_size * m.seq_len, m.seq_len, decode=False))
+    dense = _on_distinct(ctx, ("tensor", "micro_batch_size"),
+                         lambda c: _ffn(c, c.plan.micro_batch_size * m.seq_len, m.d_ff))
+    moe = _on_distinct(ctx, ("tensor", "micro_batch_size", "expert", "num_experts", "top_k", "capacity_factor",
+                             "expert_d_ff"), lambda c: _moe(c, c.plan.micro_batch_size * m.seq_len))
+    logits = _on_distinct(ctx, ("tensor", "micro_batch_size"),
+                          lambda c: _logits(c, c.plan.micro_batch_size * m.seq_len))
+    logits_s, logits_flops = logits["s"], logits["flops"]
 
     full = (p.recompute == RECOMPUTE.index("full")).astype(float)
     selective = (p.recompute == RECOMPUTE.index("selective")).astype(float)

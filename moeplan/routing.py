@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,16 @@ class Routing:
         return np.sort(p / p.sum())[::-1]
 
 
+def expected_excess(trials, prob, capacity):
+    """E[max(X - c, 0)] for X ~ Binomial(n, p), in closed form (arrays welcome):
+    n p P(Binomial(n - 1, p) >= c) - c P(X > c), from E[X 1{X >= k}] = n p P(Binomial(n-1, p) >= k - 1)."""
+    n = np.asarray(trials, dtype=np.int64)
+    p, c = np.asarray(prob, dtype=float), np.asarray(capacity, dtype=float)
+    with np.errstate(invalid="ignore"):
+        upper_x = np.where(c <= 0, 1.0, 1.0 - special.bdtr(np.maximum(c - 1.0, 0.0), np.maximum(n - 1, 0), p))
+    return np.maximum(n * p * upper_x - c * (1.0 - special.bdtr(c, n, p)), 0.0)
+
+
 @dataclass(frozen=True)
 class RoutingStats:
     drop_rate: float  # fraction of token-expert assignments dropped
@@ -72,29 +82,36 @@ def _probabilities(routing: Routing, num_experts: int, top_k: int) -> np.ndarray
 
 
 def _expected_max(trials: int, probs: np.ndarray) -> float:
-    """E[max_i X_i], X_i ~ Binomial(trials, probs_i) independent, by summing 1 - prod F_i."""
+    """E[max_i X_i], X_i ~ Binomial(trials, probs_i) independent, by summing 1 - prod F_i.
+
+    Below lo = mean - 10 sd every term is 1 (to double precision), so the sum starts there; past
+    mean + 10 sd every term is below E x 1e-23."""
     p_max = float(probs.max())
-    hi = int(min(trials, trials * p_max + 12.0 * np.sqrt(trials * p_max * (1 - p_max) + 1.0) + 2))
-    x = np.arange(hi + 1, dtype=float)
+    sd = np.sqrt(trials * p_max * (1 - p_max) + 1.0)
+    hi = int(min(trials, trials * p_max + 10.0 * sd + 2))
+    lo = int(max(0.0, trials * p_max - 10.0 * sd))
+    x = np.arange(lo, hi + 1, dtype=float)
     # log prod_i F_i(x), grouped by distinct probabilities for speed
     uniq, counts = np.unique(probs, return_counts=True)
     log_cdf = np.zeros(x.size)
     with np.errstate(divide="ignore"):
         for p, c in zip(uniq, counts, strict=True):
             log_cdf += c * np.log(special.bdtr(x, trials, p))
-    return float(np.sum(1.0 - np.exp(log_cdf)))
+    return float(lo + np.sum(1.0 - np.exp(log_cdf)))
 
 
 def routing_stats(tokens: int, num_experts: int, top_k: int, capacity: float | None,
-                  experts_per_device: int = 1, routing: Routing | None = None) -> RoutingStats:
-    """Drop rate and straggler loads for one routing group of ``tokens`` tokens (memoised)."""
+                  experts_per_device: int = 1, routing: Routing | None = None, loads: bool = True) -> RoutingStats:
+    """Drop rate and straggler loads for one routing group of ``tokens`` tokens (memoised).
+
+    ``loads=False`` skips the expected maxima (NaN in the result) when only the drop rate is needed."""
     return _routing_stats(int(tokens), int(num_experts), int(top_k), None if capacity is None else float(capacity),
-                          int(experts_per_device), routing or Routing())
+                          int(experts_per_device), routing or Routing(), bool(loads))
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=16384)
 def _routing_stats(tokens: int, num_experts: int, top_k: int, capacity: float | None,
-                   experts_per_device: int, routing: Routing) -> RoutingStats:
+                   experts_per_device: int, routing: Routing, loads: bool) -> RoutingStats:
     tokens = int(tokens)
     if tokens < 1 or num_experts % experts_per_device:
         raise ValueError(f"routing: got tokens={tokens}, experts_per_device={experts_per_device}; expected "
@@ -107,13 +124,9 @@ def _routing_stats(tokens: int, num_experts: int, top_k: int, capacity: float | 
     q = _probabilities(routing, num_experts, top_k)
     drop = 0.0
     if capacity is not None:
-        c = np.floor(capacity)
-        x = np.arange(int(c) + 1)
-        # E[max(X - c, 0)] = E[X] - c + sum_{x<=c} (c - x) P(X = x)
-        below = np.array([np.sum((c - x) * stats.binom.pmf(x, tokens, qi)) for qi in np.unique(q)]) if c >= 0 else 0.0
-        excess_by_q = tokens * np.unique(q) - c + below
-        counts = np.array([np.count_nonzero(q == qi) for qi in np.unique(q)])
-        drop = float(np.sum(excess_by_q * counts) / (tokens * top_k))
+        drop = float(np.sum(expected_excess(tokens, q, np.floor(capacity))) / (tokens * top_k))
+    if not loads:
+        return RoutingStats(drop, mean, float("nan"), float("nan"), mean_dev)
     per_device = q.reshape(-1, experts_per_device).sum(axis=1)
     max_dev = _expected_max(tokens * top_k, per_device / top_k) if experts_per_device > 1 else _expected_max(
         tokens, q)

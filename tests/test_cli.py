@@ -98,3 +98,32 @@ def test_estimate_errors_are_one_line(capsys):
     assert "expected key=value" in capsys.readouterr().err
     assert main(["estimate", "--topology", "dgx-h100", "--model", "gpt-9", "--batch-tokens", "1"]) == 2
     assert "presets" in capsys.readouterr().err
+
+
+def test_search_prints_ranked_table_and_writes_files(tmp_path, capsys):
+    argv = ["search", "--topology", "dgx-h100", "--model", "st-moe-like-8b", "--batch-tokens", str(64 * 2048),
+            "--experts", "16,32", "--top-k", "1,2", "--capacity-factor", "1.25,dropless", "--moe-every", "2,4",
+            "--quiet", "--top", "3", "--csv", str(tmp_path / "t.csv"), "--json", str(tmp_path / "t.json"),
+            "--html", str(tmp_path / "r.html")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "configurations scored" in out and "loss" in out
+    assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("num_experts,top_k")
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["evaluated"] > 0 and len(data["table"]) > 0
+    page = (tmp_path / "r.html").read_text()
+    assert "Pareto front" in page and "plotly" in page.lower()
+
+
+def test_plan_runs_the_default_search(tmp_path, capsys):
+    assert main(["plan", "--quiet", "--top", "2", "--html", str(tmp_path / "plan.html")]) == 0
+    out = capsys.readouterr().out
+    assert "tpu-v5p:4x4x8" in out and "dgx-h100:4x8" in out and "best layouts side by side" in out
+    assert (tmp_path / "plan.html").stat().st_size > 100_000
+
+
+def test_search_bad_lists_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["search", "--topology", "dgx-h100", "--model", "st-moe-like-8b", "--batch-tokens", "1",
+              "--experts", "8,x"])
+    assert "comma-separated integers" in capsys.readouterr().err

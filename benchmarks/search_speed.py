@@ -1,0 +1,37 @@
+"""Speed of the layout search: candidates scored per second on one core, and the `make plan` search.
+
+Prints (1) the rate of a large search (cold: routing statistics computed; warm: memoised), and
+(2) the wall time of the default plan search. Targets: >= 1e6 candidates/s, plan under 2 s.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import moeplan as mp  # noqa: E402
+from moeplan.cli import main as cli_main  # noqa: E402
+
+
+def main() -> None:
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=8, d_ff=14336)
+    topo = mp.load_topology("dgx-h100", nodes=4)
+    space = mp.SearchSpace(num_experts=[8, 16, 32, 64], top_k=[1, 2, 4], capacity_factor=[None, 1.0, 1.25, 1.5, 2.0],
+                           moe_every=[1, 2, 4], expert_d_ff=[3584, 7168, 14336], micro_batch_size=[1, 2, 4, 8],
+                           pipeline=[1, 2, 4, 8], virtual_pipeline=[1, 2])
+    for label in ("cold", "warm"):
+        start = time.perf_counter()
+        result = mp.search(model, topo, space, global_batch_tokens=256 * 4096)
+        seconds = time.perf_counter() - start
+        print(f"search {label}: {result.evaluated:,} candidates scored ({result.considered:,} considered) in "
+              f"{seconds:.2f} s = {result.evaluated / seconds:,.0f} candidates/s")
+    start = time.perf_counter()
+    cli_main(["plan", "--quiet", "--top", "1"])
+    print(f"make plan search (both topologies, printing included): {time.perf_counter() - start:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Plotly figures shared by the CLI's HTML report, the dashboard and the notebooks.
+
+The only module of the package that imports plotly (extra ``report``); nothing in the core imports
+it. Files are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from moeplan.estimate import Estimate
+from moeplan.search import Candidate, SearchResult
+from moeplan.units import fmt_time
+
+KIND_COLOURS = {"compute": "#4c78a8", "a2a": "#e45756", "comm": "#f58518", "bubble": "#bab0ac",
+                "optimizer": "#72b7b2"}
+
+
+def describe_layout(c: Candidate) -> str:
+    m, lay = c.model, c.layout
+    cf = "dropless" if m.capacity_factor is None else f"cf {m.capacity_factor:g}"
+    return (f"E={m.num_experts} k={m.top_k} {cf} every {m.moe_every} fe={m.expert_d_ff}<br>"
+            f"data {lay.data} fsdp {lay.fsdp} expert {lay.expert} tensor {lay.tensor} pipeline {lay.pipeline}"
+            f"x{lay.virtual_pipeline} mbs {lay.micro_batch_size} recompute {lay.recompute}")
+
+
+def pareto_figure(result: SearchResult, title: str = "") -> go.Figure:
+    """Predicted loss against step time: the ranked table, with the Pareto front as a line."""
+    fig = go.Figure()
+    rows = result.table
+    fig.add_trace(go.Scatter(
+        x=[r["step_time_s"] for r in rows], y=[r["loss"] for r in rows], mode="markers", name="top layouts",
+        marker=dict(size=7, color="#9ecae9"),
+        hovertext=[f"E={r['num_experts']} k={r['top_k']} cf={r['capacity_factor']} data {r['data']} "
+                   f"expert {r['expert']} tensor {r['tensor']} pipeline {r['pipeline']}" for r in rows],
+        hoverinfo="text+x+y"))
+    front = result.pareto
+    fig.add_trace(go.Scatter(
+        x=[c.step_time_s for c in front], y=[c.loss for c in front], mode="lines+markers", name="Pareto front",
+        marker=dict(size=9, color="#e45756"), hovertext=[describe_layout(c) for c in front], hoverinfo="text+x+y"))
+    fig.update_layout(title=title or "Predicted loss vs step time", xaxis_title="step time (s)",
+                      yaxis_title="predicted loss (nats/token)", template="plotly_white", height=450)
+    return fig
+
+
+def breakdown_figure(estimates: dict[str, Estimate], title: str = "") -> go.Figure:
+    """Stacked per-part time of each estimate (one bar per label), coloured by kind."""
+    fig = go.Figure()
+    names: list[tuple[str, str]] = []
+    for est in estimates.values():
+        for row in est.layers:
+            if row.time_s > 0 and (row.name, row.kind) not in names:
+                names.append((row.name, row.kind))
+    labels = list(estimates)
+    for name, kind in names:
+        values = [next((r.time_s for r in est.layers if r.name == name), 0.0) for est in estimates.values()]
+        fig.add_trace(go.Bar(name=name, x=labels, y=values, marker_color=KIND_COLOURS.get(kind, "#888"),
+                             hovertext=[f"{name} ({kind}): {fmt_time(v)}" for v in values], hoverinfo="text"))
+    fig.update_layout(barmode="stack", title=title or "Step time by part", yaxis_title="seconds per step",
+                      template="plotly_white", height=450)
+    return fig
+
+
+def heatmap_figure(result: SearchResult, title: str = "") -> go.Figure:
+    heat = result.details["heatmap"]
+    z = [[None if (v is None or (isinstance(v, float) and math.isnan(v))) else v for v in row]
+         for row in heat["step_time_s"]]
+    fig = go.Figure(go.Heatmap(z=z, x=[str(e) for e in heat["num_experts"]], y=heat["capacity_factor"],
+                               colorscale="Viridis", colorbar=dict(title="s")))
+    fig.update_layout(title=title or "Best step time over experts x capacity factor", xaxis_title="experts",
+                      yaxis_title="capacity factor", template="plotly_white", height=400)
+    return fig
+
+
+def write_html(path: str | os.PathLike[str], sections: list[tuple[str, list[go.Figure], str]],
+               title: str = "moeplan report") -> Path:
+    """One self-contained HTML file (plotly.js inlined once); written atomically."""
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+             f"<body style='font-family: sans-serif; max-width: 1100px; margin: auto'><h1>{html.escape(title)}</h1>"]
+    first = True
+    for heading, figures, text in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2><pre>{html.escape(text)}</pre>")
+        for fig in figures:
+            parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
+            first = False
+    parts.append("</body></html>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(parts))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,124 @@
+"""Layout search: vectorised scores equal estimate(), constraints hold, the Pareto front is right,
+and the best expert-parallel degree follows the interconnect."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+import moeplan as mp
+from moeplan.estimate import plan_costs
+from moeplan.quality import FineGrainedMoELaw, granularity, non_embedding_params
+
+S = importlib.import_module("moeplan.search")  # the module (moeplan.search is also the function's name)
+
+MODEL = mp.load_model("st-moe-like-8b").with_(n_layers=8)
+SPACE = S.SearchSpace(num_experts=[16, 32, 64], top_k=[1, 2], capacity_factor=[1.0, 1.25, None], moe_every=[1, 2, 4],
+                      expert_d_ff=[2048, 8192], micro_batch_size=[1, 2], recompute=["selective", "full"])
+GBT = 64 * 2048
+
+
+@pytest.mark.parametrize("topo", [mp.load_topology("dgx-h100", nodes=2), mp.load_topology("tpu-v5p", shape=(2, 2, 4))],
+                         ids=["h100x2", "v5p-2x2x4"])
+def test_vectorised_scores_equal_scalar_estimate_on_200_random_layouts(topo):
+    grid = S._grid(SPACE.resolved(MODEL, topo))
+    valid = np.flatnonzero(S._valid(grid, MODEL, topo, GBT))
+    pick = np.random.default_rng(0).choice(valid, size=min(200, valid.size), replace=False)
+    costs = plan_costs(S._plan(grid, pick, MODEL), topo, GBT)
+    assert pick.size == 200
+    for i in range(pick.size):
+        c = S._candidate(MODEL, grid, pick, {k: np.broadcast_to(costs[k], pick.shape) for k in
+                                             ("step_time_s", "tokens_per_s", "memory_per_device_bytes", "fits",
+                                              "drop_rate", "mfu")}, np.zeros(pick.size), topo, i)
+        est = mp.estimate(c.model, topo, c.layout, GBT)
+        assert est.step_time_s == pytest.approx(c.step_time_s, rel=1e-9)
+        assert est.memory_per_device_bytes == pytest.approx(c.memory_per_device_bytes, rel=1e-9)
+        assert est.drop_rate == pytest.approx(c.drop_rate, rel=1e-9, abs=1e-15)
+
+
+def test_search_result_satisfies_constraints_and_reproduces():
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    limits = S.Constraints(max_drop_rate=0.01, max_step_time_s=5.0)
+    result = mp.search(MODEL, topo, SPACE, global_batch_tokens=GBT, objective="step_time", constraints=limits)
+    assert result.evaluated > 1000 and result.table
+    for row in result.table:
+        assert row["fits"] and row["drop_rate"] <= 0.01 and row["step_time_s"] <= 5.0
+        assert row["data"] * row["fsdp"] * row["tensor"] * row["pipeline"] == topo.num_devices
+    times = [r["step_time_s"] for r in result.table]
+    assert times == sorted(times)
+    best = result.best
+    assert mp.estimate(best.model, topo, best.layout, GBT).step_time_s == pytest.approx(best.step_time_s, rel=1e-9)
+
+
+def test_pareto_front_is_non_dominated_and_complete():
+    rng = np.random.default_rng(3)
+    loss, time = rng.random(500), rng.random(500)
+    keep = rng.random(500) < 0.8
+    front = S.pareto_front(loss, time, keep)
+    kept = np.flatnonzero(keep)
+    for i in kept:
+        dominated = np.any((loss[kept] <= loss[i]) & (time[kept] <= time[i]) &
+                           ((loss[kept] < loss[i]) | (time[kept] < time[i])))
+        assert (i in front) == (not dominated)
+    result = mp.search(MODEL, mp.load_topology("dgx-h100"), SPACE, global_batch_tokens=GBT)
+    pts = [(c.loss, c.step_time_s) for c in result.pareto]
+    assert all(not (a[0] <= b[0] and a[1] <= b[1] and a != b) for a in pts for b in pts)
+
+
+def test_expert_parallel_follows_the_interconnect():
+    """All-to-all inside one NVLink domain is cheap; across InfiniBand nodes it is not."""
+    model = mp.load_model("qwen3-30b-a3b").with_(num_experts=64, n_layers=12)
+    space = S.SearchSpace(expert=[1, 2, 4, 8, 16, 32, 64], tensor=[1], pipeline=[1], micro_batch_size=[1],
+                          recompute=["selective"])
+
+    def best_by_expert(topo):
+        result = mp.search(model, topo, space, global_batch_tokens=64 * 4096 * 4, objective="step_time", top=500)
+        best: dict[int, float] = {}
+        for row in result.table:
+            best.setdefault(row["expert"], row["step_time_s"])
+        return best
+
+    rack = best_by_expert(mp.load_topology("gb200-nvl72", nodes=1, devices_per_node=64))
+    cluster = best_by_expert(mp.load_topology("dgx-h100", nodes=8))
+    assert rack[64] / rack[8] < 1.1  # one NVLink domain: spreading experts wider costs little
+    assert cluster[16] / cluster[8] > 1.3  # leaving the node puts the all-to-all on the NICs
+    assert min(cluster, key=cluster.get) <= 8
+
+
+def test_objectives_and_bad_input():
+    topo = mp.load_topology("dgx-h100")
+    for objective in S.OBJECTIVES:
+        result = mp.search(MODEL, topo, SPACE, global_batch_tokens=GBT, objective=objective, top=5)
+        assert result.best is not None
+    with pytest.raises(ValueError, match="objective"):
+        mp.search(MODEL, topo, SPACE, global_batch_tokens=GBT, objective="fastest")
+    with pytest.raises(ValueError, match="space.top_k"):
+        mp.search(MODEL, topo, S.SearchSpace(top_k=[]), global_batch_tokens=GBT)
+    with pytest.raises(ValueError, match="space.recompute"):
+        mp.search(MODEL, topo, S.SearchSpace(recompute=["most"]), global_batch_tokens=GBT)
+    nothing = mp.search(MODEL, topo, SPACE, global_batch_tokens=GBT, constraints=S.Constraints(max_step_time_s=1e-9))
+    assert nothing.best is None and nothing.table == [] and nothing.evaluated > 0
+
+
+def test_quality_law_matches_the_paper_and_moves_the_right_way():
+    law = FineGrainedMoELaw()
+    m = MODEL
+    n = float(non_embedding_params(m))
+    g = float(granularity(m))
+    expected = 0.47 + (2.1 / g**0.58 + 18.1) / n**0.115 + 30.8 / 1e11**0.147
+    assert float(law.loss(m, 1e11)) == pytest.approx(expected, rel=1e-12)
+    assert law.loss(m, 2e11) < law.loss(m, 1e11)  # more tokens
+    assert law.loss(m.with_(num_experts=128), 1e11) < law.loss(m, 1e11)  # more parameters
+    finer = m.with_(num_experts=128, expert_d_ff=4096)  # same total N, twice the granularity
+    assert float(non_embedding_params(finer)) == pytest.approx(n)
+    assert law.loss(finer, 1e11) < law.loss(m, 1e11)
+    assert bool(law.in_range(mp.load_model("st-moe-like-8b").with_(n_layers=4), 5e10))
+    assert not bool(law.in_range(mp.load_model("deepseek-v3"), 1e13))
+
+
+def test_search_speed_smoke():
+    """Not a timing test: the vectorised path handles a large space in one call."""
+    result = mp.search(MODEL, mp.load_topology("tpu-v5p", shape=(4, 4, 4)), SPACE, global_batch_tokens=256 * 2048)
+    assert result.evaluated > 10_000
