@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: plan test lint bench clean
+.PHONY: plan test lint bench calibrate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,11 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.core
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,jax]'
 	touch $@
+
+calibrate: $(VENV)/.dev
+	$(BIN)/moeplan calibrate --quick --out profiles/cpu-host.yaml
 
 $(VENV)/.report: pyproject.toml $(VENV)/.core
 	$(BIN)/python -m pip install --quiet -e '.[report]'

@@ -11,6 +11,7 @@ from moeplan.families import list_topologies, load_topology
 from moeplan.hardware import ChipSpec, LinkSpec
 from moeplan.layout import Layout
 from moeplan.moe import MLADims, MoEModel, list_presets, load_model, param_counts
+from moeplan.profiles import Profile, load_profile
 from moeplan.routing import Routing
 from moeplan.schema import SchemaError
 from moeplan.search import Constraints, SearchResult, SearchSpace, search
@@ -26,6 +27,8 @@ __all__ = [
     "MLADims",
     "MoEModel",
     "Routing",
+    "Profile",
+    "load_profile",
     "Constraints",
     "SearchResult",
     "SearchSpace",

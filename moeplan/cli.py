@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -315,6 +316,23 @@ def _html_report(path: str, runs) -> None:
     report.write_html(path, sections, "moeplan plan")
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Runs on whatever devices JAX sees; on a CPU host, 8 XLA devices unless XLA_FLAGS says otherwise."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    try:
+        from moeplan.calibrate.run import calibrate, init_distributed
+    except ImportError as exc:
+        raise ValueError(f"calibrate needs jax: pip install -e '.[jax]' ({exc})") from None
+    index = init_distributed(args.coordinator, args.num_processes, args.process_id)
+    say = print if index == 0 else (lambda _text: None)
+    start = time.perf_counter()
+    profile = calibrate(args.out, quick=args.quick, devices=args.devices, topology=args.topology, say=say)
+    errors = profile["errors"]
+    say(f"profile {args.out}: held-out median error {errors['before_median_abs']:.1%} before the fit, "
+        f"{errors['after_median_abs']:.1%} after; {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     parser = argparse.ArgumentParser(prog="moeplan", description="Hardware-aware MoE cost model and layout planner")
     parser.add_argument("--version", action="version", version=f"moeplan {mp.__version__}")
@@ -382,6 +400,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     plan.add_argument("--html", help="write the HTML report (needs plotly)")
     plan.add_argument("--quiet", action="store_true")
     handlers["plan"] = cmd_plan
+
+    cal = sub.add_parser("calibrate", help="measure JAX MoE layers and collectives here, fit, write a profile")
+    cal.add_argument("--quick", action="store_true", help="fewer shapes (under 3 minutes on a CPU host)")
+    cal.add_argument("--devices", type=int, help="use the first N devices JAX sees (default: all)")
+    cal.add_argument("--out", default="profiles/cpu-host.yaml", help="profile to write (measurements beside it)")
+    cal.add_argument("--topology", help="family the devices belong to (default: cpu-host, or dgx-h100 on GPUs)")
+    cal.add_argument("--coordinator", help="jax.distributed coordinator host:port (multi-host)")
+    cal.add_argument("--num-processes", type=int, help="processes in a multi-host run")
+    cal.add_argument("--process-id", type=int, help="this process's index in a multi-host run")
+    handlers["calibrate"] = cmd_calibrate
     return parser, handlers
 
 

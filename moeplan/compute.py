@@ -1,6 +1,7 @@
 """Roofline time of matmuls and memory-bound ops on one chip, with the family's efficiencies.
 
-time = max(FLOPs / (peak * e_matmul * e_tile), bytes / (HBM bandwidth * e_memory)), where
+time = max(FLOPs / (peak * e_matmul * e_tile), bytes / (HBM bandwidth * e_memory)) + a fixed
+per-kernel overhead (zero by default; calibration fits it), where
 e_tile = m / (ceil(m / tile) * tile) * n / (ceil(n / tile) * tile) is the tile quantization of the
 matrix unit (NVIDIA, "Matrix Multiplication Background" user's guide; the MXU's 128x128 or
 256x256 array on TPUs): a grouped expert matmul of 40 tokens on a 128-row tile runs at 31 %.
@@ -30,7 +31,7 @@ def matmul_time_s(m, n, k, chip: ChipSpec, dtype: str, eff: ComputeEfficiency, c
     flops = 2.0 * m * n * k * count
     nbytes = (m * k + k * n + m * n) * dtype_bytes(dtype) * count
     rate = chip.peak_flop_per_s(dtype) * eff.matmul * tile_efficiency(m, n, eff.matmul_tile)
-    return np.maximum(flops / rate, nbytes / (chip.hbm_bw_bytes_per_s * eff.memory))
+    return np.maximum(flops / rate, nbytes / (chip.hbm_bw_bytes_per_s * eff.memory)) + eff.kernel_overhead_s
 
 
 def attention_time_s(flops, nbytes, chip: ChipSpec, dtype: str, eff: ComputeEfficiency):
@@ -40,7 +41,7 @@ def attention_time_s(flops, nbytes, chip: ChipSpec, dtype: str, eff: ComputeEffi
 
 
 def memory_time_s(nbytes, chip: ChipSpec, eff: ComputeEfficiency):
-    return np.asarray(nbytes, dtype=float) / (chip.hbm_bw_bytes_per_s * eff.memory)
+    return np.asarray(nbytes, dtype=float) / (chip.hbm_bw_bytes_per_s * eff.memory) + eff.kernel_overhead_s
 
 
 def efficiency_for(chip: ChipSpec, override: ComputeEfficiency | None = None, **changes) -> ComputeEfficiency:

@@ -39,12 +39,15 @@ class ComputeEfficiency:
     memory: float = 0.85
     matmul_tile: int = 128
     source: str = "moeplan defaults (no family figures given)"
+    kernel_overhead_s: float = 0.0  # fixed cost per kernel (launch, dispatch); calibration fits it
 
     def __post_init__(self) -> None:
         for name in ("matmul", "attention", "memory"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
                 raise ValueError(f"efficiency.{name}: got {value!r}; expected a number in (0, 1]")
+        if not (isinstance(self.kernel_overhead_s, int | float) and 0 <= self.kernel_overhead_s < 1):
+            raise ValueError(f"efficiency.kernel_overhead_s: got {self.kernel_overhead_s!r}; expected 0 <= s < 1")
         if isinstance(self.matmul_tile, bool) or not isinstance(self.matmul_tile, int) or self.matmul_tile < 1:
             raise ValueError(f"efficiency.matmul_tile: got {self.matmul_tile!r}; expected an integer >= 1")
 

@@ -1,0 +1,118 @@
+"""The model of what calibration measures, and the least-squares fit of its parameters.
+
+Parameters (theta): matmul efficiency, memory efficiency, a fixed per-kernel overhead, the
+collective per-step latency and the link efficiency. Predictions use moeplan's own formulas:
+``compute.matmul_time_s`` / ``memory_time_s`` for compute, ``collectives.collective_time_s`` for
+communication, and for a whole einsum-dispatch MoE layer (per device, G_l = groups / ep local groups
+of S tokens, capacity C, E experts, E_l = E / ep local):
+
+    router    matmul(G_l S, E, D) in fp32, plus softmax / top-k / one-hot construction, memory-bound
+              over the [G_l, S, E, C] dispatch tensor (3k + 2 passes of 4-byte elements)
+    dispatch  G_l matmuls [E C, S] x [S, D]      combine  G_l matmuls [S, E C] x [E C, D]
+    experts   E_l x (matmul(ep G_l C, F, D) + matmul(ep G_l C, D, F)) + ReLU over the hidden
+    a2a       two all_to_alls of E G_l C D x 4 bytes per device (when ep > 1)
+
+forward+backward adds the parameter gradients: 2 x (experts + combine) + router, one more all_to_all,
+and a second set of kernel overheads (see ``_layer_s``). scipy least_squares fits
+theta on log times of the training measurements; held-out MoE layer shapes give the error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from moeplan.collectives import CommParams, Efficiency, collective_time_s
+from moeplan.compute import matmul_time_s, memory_time_s
+from moeplan.hardware import ComputeEfficiency
+from moeplan.topology import Topology
+
+PARAM_NAMES = ("matmul", "memory", "kernel_overhead_s", "step_latency_s", "link_efficiency")
+LOWER = np.array([0.01, 0.01, 0.0, 0.0, 0.01])
+UPPER = np.array([1.0, 1.0, 1e-2, 1e-2, 1.0])
+_LAYER_KERNELS = 10  # router, softmax/top-k, one-hot, dispatch, 2 expert matmuls, activation, combine, 2 a2a
+
+
+def theta_from(eff: ComputeEfficiency, comm: CommParams) -> np.ndarray:
+    return np.array([eff.matmul, eff.memory, eff.kernel_overhead_s, comm.node_step_latency_s,
+                     comm.eff("node").e_max])
+
+
+def models_from(theta: np.ndarray, base_eff: ComputeEfficiency, base_comm: CommParams, source: str):
+    """(ComputeEfficiency, CommParams) carrying ``theta``; other fields from the bases."""
+    matmul, memory, overhead, latency, link = (float(v) for v in theta)
+    eff = replace(base_eff, matmul=matmul, memory=memory, kernel_overhead_s=overhead, source=source)
+    node = Efficiency(link, 0.0, 0.5, source)
+    comm = replace(base_comm, node_step_latency_s=latency, nccl_base_latency_s=latency)
+    return eff, comm.with_efficiency(node=node, nvls=node)
+
+
+def predict_s(m: dict, topo: Topology, eff: ComputeEfficiency, comm: CommParams) -> float:
+    chip = topo.chip
+    if m["kind"] == "matmul":
+        return float(matmul_time_s(m["m"], m["n"], m["k"], chip, "fp32", eff))
+    if m["kind"] == "collective":
+        return float(collective_time_s(topo, m["op"], float(m["bytes"]), m["devices"], params=comm))
+    return _layer_s(m, topo, eff, comm)
+
+
+def _layer_s(m: dict, topo: Topology, eff: ComputeEfficiency, comm: CommParams) -> float:
+    chip = topo.chip
+    ep = m["devices"]
+    g_local = m["groups"] // ep
+    s, d, f, e, k = m["group_size"], m["d_model"], m["expert_d_ff"], m["num_experts"], m["top_k"]
+    cap = math.ceil(s * k * m["capacity_factor"] / e)
+    mm = lambda a, b, c, count=1.0: float(matmul_time_s(a, b, c, chip, "fp32", eff, count))  # noqa: E731
+    router = mm(g_local * s, e, d) + float(memory_time_s((3 * k + 2) * g_local * s * e * cap * 4, chip, eff))
+    dispatch = mm(e * cap, d, s, g_local)
+    combine = mm(s, d, e * cap, g_local)
+    rows = ep * g_local * cap
+    experts = mm(rows, f, d, e // ep) + mm(rows, d, f, e // ep)
+    experts += float(memory_time_s(2 * (e // ep) * rows * f * 4, chip, eff))
+    a2a = 0.0
+    if ep > 1:
+        a2a = float(collective_time_s(topo, "all_to_all", float(e * g_local * cap * d * 4), ep, params=comm))
+    overhead = _LAYER_KERNELS * eff.kernel_overhead_s
+    forward = router + dispatch + combine + experts + 2 * a2a + overhead
+    if not m["backward"]:
+        return forward
+    # gradients of the parameters only: expert matmuls and the combine einsum twice (data and weight
+    # gradients), the router matmul once, the dispatch einsum not at all (its one-hot input carries no
+    # gradient and x needs none); the all_to_all that returned expert outputs runs once more, backwards
+    return forward + 2 * experts + 2 * combine + router + a2a + overhead
+
+
+def errors(measurements: list[dict], topo: Topology, eff: ComputeEfficiency, comm: CommParams) -> np.ndarray:
+    """Relative error (predicted / measured - 1) per measurement."""
+    return np.array([predict_s(m, topo, eff, comm) / m["time_s"] - 1.0 for m in measurements])
+
+
+def fit(train: list[dict], topo: Topology, eff: ComputeEfficiency, comm: CommParams, source: str):
+    """Least squares on log(predicted / measured), in two stages: the collective parameters on the
+    collective benchmarks, then the compute parameters on the training MoE layers with the collectives
+    held. Standalone matmuls are measured and reported, not fitted: XLA runs a lone dot with other
+    kernels than the layer's fused einsums (on the CPU host they pull the fit 7 points the wrong way on
+    held-out layers). Returns fitted (eff, comm, theta)."""
+    theta = np.clip(theta_from(eff, comm), LOWER + 1e-9, UPPER - 1e-9)
+    theta[2] = max(theta[2], 1e-5)
+    theta[3] = max(theta[3], 1e-6)
+    scale = np.array([0.1, 0.1, 1e-4, 1e-5, 0.1])
+    stages = [([3, 4], [m for m in train if m["kind"] == "collective"]),
+              ([0, 1, 2], [m for m in train if m["kind"] == "moe_layer"])]
+    for free, subset in stages:
+        if not subset:
+            continue
+
+        def residuals(values, free=free, subset=subset):
+            full = theta.copy()
+            full[free] = values
+            e, c = models_from(full, eff, comm, source)
+            return np.log([max(predict_s(m, topo, e, c), 1e-12) / m["time_s"] for m in subset])
+
+        result = least_squares(residuals, theta[free], bounds=(LOWER[free], UPPER[free]), x_scale=scale[free])
+        theta[free] = result.x
+    fitted_eff, fitted_comm = models_from(theta, eff, comm, source)
+    return fitted_eff, fitted_comm, theta
