@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: plan test lint bench calibrate clean
+.PHONY: plan test lint bench calibrate dashboard clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,15 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.core
-	$(BIN)/python -m pip install --quiet -e '.[dev,jax]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,jax,app]'
 	touch $@
+
+$(VENV)/.app: pyproject.toml $(VENV)/.core
+	$(BIN)/python -m pip install --quiet -e '.[app]'
+	touch $@
+
+dashboard: $(VENV)/.app
+	$(BIN)/moeplan dashboard
 
 calibrate: $(VENV)/.dev
 	$(BIN)/moeplan calibrate --quick --out profiles/cpu-host.yaml

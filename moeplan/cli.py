@@ -333,6 +333,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Start the Streamlit dashboard (extra 'app')."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parent.parent / "app" / "dashboard.py"
+    exe = shutil.which("streamlit") or str(Path(sys.executable).with_name("streamlit"))
+    if not Path(exe).exists() or not app.exists():
+        raise ValueError("dashboard: needs the 'app' extra (pip install -e '.[app]') and the app/ folder")
+    cmd = [exe, "run", str(app), "--server.port", str(args.port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false"]
+    return subprocess.call(cmd)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     parser = argparse.ArgumentParser(prog="moeplan", description="Hardware-aware MoE cost model and layout planner")
     parser.add_argument("--version", action="version", version=f"moeplan {mp.__version__}")
@@ -410,6 +425,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     cal.add_argument("--num-processes", type=int, help="processes in a multi-host run")
     cal.add_argument("--process-id", type=int, help="this process's index in a multi-host run")
     handlers["calibrate"] = cmd_calibrate
+
+    dash = sub.add_parser("dashboard", help="start the Streamlit planning dashboard")
+    dash.add_argument("--port", type=int, default=8501)
+    handlers["dashboard"] = cmd_dashboard
     return parser, handlers
 
 

@@ -1,0 +1,303 @@
+"""moeplan planning dashboard (Streamlit). Run: `moeplan dashboard` or `make dashboard`.
+
+Four pages on the public API: Topology, Estimate, Search, Calibration. Nothing imports this file;
+it is the only place that imports streamlit. Heavy results are cached with st.cache_data.
+Invalid input is shown as an error beside the form, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+import yaml
+
+import moeplan as mp
+from moeplan import report
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = ("Topology", "Estimate", "Search", "Calibration")
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+MAX_UPLOAD_BYTES = 2_000_000
+
+
+# ------------------------------------------------------------------ cached API calls
+@st.cache_resource(show_spinner=False)
+def topology(name: str, size: str):
+    if mp.load_topology(name).kind == "torus":
+        return mp.load_topology(name, shape=size or None)
+    return mp.load_topology(name, nodes=int(size) if size else None)
+
+
+@st.cache_data(show_spinner=False)
+def collective_curves(name: str, size: str, devices: int) -> dict:
+    topo = topology(name, size)
+    sizes = np.logspace(3, 10, 29)
+    return {op: mp.collective_time_s(topo, op, sizes, devices).tolist() for op in OPS} | {"bytes": sizes.tolist()}
+
+
+@st.cache_data(show_spinner=False)
+def run_estimate(name: str, size: str, model_fields: dict, layout_fields: dict, batch: int, mode: str, dtype: str):
+    model = mp.MoEModel(**model_fields)
+    est = mp.estimate(model, topology(name, size), mp.Layout(**layout_fields), batch, dtype=dtype, mode=mode)
+    return est
+
+
+def model_fields(model: mp.MoEModel) -> dict:
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("extra",)}
+
+
+# ------------------------------------------------------------------ widgets
+def topology_picker(key: str) -> tuple[str, str]:
+    names = mp.list_topologies()
+    name = st.selectbox("Hardware family", names, index=names.index("dgx-h100"), key=f"{key}_family")
+    torus = mp.load_topology(name).kind == "torus"
+    default = "x".join(map(str, mp.load_topology(name).shape)) if torus else "1"
+    label = "Slice shape (e.g. 4x4x8)" if torus else "Nodes"
+    size = st.text_input(label, value=default, key=f"{key}_size_{name}")
+    return name, size.strip()
+
+
+def page_topology() -> None:
+    st.header("Topology")
+    name, size = topology_picker("topo")
+    try:
+        topo = topology(name, size)
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    chip = topo.chip
+    cols = st.columns(4)
+    cols[0].metric("Devices", topo.num_devices)
+    cols[1].metric("Peak bf16 / chip", f"{chip.peak_bf16_flop_per_s / 1e12:,.0f} TFLOP/s")
+    cols[2].metric("HBM", f"{chip.hbm_capacity_bytes / 1e9:,.0f} GB")
+    cols[3].metric("Bisection", f"{topo.bisection_bw_bytes_per_s() / 1e9:,.0f} GB/s")
+    st.table({"tier": list(topo.tier_bandwidths()), "one-way GB/s": [f"{v / 1e9:,.1f}" for v in
+                                                                      topo.tier_bandwidths().values()]})
+    st.plotly_chart(graph_figure(topo), key="graph")
+    devices = st.slider("Devices in the collective", 2, topo.num_devices, topo.num_devices, key="topo_devices")
+    try:
+        curves = collective_curves(name, size, devices)
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    fig = go.Figure()
+    for op in OPS:
+        factor = 2 * (devices - 1) / devices if op == "all_reduce" else (devices - 1) / devices
+        busbw = [b / t * factor / 1e9 for b, t in zip(curves["bytes"], curves[op], strict=True)]
+        fig.add_trace(go.Scatter(x=curves["bytes"], y=busbw, name=op, mode="lines+markers"))
+    fig.update_layout(title=f"Bus bandwidth vs size on {devices} devices (nccl-tests convention)",
+                      xaxis_type="log", xaxis_title="bytes per device", yaxis_title="busbw (GB/s)",
+                      template="plotly_white", height=420)
+    st.plotly_chart(fig, key="busbw")
+
+
+def graph_figure(topo) -> go.Figure:
+    """Tori as grids (slices side by side along the last axis), clusters as nodes with their switch."""
+    coords = topo.coordinates
+    if topo.kind == "torus":
+        shape = topo.shape + (1,) * (3 - len(topo.shape))
+        c3 = np.pad(coords, ((0, 0), (0, 3 - coords.shape[1])))
+        xy = np.stack([c3[:, 0] + c3[:, 2] * (shape[0] + 1), c3[:, 1]], 1).astype(float)
+    else:
+        xy = np.stack([coords[:, 1], -coords[:, 0] * 2.0], 1).astype(float)
+    pos = {d: xy[d] for d in range(topo.num_devices)}
+    for v, kind in topo.graph.nodes(data="kind"):
+        if kind != "device":
+            nbrs = [pos[u] for u in topo.graph.neighbors(v) if u in pos]
+            if nbrs:
+                pos[v] = np.mean(nbrs, axis=0) + np.array([0.0, 0.8 if kind == "switch" else 0.4])
+    ex, ey = [], []
+    for u, v in topo.graph.edges():
+        if u in pos and v in pos:
+            ex += [pos[u][0], pos[v][0], None]
+            ey += [pos[u][1], pos[v][1], None]
+    fig = go.Figure(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color="#bbb", width=1), hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=xy[:, 0], y=xy[:, 1], mode="markers", marker=dict(size=8, color="#4c78a8"),
+                             text=[f"device {d} {tuple(coords[d])}" for d in range(topo.num_devices)],
+                             hoverinfo="text", name="devices"))
+    fig.update_layout(title=f"{topo.name}: {topo.num_devices} devices", showlegend=False, height=420,
+                      template="plotly_white", xaxis_visible=False, yaxis_visible=False)
+    return fig
+
+
+def model_editor(key: str) -> dict | None:
+    presets = mp.list_presets()
+    preset = st.selectbox("Model preset", presets, index=presets.index("mixtral-8x7b"), key=f"{key}_preset")
+    base = model_fields(mp.load_model(preset))
+    with st.expander("Edit the model"):
+        c1, c2, c3 = st.columns(3)
+        base["n_layers"] = c1.number_input("Layers", 1, 512, base["n_layers"], key=f"{key}_layers_{preset}")
+        base["num_experts"] = c2.number_input("Experts", 1, 4096, base["num_experts"], key=f"{key}_experts_{preset}")
+        base["top_k"] = c3.number_input("Top-k", 1, 64, base["top_k"], key=f"{key}_topk_{preset}")
+        cf = c1.text_input("Capacity factor (blank = dropless)", "" if base["capacity_factor"] is None else
+                           str(base["capacity_factor"]), key=f"{key}_cf_{preset}")
+        base["moe_every"] = c2.number_input("MoE every k blocks", 1, 64, base["moe_every"], key=f"{key}_every_{preset}")
+        base["expert_d_ff"] = c3.number_input("Expert width", 1, 1 << 20, base["expert_d_ff"],
+                                              key=f"{key}_fe_{preset}")
+        try:
+            base["capacity_factor"] = float(cf) if cf.strip() else None
+        except ValueError:
+            st.error(f"Capacity factor: {cf!r} is not a number")
+            return None
+    return base
+
+
+def page_estimate() -> None:
+    st.header("Estimate")
+    name, size = topology_picker("est")
+    fields = model_editor("est")
+    c = st.columns(6)
+    layout = {k: int(c[i].number_input(k, 1, 4096, v, key=f"est_{k}")) for i, (k, v) in enumerate(
+        [("data", 8), ("fsdp", 1), ("expert", 8), ("tensor", 1), ("pipeline", 1), ("micro_batch_size", 1)])}
+    c2 = st.columns(3)
+    batch = int(c2[0].number_input("Global batch (tokens; decode: sequences)", 1, 1 << 32, 8 * 4096, key="est_batch"))
+    mode = c2[1].selectbox("Mode", ("train", "prefill", "decode"), key="est_mode")
+    dtype = c2[2].selectbox("dtype", ("bf16", "fp8", "fp32"), key="est_dtype")
+    if fields is None:
+        return
+    try:
+        est = run_estimate(name, size, fields, layout, batch, mode, dtype)
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    m = st.columns(4)
+    m[0].metric("Step time", f"{est.step_time_s * 1e3:,.1f} ms")
+    m[1].metric("Tokens/s", f"{est.tokens_per_s:,.0f}")
+    m[2].metric("MFU", f"{est.mfu:.1%}")
+    m[3].metric("Memory / device", f"{est.memory_per_device_bytes / 1e9:,.1f} GB")
+    if not est.fits:
+        st.warning(f"Does not fit: {est.reason}")
+    hbm = topology(name, size).chip.hbm_capacity_bytes
+    mem = go.Figure([go.Bar(x=list(est.memory), y=[v / 1e9 for v in est.memory.values()], name="memory")])
+    mem.add_hline(y=hbm / 1e9, line_dash="dash", annotation_text="HBM")
+    mem.update_layout(title="Memory per device (GB)", template="plotly_white", height=320)
+    st.plotly_chart(report.breakdown_figure({f"{mode}": est}, "Time by part"), key="est_bars")
+    st.plotly_chart(mem, key="est_mem")
+    st.dataframe(est.to_rows(), key="est_table")
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@st.cache_data(show_spinner=False)
+def run_search(name: str, size: str, fields: dict, space: dict, batch: int, objective: str, max_drop: float):
+    model = mp.MoEModel(**fields)
+    return mp.search(model, topology(name, size), mp.SearchSpace(**space), global_batch_tokens=batch,
+                     objective=objective, constraints=mp.Constraints(max_drop_rate=max_drop))
+
+
+def page_search() -> None:
+    st.header("Search")
+    name, size = topology_picker("srch")
+    fields = model_editor("srch")
+    c = st.columns(4)
+    experts = c[0].text_input("Experts to try", "8,16,32", key="srch_experts")
+    top_k = c[1].text_input("Top-k", "1,2", key="srch_topk")
+    cfs = c[2].text_input("Capacity factors (dropless = none)", "1.0,1.25,none", key="srch_cf")
+    every = c[3].text_input("MoE every", "1,2", key="srch_every")
+    c2 = st.columns(3)
+    batch = int(c2[0].number_input("Global batch (tokens)", 1, 1 << 34, 64 * 4096, key="srch_batch"))
+    objective = c2[1].selectbox("Objective", ("quality_per_time", "step_time", "tokens_per_s", "cost_per_token",
+                                              "quality"), key="srch_obj")
+    max_drop = float(c2[2].number_input("Max drop rate", 0.0, 1.0, 0.05, key="srch_drop"))
+    if fields is None:
+        return
+    try:
+        space = {"num_experts": _int_list(experts), "top_k": _int_list(top_k), "moe_every": _int_list(every),
+                 "capacity_factor": [None if v.strip().lower() in ("none", "dropless") else float(v)
+                                     for v in cfs.split(",") if v.strip()]}
+        fields = {**fields, "num_experts": space["num_experts"][0], "top_k": space["top_k"][0]}
+        with st.spinner("Scoring layouts..."):
+            bar = st.progress(0.0, text="scoring")
+            result = run_search(name, size, fields, space, batch, objective, max_drop)
+            bar.progress(1.0, text=f"{result.evaluated:,} configurations scored")
+    except (ValueError, IndexError) as exc:
+        st.error(str(exc) or "Every list needs at least one value")
+        return
+    if result.best is None:
+        st.warning("No layout meets the constraints (memory, divisibility, drop rate).")
+        return
+    st.plotly_chart(report.pareto_figure(result), key="pareto")
+    st.plotly_chart(report.heatmap_figure(result), key="heat")
+    st.dataframe(result.table, key="ranked")
+    rank = int(st.number_input("Show the breakdown of rank", 1, len(result.table), 1, key="srch_rank"))
+    row = result.table[rank - 1]
+    model = mp.MoEModel(**{**fields, **{k: row[k] for k in ("num_experts", "top_k", "capacity_factor", "moe_every",
+                                                            "expert_d_ff")}})
+    layout = mp.Layout(**{k: row[k] for k in ("data", "fsdp", "expert", "tensor", "pipeline", "virtual_pipeline",
+                                              "micro_batch_size", "recompute")})
+    est = mp.estimate(model, topology(name, size), layout, batch)
+    st.plotly_chart(report.breakdown_figure({f"rank {rank}": est}), key="srch_bars")
+    buf = io.StringIO()
+    if result.table:
+        import csv
+
+        writer = csv.DictWriter(buf, fieldnames=list(result.table[0]))
+        writer.writeheader()
+        writer.writerows(result.table)
+    st.download_button("Download CSV", buf.getvalue(), "search.csv", "text/csv", key="dl_csv")
+    st.download_button("Download JSON", json.dumps(result.table, default=str, indent=1), "search.json",
+                       "application/json", key="dl_json")
+
+
+def page_calibration() -> None:
+    st.header("Calibration")
+    files = sorted(p.name for p in (ROOT / "profiles").glob("*.yaml"))
+    choice = st.selectbox("Profile in profiles/", files, key="cal_file") if files else None
+    upload = st.file_uploader("...or upload a profile (.yaml, at most 2 MB)", type=["yaml", "yml"], key="cal_up")
+    try:
+        if upload is not None:
+            if upload.size > MAX_UPLOAD_BYTES:
+                raise ValueError(f"profile: {upload.size:,} bytes; expected at most {MAX_UPLOAD_BYTES:,}")
+            data = yaml.safe_load(upload.getvalue().decode("utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("profile: expected a YAML mapping at the top")
+            profile = mp.Profile(data, upload.name)
+        elif choice:
+            profile = mp.load_profile(ROOT / "profiles" / choice)
+        else:
+            st.info("No profile yet: run `moeplan calibrate --quick`.")
+            return
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        st.error(f"Invalid profile: {exc}")
+        return
+    errors = profile.errors
+    c = st.columns(3)
+    c[0].metric("Devices", f"{profile.device_count} x {profile.device_kind}")
+    c[1].metric("Held-out error before fit", f"{errors.get('before_median_abs', float('nan')):.1%}")
+    c[2].metric("Held-out error after fit", f"{errors.get('after_median_abs', float('nan')):.1%}")
+    from moeplan.calibrate.fit import predict_s  # numpy/scipy only: no jax here
+
+    topo = mp.load_topology(profile.topology.split(":")[0])
+    rows = [m for m in profile.measurements if m.get("kind") in ("matmul", "collective", "moe_layer")]
+    fig = go.Figure()
+    for label, eff, comm in (("before fit", topo.chip.efficiency, mp.CommParams()),
+                             ("after fit", profile.compute, profile.comm)):
+        pred = [predict_s(m, topo, eff, comm) * 1e3 for m in rows]
+        fig.add_trace(go.Scatter(x=[m["time_s"] * 1e3 for m in rows], y=pred, mode="markers", name=label,
+                                 text=[f"{m['kind']} ({m.get('split', '')})" for m in rows], hoverinfo="text+x+y"))
+    top = max([m["time_s"] * 1e3 for m in rows] or [1.0])
+    fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="measured = predicted",
+                             line=dict(dash="dash", color="#888")))
+    fig.update_layout(title="Predicted vs measured (ms)", xaxis_title="measured (ms)", yaxis_title="predicted (ms)",
+                      template="plotly_white", height=450, xaxis_type="log", yaxis_type="log")
+    st.plotly_chart(fig, key="cal_scatter")
+    st.json({"fitted": profile.data.get("fitted"), "errors": errors, "versions": profile.versions}, expanded=False)
+
+
+def main() -> None:
+    st.set_page_config(page_title="moeplan", layout="wide")
+    st.sidebar.title("moeplan")
+    page = st.sidebar.radio("Page", PAGES, key="page")
+    {"Topology": page_topology, "Estimate": page_estimate, "Search": page_search,
+     "Calibration": page_calibration}[page]()
+
+
+main()

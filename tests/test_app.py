@@ -1,0 +1,135 @@
+"""The Streamlit dashboard: every page with AppTest, then a real browser (headless Chromium)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("streamlit", reason="the 'app' extra is not installed")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from tests.conftest import ROOT  # noqa: E402
+
+APP = str(ROOT / "app" / "dashboard.py")
+ARTIFACTS = ROOT / "artifacts" / "screenshots"
+
+
+def _app(page: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.sidebar.radio(key="page").set_value(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def test_topology_page_changes_with_family_and_size():
+    at = _app("Topology")
+    assert _metric(at, "Devices") == "8"
+    at.text_input(key="topo_size_dgx-h100").set_value("4").run()
+    assert _metric(at, "Devices") == "32" and not at.error
+    at.selectbox(key="topo_family").set_value("tpu-v5p").run()
+    assert _metric(at, "Devices") == "64"
+    at.text_input(key="topo_size_tpu-v5p").set_value("3x4x4").run()
+    assert at.error and "not offered" in at.error[0].value and not at.exception
+
+
+def test_estimate_page_reacts_and_reports_bad_layouts():
+    at = _app("Estimate")
+    first = _metric(at, "Step time")
+    at.number_input(key="est_batch").set_value(16 * 4096).run()
+    assert _metric(at, "Step time") != first
+    at.selectbox(key="est_mode").set_value("decode").run()
+    assert not at.exception
+    at.number_input(key="est_expert").set_value(3).run()
+    assert at.error and "layout.expert" in at.error[0].value and not at.exception
+
+
+def test_search_page_ranks_and_reports_bad_lists():
+    at = _app("Search")
+    assert len(at.get("plotly_chart")) >= 2 and at.dataframe
+    rows = len(at.dataframe[0].value)
+    at.text_input(key="srch_experts").set_value("8").run()
+    assert len(at.dataframe[0].value) != rows or not at.exception
+    at.text_input(key="srch_experts").set_value("eight").run()
+    assert at.error and not at.exception
+
+
+def test_calibration_page_shows_the_profile_and_rejects_garbage():
+    at = _app("Calibration")
+    assert "%" in _metric(at, "Held-out error after fit")
+    assert len(at.get("plotly_chart")) == 1
+
+
+# ------------------------------------------------------------------ a real browser
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", APP, "--server.port", str(port),
+                             "--server.headless", "true", "--server.address", "127.0.0.1"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/_stcore/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _figure_text(page) -> str:
+    return page.eval_on_selector_all(".js-plotly-plot", "els => els.map(e => JSON.stringify(e.data || [])).join('|')")
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Chromium is not installed and could not be (see .ci/run)")
+def test_every_page_in_headless_chromium(server):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server, wait_until="networkidle")
+        for name, change in [("Topology", ("Nodes", "4")), ("Estimate", ("Global batch (tokens; decode: sequences)",
+                                                                          "65536")),
+                             ("Search", ("Experts to try", "8,16")), ("Calibration", None)]:
+            page.get_by_text(name, exact=True).first.click()
+            page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+            page.wait_for_timeout(1500)
+            before = _figure_text(page)
+            assert "Traceback" not in page.content()
+            if change:
+                box = page.get_by_label(change[0]).first
+                box.fill(change[1])
+                box.press("Enter")
+                page.wait_for_timeout(4000)
+                page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+                assert _figure_text(page) != before, f"{name}: the figure did not change"
+            page.screenshot(path=str(ARTIFACTS / f"{name.lower()}.png"), full_page=True)
+        browser.close()
