@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from moeplan.hardware import ChipSpec, ComputeEfficiency, LinkSpec
-from moeplan.schema import SchemaError, Section, read_yaml_mapping
+from moeplan.schema import SchemaError, Section, read_yaml_mapping, resolve_bundled
 from moeplan.topology import NodeSpec, ScaleOut, Topology, switched_cluster, torus
 
 SCHEMA_VERSION = 1
@@ -58,17 +58,7 @@ def list_topologies() -> list[str]:
 
 def resolve_family_path(name: str | os.PathLike[str]) -> Path:
     """A bundled family name, or an existing ``.yaml``/``.yml`` path; anything else is an error."""
-    text = os.fspath(name)
-    bundled = {p.stem: p for p in BUNDLED_DIR.glob("*.yaml")}
-    if text in bundled:
-        return bundled[text]
-    path = Path(text)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    raise ValueError(
-        f"topology: {text!r} is neither a bundled family nor an existing .yaml file; "
-        f"bundled families: {sorted(bundled)}"
-    )
+    return resolve_bundled(name, BUNDLED_DIR, "topology")
 
 
 def load_family(name: str | os.PathLike[str]) -> Family:

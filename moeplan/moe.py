@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moeplan.schema import Section, read_yaml_mapping
+from moeplan.schema import Section, read_yaml_mapping, resolve_bundled
 
 ATTENTION_KINDS = ("mha", "gqa", "mla")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -264,14 +264,7 @@ def list_presets() -> list[str]:
 
 def load_model(name: str | os.PathLike[str]) -> MoEModel:
     """A bundled preset (``list_presets()``) or a path to a model ``.yaml``; strict like the topologies."""
-    text = os.fspath(name)
-    presets = {p.stem: p for p in PRESET_DIR.glob("*.yaml")}
-    if text in presets:
-        path = presets[text]
-    elif Path(text).suffix in (".yaml", ".yml") and Path(text).is_file():
-        path = Path(text)
-    else:
-        raise ValueError(f"model: {text!r} is neither a preset nor an existing .yaml file; presets: {sorted(presets)}")
+    path = resolve_bundled(name, PRESET_DIR, "model")
     return model_from_mapping(read_yaml_mapping(path, "model"), str(path))
 
 

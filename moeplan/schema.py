@@ -40,6 +40,22 @@ def read_yaml_mapping(path: str | os.PathLike[str], what: str) -> dict[str, Any]
     return data
 
 
+def resolve_bundled(name: str | os.PathLike[str], folder: Path, what: str) -> Path:
+    """A bundled file's stem (``folder/<name>.yaml``) or an existing ``.yaml``/``.yml`` path.
+
+    The name is never joined onto ``folder``: only the listed stems match, so ``"../../etc/passwd"``
+    reads nothing; anything else is a ValueError that lists the bundled names."""
+    text = os.fspath(name)
+    bundled = {p.stem: p for p in folder.glob("*.yaml")}
+    if text in bundled:
+        return bundled[text]
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    raise ValueError(f"{what}: {text!r} is neither a bundled name nor an existing .yaml file; "
+                     f"bundled: {sorted(bundled)}")
+
+
 def to_number(value: Any) -> float | None:
     """A finite float from an int, float or numeric string ('3.35e12'); None if it is not one."""
     if isinstance(value, bool):

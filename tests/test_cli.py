@@ -33,7 +33,7 @@ def test_show_json_is_si_numbers(capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["show", "tpu-v9"], "bundled families"),
+        (["show", "tpu-v9"], "bundled: ['cpu-host'"),
         (["show", "tpu-v5p", "--shape", "3x4x4"], "not offered"),
         (["show", "dgx-h100", "--nodes", "0"], "nodes: got 0"),
     ],
@@ -97,7 +97,7 @@ def test_estimate_errors_are_one_line(capsys):
     assert main(base + ["--layout", "data=8,colour=2"]) == 2
     assert "expected key=value" in capsys.readouterr().err
     assert main(["estimate", "--topology", "dgx-h100", "--model", "gpt-9", "--batch-tokens", "1"]) == 2
-    assert "presets" in capsys.readouterr().err
+    assert "bundled: ['deepseek-v3'" in capsys.readouterr().err
 
 
 def test_search_prints_ranked_table_and_writes_files(tmp_path, capsys):
