@@ -188,8 +188,9 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     loss = law.loss(view, tokens_trained) if sel.size else np.zeros(0)
     keep = _constraints(scored, constraints)
     score = _objective(objective, scored, loss, topo)
-    order = [i for i in np.argsort(score, kind="stable") if keep[i]]
-    candidates = [_candidate(model, grid, sel, scored, loss, topo, i) for i in order[:top]]
+    ranked = np.argsort(score, kind="stable")
+    order = ranked[keep[ranked]][:top]
+    candidates = [_candidate(model, grid, sel, scored, loss, topo, i) for i in order]
     front = pareto_front(loss, scored["step_time_s"], keep)
     pareto = [_candidate(model, grid, sel, scored, loss, topo, i) for i in front]
     table = [_row(c) for c in candidates]
@@ -206,9 +207,13 @@ def _heatmap(grid, sel, step, keep) -> dict:
     table = np.full((len(cfs), len(experts)), np.nan)
     e_of = np.searchsorted(experts, grid["num_experts"][sel])
     c_of = np.searchsorted(cfs, np.nan_to_num(grid["capacity_factor"][sel], nan=0.0))
-    flat = np.full(table.size, np.inf)
-    np.minimum.at(flat, (c_of * len(experts) + e_of)[keep], step[keep])
-    table = np.where(np.isinf(flat), np.nan, flat).reshape(table.shape)
+    cell = (c_of * len(experts) + e_of)[keep]
+    best = np.full(table.size, np.nan)
+    if cell.size:
+        order = np.lexsort((step[keep], cell))  # by cell, fastest first within a cell
+        first = np.r_[True, cell[order][1:] != cell[order][:-1]]
+        best[cell[order][first]] = step[keep][order][first]
+    table = best.reshape(table.shape)
     labels = ["dropless" if c == 0.0 else f"{c:g}" for c in cfs]
     return {"num_experts": experts, "capacity_factor": labels, "step_time_s": table.tolist()}
 
@@ -243,7 +248,11 @@ def pareto_front(loss: np.ndarray, time_s: np.ndarray, keep: np.ndarray | None =
     loss) and keep each point whose loss beats every faster point's.
     """
     idx = np.flatnonzero(np.ones(loss.size, bool) if keep is None else keep)
-    order = idx[np.lexsort((loss[idx], time_s[idx]))]
+    order = idx[np.argsort(time_s[idx] + 0.0 * loss[idx], kind="stable")]
+    # equal times: the lower loss must come first (stable sort keeps index order), so sort those runs
+    t = time_s[order]
+    if np.any(t[1:] == t[:-1]):
+        order = idx[np.lexsort((loss[idx], time_s[idx]))]
     ranked = loss[order]
     faster_best = np.concatenate([[math.inf], np.minimum.accumulate(ranked)[:-1]])
     return [int(i) for i in order[ranked < faster_best]]
