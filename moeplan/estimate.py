@@ -29,6 +29,7 @@ micro-batches in flight, all-to-all buffers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -131,7 +132,7 @@ class Plan:
     def batch_block(self) -> np.ndarray:
         return self.data * self.fsdp * self.tensor
 
-    @property
+    @cached_property
     def expert_weight_shards(self) -> np.ndarray:
         """Expert weights: over the expert group, then the part of fsdp it does not cover (layout.py)."""
         inner = self.tensor * self.data
@@ -229,7 +230,8 @@ def _context(plan, topo, dtype, profile, routing) -> _Ctx:
 
 def _members(inverse: np.ndarray, count: int) -> list[np.ndarray]:
     """Indices of each group j (inverse == j) from one stable sort instead of one scan per group."""
-    order = np.argsort(inverse, kind="stable")
+    small = inverse.astype(np.int16) if count < (1 << 15) else inverse  # NumPy radix-sorts 16-bit ints
+    order = np.argsort(small, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(count + 1))
     return [order[bounds[j]:bounds[j + 1]] for j in range(count)]
 
@@ -247,8 +249,8 @@ def unique_rows(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     code = np.zeros(ints.shape[0], dtype=np.int64)
     for j in range(ints.shape[1]):
         code = code * (int(ints[:, j].max()) + 1) + ints[:, j]
-    _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
-    return cols[first], np.asarray(inverse).reshape(-1)
+    first, inverse = _dense_unique(code)
+    return cols[first], inverse
 
 
 # ------------------------------------------------------------------ building blocks (arrays)
@@ -377,8 +379,21 @@ def _distinct(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         else:
             uniq, index = np.unique(col, return_inverse=True)
             code = code * len(uniq) + np.asarray(index).reshape(-1)
-    _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
-    return first, np.asarray(inverse).reshape(-1)
+    return _dense_unique(code)
+
+
+def _dense_unique(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the first row of each distinct code, each row's distinct index) for non-negative
+    integer codes; a lookup table instead of a sort when the codes are small enough."""
+    top = int(code.max()) + 1 if code.size else 0
+    if top > 4 * code.size + (1 << 20):
+        _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+        return first, np.asarray(inverse).reshape(-1)
+    rep = np.full(top, -1, dtype=np.int64)
+    rep[code[::-1]] = np.arange(code.size - 1, -1, -1)  # last write wins: the first occurrence
+    present = rep >= 0
+    slot = np.cumsum(present) - 1
+    return rep[present], slot[code]
 
 
 def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
@@ -394,6 +409,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
                routing: Routing | None = None, overlap: str = "dp") -> dict[str, np.ndarray]:
     """Training cost of every candidate of ``plan``: per-part times (arrays), step time, memory, MFU."""
     ctx = _context(plan, topo, dtype, profile, routing)
+    gbt = global_batch_tokens
     m, p = ctx.m, plan
     mb, valid = _micro_batches(plan, global_batch_tokens)
     pp, v = p.pipeline, p.virtual_pipeline
@@ -447,7 +463,9 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
         out[f"{name}:bytes"] = comm_bytes * comm_passes * count * mb
         out[f"{name}:count"] = count * mb
     act = tokens * m.d_model * ctx.b / p.tensor
-    p2p = 2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline")
+    p2p = 2.0 * v * _on_distinct(ctx, ("pipeline", "fsdp", "data", "tensor", "micro_batch_size"), lambda c: {
+        "s": c.coll("p2p", c.plan.micro_batch_size * m.seq_len * m.d_model * c.b / c.plan.tensor
+                    * (c.plan.pipeline > 1), "pipeline")})["s"]
     p2p = p2p if overlap == "none" else 0.0 * p2p  # interleaved 1F1B overlaps sends with other micro-batches
     stage_s = stage_s + p2p
     out["pipeline_p2p"] = p2p * mb
@@ -457,7 +475,10 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     counts = M.param_counts(m)
     dense_local = counts["non_expert"] / (pp * p.dense_weight_shards)
     expert_local = counts["expert"] / (pp * p.expert_weight_shards)
-    grad_s, grad_bytes, fsdp_s, fsdp_bytes = _data_parallel(ctx, counts, mb)
+    keys = ("data", "fsdp", "tensor", "pipeline", "expert", "num_experts", "expert_d_ff", "moe_every",
+            "micro_batch_size")
+    sync = _on_distinct(ctx, keys, lambda c: _data_parallel(c, M.param_counts(c.m), _micro_batches(c.plan, gbt)[0]))
+    grad_s, grad_bytes, fsdp_s, fsdp_bytes = sync["grad_s"], sync["grad_bytes"], sync["fsdp_s"], sync["fsdp_bytes"]
     last_bwd = stage_s * 2.0 / 3.0
     out["grad_sync"] = grad_s if overlap == "none" else np.maximum(0.0, grad_s - last_bwd)
     out["grad_sync:bytes"] = grad_bytes
@@ -478,7 +499,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     return out
 
 
-def _data_parallel(ctx: _Ctx, counts: dict, mb) -> tuple[np.ndarray, ...]:
+def _data_parallel(ctx: _Ctx, counts: dict, mb) -> dict[str, np.ndarray]:
     """Gradient sync (fp32 grads) over data/fsdp and expert-data groups; FSDP parameter gathers."""
     p = ctx.plan
     dense_stage = counts["non_expert"] / (p.pipeline * p.tensor)  # before FSDP sharding
@@ -490,7 +511,8 @@ def _data_parallel(ctx: _Ctx, counts: dict, mb) -> tuple[np.ndarray, ...]:
     expert_shard = 4.0 * counts["expert"] / (p.pipeline * p.expert_weight_shards)
     grad = grad + ctx.coll("all_reduce", expert_shard, "expert_data")
     gather = 2.0 * ctx.coll("all_gather", dense_stage * ctx.b * has_fsdp, "fsdp") * mb  # forward and backward
-    return grad, grad_bytes + expert_shard, gather, 2.0 * dense_stage * ctx.b * mb * has_fsdp
+    return {"grad_s": grad, "grad_bytes": grad_bytes + expert_shard, "fsdp_s": gather,
+            "fsdp_bytes": 2.0 * dense_stage * ctx.b * mb * has_fsdp}
 
 
 def _activation_bytes_per_token_layer(ctx: _Ctx):

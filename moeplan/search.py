@@ -208,11 +208,11 @@ def _heatmap(grid, sel, step, keep) -> dict:
     e_of = np.searchsorted(experts, grid["num_experts"][sel])
     c_of = np.searchsorted(cfs, np.nan_to_num(grid["capacity_factor"][sel], nan=0.0))
     cell = (c_of * len(experts) + e_of)[keep]
+    times = step[keep]
     best = np.full(table.size, np.nan)
     if cell.size:
-        order = np.lexsort((step[keep], cell))  # by cell, fastest first within a cell
-        first = np.r_[True, cell[order][1:] != cell[order][:-1]]
-        best[cell[order][first]] = step[keep][order][first]
+        order = np.argsort(times, kind="stable")[::-1]  # slowest first: the fastest is written last
+        best[cell[order]] = times[order]
     table = best.reshape(table.shape)
     labels = ["dropless" if c == 0.0 else f"{c:g}" for c in cfs]
     return {"num_experts": experts, "capacity_factor": labels, "step_time_s": table.tolist()}

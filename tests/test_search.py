@@ -122,3 +122,22 @@ def test_search_speed_smoke():
     """Not a timing test: the vectorised path handles a large space in one call."""
     result = mp.search(MODEL, mp.load_topology("tpu-v5p", shape=(4, 4, 4)), SPACE, global_batch_tokens=256 * 2048)
     assert result.evaluated > 10_000
+
+
+def test_grouping_helpers_match_numpy_unique_and_brute_force():
+    est = importlib.import_module("moeplan.estimate")
+    rng = np.random.default_rng(5)
+    code = rng.integers(0, 50, 1000)
+    first, inverse = est._dense_unique(code)
+    uniq, first_np, inverse_np = np.unique(code, return_index=True, return_inverse=True)
+    assert first.tolist() == first_np.tolist() and inverse.tolist() == inverse_np.reshape(-1).tolist()
+    members = est._members(inverse, len(first))
+    assert all(sorted(np.flatnonzero(inverse == j).tolist()) == m.tolist() for j, m in enumerate(members))
+    result = mp.search(MODEL, mp.load_topology("dgx-h100"), SPACE, global_batch_tokens=GBT, top=10_000)
+    heat = result.details["heatmap"]
+    for i, experts in enumerate(heat["num_experts"]):
+        for j, cf in enumerate(heat["capacity_factor"]):
+            times = [r["step_time_s"] for r in result.table if r["num_experts"] == experts and
+                     ("dropless" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}") == cf]
+            if times:
+                assert heat["step_time_s"][j][i] == pytest.approx(min(times))
