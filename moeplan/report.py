@@ -9,12 +9,12 @@ from __future__ import annotations
 import html
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import plotly.graph_objects as go
 
 from moeplan.estimate import Estimate
+from moeplan.profiles import write_atomic
 from moeplan.search import Candidate, SearchResult
 from moeplan.units import fmt_time
 
@@ -90,10 +90,4 @@ def write_html(path: str | os.PathLike[str], sections: list[tuple[str, list[go.F
             parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
             first = False
     parts.append("</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(parts))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, "\n".join(parts))
