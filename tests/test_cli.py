@@ -109,6 +109,7 @@ def test_search_prints_ranked_table_and_writes_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "configurations scored" in out and "loss" in out
     assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith("num_experts,top_k")
+    assert (tmp_path / "r.html").stat().st_mode & 0o044  # readable by others, not mkstemp's 0600
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["evaluated"] > 0 and len(data["table"]) > 0
     page = (tmp_path / "r.html").read_text()
