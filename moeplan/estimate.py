@@ -37,7 +37,7 @@ from moeplan import moe as M
 from moeplan.collectives import DEFAULT_PARAMS, CommParams, collective_time_s
 from moeplan.compute import attention_time_s, matmul_time_s, memory_time_s
 from moeplan.hardware import ComputeEfficiency
-from moeplan.layout import RECOMPUTE, Layout, check_layout
+from moeplan.layout import RECOMPUTE, Layout, check_layout, expert_weight_shards
 from moeplan.routing import Routing, routing_stats
 from moeplan.topology import Topology
 from moeplan.units import dtype_bytes
@@ -134,10 +134,7 @@ class Plan:
 
     @cached_property
     def expert_weight_shards(self) -> np.ndarray:
-        """Expert weights: over the expert group, then the part of fsdp it does not cover (layout.py)."""
-        inner = self.tensor * self.data
-        cover = np.where(self.expert > inner, self.expert // np.gcd(self.expert, inner), 1)
-        return self.expert * (self.fsdp // np.gcd(self.fsdp, np.maximum(cover, 1)))
+        return expert_weight_shards(self.expert, self.tensor, self.data, self.fsdp)
 
     @property
     def dense_weight_shards(self) -> np.ndarray:

@@ -12,13 +12,12 @@ The logical mesh, outermost axis first, is (pipeline, fsdp, data, tensor).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from moeplan.moe import MoEModel
-from moeplan.topology import DeviceMesh, Topology
+from moeplan.topology import Topology
 
 RECOMPUTE = ("none", "selective", "full")
 _INT_FIELDS = ("data", "fsdp", "expert", "tensor", "pipeline", "virtual_pipeline", "micro_batch_size")
@@ -65,15 +64,9 @@ class Layout:
         return self.data * self.fsdp * self.tensor
 
     @property
-    def expert_fsdp_cover(self) -> int:
-        """How much of the fsdp axis the expert group spans (it fills tensor and data first)."""
-        inner = self.tensor * self.data
-        return max(1, self.expert // math.gcd(self.expert, inner)) if self.expert > inner else 1
-
-    @property
     def expert_weight_shards(self) -> int:
         """Ways one MoE layer's expert weights are split (pipeline stages aside)."""
-        return self.expert * (self.fsdp // math.gcd(self.fsdp, self.expert_fsdp_cover))
+        return int(expert_weight_shards(self.expert, self.tensor, self.data, self.fsdp))
 
     @property
     def dense_weight_shards(self) -> int:
@@ -125,11 +118,9 @@ def check_layout(model: MoEModel, topo: Topology, layout: Layout) -> None:
             raise ValueError(f"layout.tensor: got {layout.tensor}; expected a divisor of {name} ({width})")
 
 
-def layout_mesh(topo: Topology, layout: Layout) -> DeviceMesh:
-    return topo.place_mesh({"pipeline": layout.pipeline, "fsdp": layout.fsdp, "data": layout.data,
-                            "tensor": layout.tensor})
-
-
-def expert_group(layout: Layout) -> np.ndarray:
-    """Device ids of the first expert group: the innermost ``expert`` devices of a stage's block."""
-    return np.arange(layout.expert)
+def expert_weight_shards(expert, tensor, data, fsdp):
+    """Ways expert weights are split: over the expert group, then over the part of fsdp the group does
+    not already cover (it fills tensor and data first). Integers or integer arrays."""
+    inner = np.asarray(tensor) * data
+    cover = np.where(np.asarray(expert) > inner, np.asarray(expert) // np.gcd(expert, inner), 1)
+    return expert * (np.asarray(fsdp) // np.gcd(fsdp, np.maximum(cover, 1)))
