@@ -583,12 +583,16 @@ _ROWS = [("attention", "compute"), ("attention_tp", "comm"), ("attention_scores"
 
 def estimate_from_costs(costs: dict[str, np.ndarray], i: int, topo: Topology) -> Estimate:
     """The Estimate of candidate ``i`` of a ``plan_costs`` result (what estimate() returns for it)."""
-    def at(key, default=0.0):
-        value = np.asarray(costs.get(key, default), dtype=float)
-        return float(value if value.ndim == 0 else value.reshape(-1)[i if value.size > 1 else 0])
+    values = {}
+    for key, value in costs.items():  # one float per key for candidate i (scalars broadcast)
+        flat = np.ravel(value)
+        values[key] = float(flat[i if flat.size > 1 else 0])
+
+    def at(key: str) -> float:
+        return values.get(key, 0.0)
 
     rows = [LayerRow(name, kind, at(name), at(f"{name}:flops"), at(f"{name}:bytes"), at(f"{name}:count"))
-            for name, kind in _ROWS if name in costs and (at(name) > 0 or not name.endswith("_tp"))]
+            for name, kind in _ROWS if name in values and (values[name] > 0 or not name.endswith("_tp"))]
     memory = {k.split(":", 1)[1]: at(k) for k in costs if k.startswith("mem:")}
     return _finish(topo, "train", at("step_time_s"), at("model_flops"), at("tokens_per_s") * at("step_time_s"),
                    memory, rows, at("drop_rate"), int(at("micro_batches")))
