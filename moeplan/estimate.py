@@ -474,7 +474,8 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     expert_local = counts["expert"] / (pp * p.expert_weight_shards)
     keys = ("data", "fsdp", "tensor", "pipeline", "expert", "num_experts", "expert_d_ff", "moe_every",
             "micro_batch_size")
-    sync = _on_distinct(ctx, keys, lambda c: _data_parallel(c, M.param_counts(c.m), _micro_batches(c.plan, gbt)[0]))
+    sync = _on_distinct(ctx, keys, lambda c: _data_parallel(
+        c, counts if c is ctx else M.param_counts(c.m), mb if c is ctx else _micro_batches(c.plan, gbt)[0]))
     grad_s, grad_bytes, fsdp_s, fsdp_bytes = sync["grad_s"], sync["grad_bytes"], sync["fsdp_s"], sync["fsdp_bytes"]
     last_bwd = stage_s * 2.0 / 3.0
     out["grad_sync"] = grad_s if overlap == "none" else np.maximum(0.0, grad_s - last_bwd)
