@@ -49,7 +49,7 @@ def run_estimate(name: str, size: str, model_fields: dict, layout_fields: dict, 
 
 
 def model_fields(model: mp.MoEModel) -> dict:
-    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("extra",)}
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
 
 
 # ------------------------------------------------------------------ widgets

@@ -11,8 +11,6 @@ All functions accept numpy arrays.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from moeplan.hardware import ChipSpec, ComputeEfficiency
@@ -43,7 +41,3 @@ def attention_time_s(flops, nbytes, chip: ChipSpec, dtype: str, eff: ComputeEffi
 def memory_time_s(nbytes, chip: ChipSpec, eff: ComputeEfficiency):
     return np.asarray(nbytes, dtype=float) / (chip.hbm_bw_bytes_per_s * eff.memory) + eff.kernel_overhead_s
 
-
-def efficiency_for(chip: ChipSpec, override: ComputeEfficiency | None = None, **changes) -> ComputeEfficiency:
-    base = override or chip.efficiency
-    return replace(base, **changes) if changes else base

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -66,7 +66,6 @@ class MoEModel:
     tied_embeddings: bool = False
     name: str = "custom"
     source: str = ""
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         owner = f"model {self.name!r}"

@@ -30,7 +30,7 @@ from moeplan.compute import matmul_time_s, memory_time_s
 from moeplan.hardware import ComputeEfficiency
 from moeplan.topology import Topology
 
-PARAM_NAMES = ("matmul", "memory", "kernel_overhead_s", "step_latency_s", "link_efficiency")
+# theta = (matmul efficiency, memory efficiency, kernel overhead s, step latency s, link efficiency)
 LOWER = np.array([0.01, 0.01, 0.0, 0.0, 0.01])
 UPPER = np.array([1.0, 1.0, 1e-2, 1e-2, 1.0])
 _LAYER_KERNELS = 10  # router, softmax/top-k, one-hot, dispatch, 2 expert matmuls, activation, combine, 2 a2a
