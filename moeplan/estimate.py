@@ -29,22 +29,19 @@ micro-batches in flight, all-to-all buffers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 
 import numpy as np
 
 from moeplan import moe as M
-from moeplan.collectives import DEFAULT_PARAMS, CommParams, collective_time_s
-from moeplan.compute import attention_time_s, matmul_time_s, memory_time_s
-from moeplan.hardware import ComputeEfficiency
-from moeplan.layout import RECOMPUTE, Layout, check_layout, expert_weight_shards
+from moeplan.compute import attention_time_s
+from moeplan.layout import RECOMPUTE, Layout, check_layout
+from moeplan.plan import Context, Plan, make_context, on_distinct, unique_rows
 from moeplan.routing import Routing, routing_stats
 from moeplan.topology import Topology
 from moeplan.units import dtype_bytes
 
 MODES = ("train", "prefill", "decode")
 OVERLAPS = ("none", "dp", "full")
-_LAYOUT_FIELDS = ("data", "fsdp", "expert", "tensor", "pipeline", "virtual_pipeline", "micro_batch_size")
 
 
 @dataclass(frozen=True)
@@ -88,170 +85,8 @@ class Estimate:
         return out
 
 
-# ------------------------------------------------------------------ plans (structure of arrays)
-@dataclass
-class Plan:
-    """Candidates as arrays: a model view (MoE fields may be arrays) and layout degrees per candidate."""
-
-    model: M.ModelView
-    data: np.ndarray
-    fsdp: np.ndarray
-    expert: np.ndarray
-    tensor: np.ndarray
-    pipeline: np.ndarray
-    virtual_pipeline: np.ndarray
-    micro_batch_size: np.ndarray
-    recompute: np.ndarray  # index into layout.RECOMPUTE
-    sequence_parallel: bool = True
-    shard_optimizer: bool = True
-
-    @property
-    def size(self) -> int:
-        return int(self.data.size)
-
-    def take(self, idx: np.ndarray) -> Plan:
-        """The candidates at ``idx`` (model fields that are per-candidate arrays are taken too)."""
-        n = self.size
-        over = {k: (np.asarray(v)[idx] if np.ndim(v) and np.size(v) == n else v)
-                for k, v in self.model.overrides.items()}
-        fields_ = {f: getattr(self, f)[idx] for f in _LAYOUT_FIELDS + ("recompute",)}
-        return Plan(M.ModelView(self.model.base, **over), sequence_parallel=self.sequence_parallel,
-                    shard_optimizer=self.shard_optimizer, **fields_)
-
-    @classmethod
-    def from_layout(cls, model: M.MoEModel, layout: Layout) -> Plan:
-        arrays = {f: np.array([getattr(layout, f)], dtype=np.int64) for f in _LAYOUT_FIELDS}
-        return cls(M.ModelView(model), recompute=np.array([RECOMPUTE.index(layout.recompute)]),
-                   sequence_parallel=layout.sequence_parallel, shard_optimizer=layout.shard_optimizer, **arrays)
-
-    @property
-    def batch_shards(self) -> np.ndarray:
-        return self.data * self.fsdp
-
-    @property
-    def batch_block(self) -> np.ndarray:
-        return self.data * self.fsdp * self.tensor
-
-    @cached_property
-    def expert_weight_shards(self) -> np.ndarray:
-        return expert_weight_shards(self.expert, self.tensor, self.data, self.fsdp)
-
-    @property
-    def dense_weight_shards(self) -> np.ndarray:
-        return self.fsdp * self.tensor
-
-
-class _Ctx:
-    """Everything constant across a plan's candidates, plus the grouped collective lookups."""
-
-    def __init__(self, plan: Plan, topo: Topology, dtype: str, eff: ComputeEfficiency, comm: CommParams,
-                 routing: Routing) -> None:
-        self.plan, self.topo, self.dtype, self.eff, self.comm, self.routing = plan, topo, dtype, eff, comm, routing
-        self.m = plan.model
-        bits = dtype_bytes(dtype)
-        self.b = 2.0 if bits < 2 else bits  # activations and communication: bf16 under 8-bit training
-        self.high = "bf16" if bits < 2 else dtype  # attention and the output layer
-        self.n = plan.size
-        self._ids_cache: dict = {}
-        self._placement_cache: dict = {}
-
-    def mm(self, m, n, k, count=1.0, dtype: str | None = None) -> np.ndarray:
-        return matmul_time_s(m, n, k, self.topo.chip, dtype or self.dtype, self.eff, count)
-
-    def mem(self, nbytes) -> np.ndarray:
-        return memory_time_s(nbytes, self.topo.chip, self.eff)
-
-    def _group(self, kind: str) -> tuple[np.ndarray, callable]:
-        p = self.plan
-        dt = p.data * p.tensor
-        if kind == "tensor":
-            return p.tensor[:, None], lambda k: np.arange(k[0])
-        if kind == "expert":
-            return p.expert[:, None], lambda k: np.arange(k[0])
-        if kind == "data":
-            return np.stack([p.data, p.tensor], 1), lambda k: np.arange(k[0]) * k[1]
-        if kind == "fsdp":
-            return np.stack([p.fsdp, dt], 1), lambda k: np.arange(k[0]) * k[1]
-        if kind == "pipeline":
-            return np.stack([p.pipeline, p.fsdp * dt], 1), lambda k: np.array([0, k[1]]) if k[0] > 1 else np.array([0])
-        edp = p.batch_block // p.expert_weight_shards  # expert_data: replicas of one expert shard
-        return np.stack([p.batch_block, p.expert, edp], 1), lambda k: np.arange(0, k[0], k[1])[: k[2]]
-
-    def _coll_one(self, op: str, nbytes: float, kind: str) -> float:
-        """The single-candidate path of ``coll`` (estimate()): plain Python on the group key."""
-        if nbytes <= 0:
-            return 0.0
-        key = tuple(int(x) for x in self._group_key_one(kind))
-        ids = self._ids_cache.get((kind, key))
-        if ids is None:
-            ids = self._ids_cache[(kind, key)] = self._group(kind)[1](key)
-        if ids.size < 2:
-            return 0.0
-        return float(collective_time_s(self.topo, op, nbytes, ids, params=self.comm))
-
-    def _group_key_one(self, kind: str) -> list[int]:
-        p = self.plan
-        d, f, t, e = int(p.data[0]), int(p.fsdp[0]), int(p.tensor[0]), int(p.expert[0])
-        return {"tensor": [t], "expert": [e], "data": [d, t], "fsdp": [f, d * t],
-                "pipeline": [int(p.pipeline[0]), f * d * t],
-                "expert_data": [d * f * t, e, d * f * t // int(p.expert_weight_shards[0])]}[kind]
-
-    def coll(self, op: str, nbytes, kind: str) -> np.ndarray:
-        """Collective time per candidate, computed once per distinct group placement."""
-        if self.n == 1:
-            return np.array([self._coll_one(op, float(np.ravel(nbytes)[0]), kind)])
-        nbytes = np.broadcast_to(np.asarray(nbytes, dtype=float), (self.n,))
-        out = np.zeros(self.n)
-        if not nbytes.any():
-            return out
-        for ids, sel in self._placements(kind):
-            out[sel] = collective_time_s(self.topo, op, nbytes[sel], ids, params=self.comm)
-        return np.where(nbytes > 0, out, 0.0)
-
-    def _placements(self, kind: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(device ids, candidate indices) per distinct group placement of ``kind``, computed once."""
-        cached = self._placement_cache.get(kind)
-        if cached is None:
-            cols, ids_of = self._group(kind)
-            keys, inverse = unique_rows(cols)
-            cached = [(ids_of(keys[j]), sel) for j, sel in enumerate(_members(inverse, len(keys)))]
-            cached = self._placement_cache[kind] = [(ids, sel) for ids, sel in cached if ids.size >= 2]
-        return cached
-
-
-def _context(plan, topo, dtype, profile, routing) -> _Ctx:
-    eff = getattr(profile, "compute", None) or topo.chip.efficiency
-    comm = getattr(profile, "comm", None) or DEFAULT_PARAMS
-    return _Ctx(plan, topo, dtype, eff, comm, routing or Routing())
-
-
-def _members(inverse: np.ndarray, count: int) -> list[np.ndarray]:
-    """Indices of each group j (inverse == j) from one stable sort instead of one scan per group."""
-    small = inverse.astype(np.int16) if count < (1 << 15) else inverse  # NumPy radix-sorts 16-bit ints
-    order = np.argsort(small, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(count + 1))
-    return [order[bounds[j]:bounds[j + 1]] for j in range(count)]
-
-
-def unique_rows(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.unique(cols, axis=0, return_inverse=True) for small non-negative integer columns, fast:
-    each row is packed into one int64 (mixed radix) before the 1-D unique."""
-    cols = np.asarray(cols)
-    if cols.shape[0] == 1:
-        return cols, np.zeros(1, dtype=np.int64)
-    ints = np.rint(cols).astype(np.int64)
-    if ints.min() < 0 or not np.array_equal(ints, cols):
-        uniq, inverse = np.unique(cols, axis=0, return_inverse=True)
-        return uniq, np.asarray(inverse).reshape(-1)
-    code = np.zeros(ints.shape[0], dtype=np.int64)
-    for j in range(ints.shape[1]):
-        code = code * (int(ints[:, j].max()) + 1) + ints[:, j]
-    first, inverse = _dense_unique(code)
-    return cols[first], inverse
-
-
 # ------------------------------------------------------------------ building blocks (arrays)
-def _tp_comm(ctx: _Ctx, tokens) -> tuple[np.ndarray, np.ndarray]:
+def _tp_comm(ctx: Context, tokens) -> tuple[np.ndarray, np.ndarray]:
     """Tensor-parallel collectives around one block: AG + RS with sequence parallelism, else AR."""
     nbytes = tokens * ctx.m.d_model * ctx.b * (ctx.plan.tensor > 1)
     if ctx.plan.sequence_parallel:
@@ -259,7 +94,7 @@ def _tp_comm(ctx: _Ctx, tokens) -> tuple[np.ndarray, np.ndarray]:
     return ctx.coll("all_reduce", nbytes, "tensor"), nbytes
 
 
-def _attention(ctx: _Ctx, tokens, context: float, decode: bool) -> dict[str, np.ndarray]:
+def _attention(ctx: Context, tokens, context: float, decode: bool) -> dict[str, np.ndarray]:
     """Projections, norms, TP collectives and scores of one self-attention block."""
     m, t = ctx.m, ctx.plan.tensor
     width = M.attention_params(m) / m.d_model / t  # output features per rank, projections together
@@ -278,7 +113,7 @@ def _attention(ctx: _Ctx, tokens, context: float, decode: bool) -> dict[str, np.
     return out
 
 
-def _ffn(ctx: _Ctx, tokens, width) -> dict[str, np.ndarray]:
+def _ffn(ctx: Context, tokens, width) -> dict[str, np.ndarray]:
     m, t = ctx.m, ctx.plan.tensor
     up = 2 if m.gated_ffn else 1
     time = ctx.mm(tokens, up * width / t, m.d_model) + ctx.mm(tokens, m.d_model, width / t)
@@ -288,7 +123,7 @@ def _ffn(ctx: _Ctx, tokens, width) -> dict[str, np.ndarray]:
             "tp_s": tp_s * (width > 0), "tp_bytes": tp_bytes * (width > 0)}
 
 
-def _routing(ctx: _Ctx, group, ep, local) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _routing(ctx: Context, group, ep, local) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(drop rate, tokens per expert on the busiest device, straggler factor) per candidate."""
     m = ctx.m
     experts = np.broadcast_to(m.num_experts, (ctx.n,))
@@ -312,7 +147,7 @@ def _routing(ctx: _Ctx, group, ep, local) -> tuple[np.ndarray, np.ndarray, np.nd
     return drop[inverse], per_expert[inverse], straggle[inverse]
 
 
-def _moe(ctx: _Ctx, tokens, decode: bool = False) -> dict[str, np.ndarray]:
+def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
     """Router, dispatch all-to-all, expert FFNs, combine all-to-all for one MoE layer."""
     m, p = ctx.m, ctx.plan
     group = np.maximum(np.round(tokens / p.tensor), 1).astype(np.int64)  # tokens this device routes
@@ -336,61 +171,10 @@ def _moe(ctx: _Ctx, tokens, decode: bool = False) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------ training
-def _logits(ctx: _Ctx, tokens) -> dict[str, np.ndarray]:
+def _logits(ctx: Context, tokens) -> dict[str, np.ndarray]:
     m, t = ctx.m, ctx.plan.tensor
     time = ctx.mm(tokens, m.vocab_size / t, m.d_model, dtype=ctx.high) + ctx.mem(3 * tokens * m.vocab_size / t * 4)
     return {"s": time, "flops": 2.0 * tokens * m.vocab_size / t * m.d_model}
-
-
-_MODEL_ARRAYS = ("num_experts", "top_k", "capacity_factor", "moe_every", "expert_d_ff")
-
-
-def _on_distinct(ctx: _Ctx, keys: tuple[str, ...], fn) -> dict[str, np.ndarray]:
-    """Run ``fn`` once per distinct combination of ``keys`` (plan or model fields) and expand the
-    result to every candidate. ``fn`` must depend on no other per-candidate field; the
-    vectorised-vs-scalar test would catch one that does."""
-    if ctx.n == 1:
-        return fn(ctx)
-    cols = []
-    for k in keys:
-        if k in _MODEL_ARRAYS:
-            value = ctx.m.capacity_factor_array if k == "capacity_factor" else getattr(ctx.m, k)
-            value = np.nan_to_num(np.asarray(value, dtype=float), nan=-1.0)
-        else:
-            value = getattr(ctx.plan, k)
-        cols.append(np.broadcast_to(value, (ctx.n,)))
-    first, inverse = _distinct(np.stack(cols, 1))
-    sub = _Ctx(ctx.plan.take(first), ctx.topo, ctx.dtype, ctx.eff, ctx.comm, ctx.routing)
-    out = fn(sub)
-    return {k: (np.asarray(v)[inverse] if np.ndim(v) else v) for k, v in out.items()}
-
-
-def _distinct(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of a first row of each distinct row, and each row's distinct index."""
-    code = np.zeros(cols.shape[0], dtype=np.int64)
-    for j in range(cols.shape[1]):
-        col = cols[:, j]
-        ints = col.astype(np.int64)
-        if np.array_equal(ints, col) and ints.min() >= 0 and ints.max() < 4096:
-            code = code * (int(ints.max()) + 1) + ints  # small whole numbers: radix directly, no sort
-        else:
-            uniq, index = np.unique(col, return_inverse=True)
-            code = code * len(uniq) + np.asarray(index).reshape(-1)
-    return _dense_unique(code)
-
-
-def _dense_unique(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of the first row of each distinct code, each row's distinct index) for non-negative
-    integer codes; a lookup table instead of a sort when the codes are small enough."""
-    top = int(code.max()) + 1 if code.size else 0
-    if top > 4 * code.size + (1 << 20):
-        _, first, inverse = np.unique(code, return_index=True, return_inverse=True)
-        return first, np.asarray(inverse).reshape(-1)
-    rep = np.full(top, -1, dtype=np.int64)
-    rep[code[::-1]] = np.arange(code.size - 1, -1, -1)  # last write wins: the first occurrence
-    present = rep >= 0
-    slot = np.cumsum(present) - 1
-    return rep[present], slot[code]
 
 
 def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
@@ -405,7 +189,7 @@ def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
 def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str = "bf16", profile=None,
                routing: Routing | None = None, overlap: str = "dp") -> dict[str, np.ndarray]:
     """Training cost of every candidate of ``plan``: per-part times (arrays), step time, memory, MFU."""
-    ctx = _context(plan, topo, dtype, profile, routing)
+    ctx = make_context(plan, topo, dtype, profile, routing)
     gbt = global_batch_tokens
     m, p = ctx.m, plan
     mb, valid = _micro_batches(plan, global_batch_tokens)
@@ -415,13 +199,13 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     n_attn = (m.n_layers + m.n_cross_attention_layers) * stage
     n_moe, n_dense = m.n_moe_layers * stage, m.n_dense_layers * stage
     # per-layer parts depend on a few knobs only: evaluate them once per distinct combination
-    attn = _on_distinct(ctx, ("tensor", "micro_batch_size"),
+    attn = on_distinct(ctx, ("tensor", "micro_batch_size"),
                         lambda c: _attention(c, c.plan.micro_batch_size * m.seq_len, m.seq_len, decode=False))
-    dense = _on_distinct(ctx, ("tensor", "micro_batch_size"),
+    dense = on_distinct(ctx, ("tensor", "micro_batch_size"),
                          lambda c: _ffn(c, c.plan.micro_batch_size * m.seq_len, m.d_ff))
-    moe = _on_distinct(ctx, ("tensor", "micro_batch_size", "expert", "num_experts", "top_k", "capacity_factor",
+    moe = on_distinct(ctx, ("tensor", "micro_batch_size", "expert", "num_experts", "top_k", "capacity_factor",
                              "expert_d_ff"), lambda c: _moe(c, c.plan.micro_batch_size * m.seq_len))
-    logits = _on_distinct(ctx, ("tensor", "micro_batch_size"),
+    logits = on_distinct(ctx, ("tensor", "micro_batch_size"),
                           lambda c: _logits(c, c.plan.micro_batch_size * m.seq_len))
     logits_s, logits_flops = logits["s"], logits["flops"]
 
@@ -460,7 +244,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
         out[f"{name}:bytes"] = comm_bytes * comm_passes * count * mb
         out[f"{name}:count"] = count * mb
     act = tokens * m.d_model * ctx.b / p.tensor
-    p2p = 2.0 * v * _on_distinct(ctx, ("pipeline", "fsdp", "data", "tensor", "micro_batch_size"), lambda c: {
+    p2p = 2.0 * v * on_distinct(ctx, ("pipeline", "fsdp", "data", "tensor", "micro_batch_size"), lambda c: {
         "s": c.coll("p2p", c.plan.micro_batch_size * m.seq_len * m.d_model * c.b / c.plan.tensor
                     * (c.plan.pipeline > 1), "pipeline")})["s"]
     p2p = p2p if overlap == "none" else 0.0 * p2p  # interleaved 1F1B overlaps sends with other micro-batches
@@ -474,7 +258,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     expert_local = counts["expert"] / (pp * p.expert_weight_shards)
     keys = ("data", "fsdp", "tensor", "pipeline", "expert", "num_experts", "expert_d_ff", "moe_every",
             "micro_batch_size")
-    sync = _on_distinct(ctx, keys, lambda c: _data_parallel(
+    sync = on_distinct(ctx, keys, lambda c: _data_parallel(
         c, counts if c is ctx else M.param_counts(c.m), mb if c is ctx else _micro_batches(c.plan, gbt)[0]))
     grad_s, grad_bytes, fsdp_s, fsdp_bytes = sync["grad_s"], sync["grad_bytes"], sync["fsdp_s"], sync["fsdp_bytes"]
     last_bwd = stage_s * 2.0 / 3.0
@@ -497,7 +281,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     return out
 
 
-def _data_parallel(ctx: _Ctx, counts: dict, mb) -> dict[str, np.ndarray]:
+def _data_parallel(ctx: Context, counts: dict, mb) -> dict[str, np.ndarray]:
     """Gradient sync (fp32 grads) over data/fsdp and expert-data groups; FSDP parameter gathers."""
     p = ctx.plan
     dense_stage = counts["non_expert"] / (p.pipeline * p.tensor)  # before FSDP sharding
@@ -513,7 +297,7 @@ def _data_parallel(ctx: _Ctx, counts: dict, mb) -> dict[str, np.ndarray]:
             "fsdp_bytes": 2.0 * dense_stage * ctx.b * mb * has_fsdp}
 
 
-def _activation_bytes_per_token_layer(ctx: _Ctx):
+def _activation_bytes_per_token_layer(ctx: Context):
     """Stored activations per token per layer (flash attention: no s^2 term), averaged over layer kinds.
 
     Attention: block input, norm output, q, k, v, attention output (Korthikanti et al. 2022 without the
@@ -529,7 +313,7 @@ def _activation_bytes_per_token_layer(ctx: _Ctx):
     return attn + (dense * m.n_dense_layers + moe * m.n_moe_layers) / m.n_layers
 
 
-def _train_memory(ctx: _Ctx, counts: dict, tokens, mb, send) -> dict[str, np.ndarray]:
+def _train_memory(ctx: Context, counts: dict, tokens, mb, send) -> dict[str, np.ndarray]:
     m, p = ctx.m, ctx.plan
     pp, t = p.pipeline, p.tensor
     params = counts["non_expert"] / (pp * p.dense_weight_shards) + counts["expert"] / (pp * p.expert_weight_shards)
@@ -565,7 +349,7 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
     check_layout(model, topo, layout)
     plan = Plan.from_layout(model, layout)
     if mode != "train":
-        return _inference(_context(plan, topo, dtype, profile, routing), mode, int(global_batch_tokens))
+        return _inference(make_context(plan, topo, dtype, profile, routing), mode, int(global_batch_tokens))
     costs = plan_costs(plan, topo, int(global_batch_tokens), dtype, profile, routing, overlap)
     if not costs["valid"][0]:
         raise ValueError(
@@ -613,7 +397,7 @@ def _finish(topo: Topology, mode: str, step: float, model_flops: float, tokens: 
 
 
 # ------------------------------------------------------------------ inference
-def _inference(ctx: _Ctx, mode: str, gbt: int) -> Estimate:
+def _inference(ctx: Context, mode: str, gbt: int) -> Estimate:
     """prefill: one forward over ``gbt`` tokens. decode: one new token for each of ``gbt`` sequences,
     attending to ``seq_len`` cached tokens. Pipeline stages run one after another (no micro-batches)."""
     m, topo, p = ctx.m, ctx.topo, ctx.plan

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from moeplan import moe as M
-from moeplan.estimate import Plan, plan_costs
+from moeplan.estimate import plan_costs
 from moeplan.layout import RECOMPUTE, Layout
+from moeplan.plan import Plan
 from moeplan.quality import QualityLaw, default_law
 from moeplan.routing import Routing
 from moeplan.topology import SWITCHED, Topology

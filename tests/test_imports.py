@@ -11,7 +11,8 @@ from tests.conftest import ROOT
 # The house order of docs/DESIGN.md: a module may import only modules listed before it.
 ORDER = [
     "units", "schema", "hardware", "topology", "families", "collectives", "linksim", "moe", "routing",
-    "layout", "compute", "estimate", "quality", "search", "validation", "profiles", "calibrate", "report", "cli",
+    "layout", "compute", "plan", "estimate", "quality", "search", "validation", "profiles", "calibrate",
+    "report", "cli",
 ]
 
 

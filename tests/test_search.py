@@ -125,7 +125,7 @@ def test_search_speed_smoke():
 
 
 def test_grouping_helpers_match_numpy_unique_and_brute_force():
-    est = importlib.import_module("moeplan.estimate")
+    est = importlib.import_module("moeplan.plan")
     rng = np.random.default_rng(5)
     code = rng.integers(0, 50, 1000)
     first, inverse = est._dense_unique(code)
