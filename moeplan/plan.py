@@ -198,29 +198,28 @@ def on_distinct(ctx: Context, keys: tuple[str, ...], fn) -> dict[str, np.ndarray
         return fn(ctx)
     cols = []
     for k in keys:
-        if k in _MODEL_ARRAYS:
-            value = ctx.m.capacity_factor_array if k == "capacity_factor" else getattr(ctx.m, k)
-            value = np.nan_to_num(np.asarray(value, dtype=float), nan=-1.0)
+        if k == "capacity_factor":  # float, NaN = dropless: exact to 6 decimals as integers
+            cf = ctx.m.capacity_factor_array
+            value = np.where(np.isnan(cf), 0, np.rint(np.nan_to_num(cf) * 1e6) + 1).astype(np.int64)
         else:
-            value = getattr(ctx.plan, k)
+            value = np.asarray(getattr(ctx.m, k) if k in _MODEL_ARRAYS else getattr(ctx.plan, k))
         cols.append(np.broadcast_to(value, (ctx.n,)))
-    first, inverse = _distinct(np.stack(cols, 1))
+    first, inverse = _distinct(cols)
     sub = Context(ctx.plan.take(first), ctx.topo, ctx.dtype, ctx.eff, ctx.comm, ctx.routing)
     out = fn(sub)
     return {k: (np.asarray(v)[inverse] if np.ndim(v) else v) for k, v in out.items()}
 
 
-def _distinct(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of a first row of each distinct row, and each row's distinct index."""
-    code = np.zeros(cols.shape[0], dtype=np.int64)
-    for j in range(cols.shape[1]):
-        col = cols[:, j]
-        ints = col.astype(np.int64)
-        if np.array_equal(ints, col) and ints.min() >= 0 and ints.max() < 4096:
-            code = code * (int(ints.max()) + 1) + ints  # small whole numbers: radix directly, no sort
-        else:
-            uniq, index = np.unique(col, return_inverse=True)
-            code = code * len(uniq) + np.asarray(index).reshape(-1)
+def _distinct(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Index of a first row of each distinct row (columns of non-negative integers), and each row's
+    distinct index: small columns radix directly, large ones are compacted first; no sort."""
+    code = np.zeros(cols[0].shape[0], dtype=np.int64)
+    for col in cols:
+        top = int(col.max()) + 1
+        if top > 64:
+            first, col = _dense_unique(col)
+            top = first.size
+        code = code * top + col
     return _dense_unique(code)
 
 

@@ -166,7 +166,8 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
         raise ValueError(f"objective: got {objective!r}; expected one of {list(OBJECTIVES)}")
     constraints = constraints or Constraints()
     law = quality or default_law()
-    grid = _grid((space or SearchSpace()).resolved(model, topo))
+    resolved = (space or SearchSpace()).resolved(model, topo)
+    grid = _grid(resolved)
     considered = grid["expert"].size
     ok = _valid(grid, model, topo, global_batch_tokens)
     index = np.flatnonzero(ok)
@@ -192,29 +193,28 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     ranked = np.argsort(score, kind="stable")
     order = ranked[keep[ranked]][:top]
     candidates = [_candidate(model, grid, sel, scored, loss, topo, i) for i in order]
-    front = pareto_front(loss, scored["step_time_s"], keep)
+    fastest = by_time(scored["step_time_s"], loss, keep)
+    front = pareto_front(loss, scored["step_time_s"], keep, order=fastest)
     pareto = [_candidate(model, grid, sel, scored, loss, topo, i) for i in front]
     table = [_row(c) for c in candidates]
-    heat = _heatmap(grid, sel, scored["step_time_s"], keep)
+    heat = _heatmap(resolved, grid, sel, scored["step_time_s"], fastest)
     return SearchResult(candidates[0] if candidates else None, pareto, table, int(sel.size), int(considered), objective,
                         {"kept": int(keep.sum()), "quality_law": law.name, "time_budget_s": time_budget_s,
                          "heatmap": heat, "global_batch_tokens": global_batch_tokens})
 
 
-def _heatmap(grid, sel, step, keep) -> dict:
-    """Best kept step time per (num_experts, capacity_factor); NaN where nothing was kept."""
-    experts = sorted(set(grid["num_experts"].tolist()))
-    cfs = sorted(set(np.nan_to_num(grid["capacity_factor"], nan=0.0).tolist()))
-    table = np.full((len(cfs), len(experts)), np.nan)
+def _heatmap(space: dict[str, list], grid, sel, step, by_time: np.ndarray) -> dict:
+    """Best kept step time per (num_experts, capacity_factor); NaN where nothing was kept.
+    ``by_time``: the kept candidates, fastest first."""
+    experts = sorted(set(space["num_experts"]))
+    cfs = sorted({0.0 if c is None else float(c) for c in space["capacity_factor"]})
     e_of = np.searchsorted(experts, grid["num_experts"][sel])
     c_of = np.searchsorted(cfs, np.nan_to_num(grid["capacity_factor"][sel], nan=0.0))
-    cell = (c_of * len(experts) + e_of)[keep]
-    times = step[keep]
-    best = np.full(table.size, np.nan)
-    if cell.size:
-        order = np.argsort(times, kind="stable")[::-1]  # slowest first: the fastest is written last
-        best[cell[order]] = times[order]
-    table = best.reshape(table.shape)
+    cell = c_of * len(experts) + e_of
+    best = np.full(len(cfs) * len(experts), np.nan)
+    slowest_first = by_time[::-1]  # the fastest of each cell is written last
+    best[cell[slowest_first]] = step[slowest_first]
+    table = best.reshape(len(cfs), len(experts))
     labels = ["dropless" if c == 0.0 else f"{c:g}" for c in cfs]
     return {"num_experts": experts, "capacity_factor": labels, "step_time_s": table.tolist()}
 
@@ -242,18 +242,25 @@ def _objective(name: str, s: dict[str, np.ndarray], loss: np.ndarray, topo: Topo
     return loss + 1e-12 * s["step_time_s"]  # quality, quality_per_time: ties go to the faster layout
 
 
-def pareto_front(loss: np.ndarray, time_s: np.ndarray, keep: np.ndarray | None = None) -> list[int]:
+def by_time(time_s: np.ndarray, loss: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the kept points, fastest first, equal times by lower loss."""
+    idx = np.flatnonzero(np.ones(time_s.size, bool) if keep is None else keep)
+    order = idx[np.argsort(time_s[idx], kind="stable")]
+    t = time_s[order]
+    if np.any(t[1:] == t[:-1]):  # ties in time: the lower loss must come first
+        order = idx[np.lexsort((loss[idx], time_s[idx]))]
+    return order
+
+
+def pareto_front(loss: np.ndarray, time_s: np.ndarray, keep: np.ndarray | None = None,
+                 order: np.ndarray | None = None) -> list[int]:
     """Indices of the non-dominated (loss, time) points among ``keep``, fastest first.
 
     A point is dominated when another is no worse in both and better in one. Sort by time (then
-    loss) and keep each point whose loss beats every faster point's.
+    loss) and keep each point whose loss beats every faster point's. ``order`` = ``by_time(...)``
+    when the caller has it already.
     """
-    idx = np.flatnonzero(np.ones(loss.size, bool) if keep is None else keep)
-    order = idx[np.argsort(time_s[idx] + 0.0 * loss[idx], kind="stable")]
-    # equal times: the lower loss must come first (stable sort keeps index order), so sort those runs
-    t = time_s[order]
-    if np.any(t[1:] == t[:-1]):
-        order = idx[np.lexsort((loss[idx], time_s[idx]))]
+    order = by_time(time_s, loss, keep) if order is None else order
     ranked = loss[order]
     faster_best = np.concatenate([[math.inf], np.minimum.accumulate(ranked)[:-1]])
     return [int(i) for i in order[ranked < faster_best]]
