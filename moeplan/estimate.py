@@ -6,9 +6,10 @@ micro-batch on the slowest stage), plus the exposed data-parallel gradient sync 
 plus the optimizer. Inside a stage every layer is computed by roofline (``compute``) and every
 collective by ``collectives`` on the layout's actual device groups.
 
-The formulas are written once, over arrays: ``plan_costs`` scores a ``Plan`` (a structure of
-arrays, one entry per candidate layout) and ``estimate`` is that same function on a plan of one.
-The layout search calls ``plan_costs`` directly.
+The formulas are written once, over arrays: ``plan_costs`` scores a ``Plan`` (layout degrees and
+MoE fields as numpy values that broadcast together) and ``estimate`` is that same function on a plan
+of one candidate. The layout search calls ``plan_costs`` on a grid with one axis per knob, so each
+intermediate spans only the knobs it depends on (``plan`` module).
 
 Overlap policy (``overlap``): "none" exposes every communication; "dp" (default, what Megatron-Core
 and MaxText do out of the box) hides the gradient sync behind the last micro-batch's backward, FSDP
@@ -35,7 +36,7 @@ import numpy as np
 from moeplan import moe as M
 from moeplan.compute import attention_time_s
 from moeplan.layout import RECOMPUTE, Layout, check_layout
-from moeplan.plan import Context, Plan, make_context, on_distinct, unique_rows
+from moeplan.plan import Context, Plan, distinct_rows, make_context
 from moeplan.routing import Routing, routing_stats
 from moeplan.topology import Topology
 from moeplan.units import dtype_bytes
@@ -123,34 +124,36 @@ def _ffn(ctx: Context, tokens, width) -> dict[str, np.ndarray]:
             "tp_s": tp_s * (width > 0), "tp_bytes": tp_bytes * (width > 0)}
 
 
-def _routing(ctx: Context, group, ep, local) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(drop rate, tokens per expert on the busiest device, straggler factor) per candidate."""
+def _routing(ctx: Context, group, ep, local):
+    """(drop rate, tokens per expert on the busiest device, straggler factor) per candidate: the routing
+    statistics of each distinct (tokens routed, expert degree, experts, top-k, capacity, local experts)."""
     m = ctx.m
-    experts = np.broadcast_to(m.num_experts, (ctx.n,))
-    top_k = np.broadcast_to(m.top_k, (ctx.n,))
-    cf = np.broadcast_to(m.capacity_factor_array, (ctx.n,))
-    cf_code = np.where(np.isnan(cf), 0, np.rint(np.nan_to_num(cf) * 1e6) + 1)  # exact for 6 decimals
-    uniq, inverse = unique_rows(np.stack([group, ep, experts, top_k, cf_code, local], 1))
-    drop, per_expert, straggle = np.zeros(len(uniq)), np.zeros(len(uniq)), np.ones(len(uniq))
-    for j, (g, e_par, n_exp, k, code, loc) in enumerate(uniq):
-        g, e_par, n_exp, k, loc = int(g), int(e_par), int(n_exp), int(k), int(loc)
-        c = (code - 1) / 1e6
-        if code > 0:
-            cap = float(np.ceil(g * k * c / n_exp))
-            drop[j] = routing_stats(g, n_exp, k, cap, 1, ctx.routing, loads=False).drop_rate
-            per_expert[j] = e_par * cap  # padded: every group fills its slot
-            straggle[j] = n_exp * cap / (g * k)  # send buffer: all slots
-        else:
-            stats = routing_stats(g * e_par, n_exp, k, None, loc, ctx.routing)
-            per_expert[j] = stats.max_device_load / loc
-            straggle[j] = stats.max_device_load / stats.mean_device_load
-    return drop[inverse], per_expert[inverse], straggle[inverse]
+    cf = m.capacity_factor_array
+    cf_code = np.where(cf != cf, 0, np.rint(np.where(cf != cf, 0.0, cf) * 1e6) + 1)  # NaN (dropless) -> 0
+    cols = (group, ep, m.num_experts, m.top_k, cf_code, local)
+    if all(np.ndim(c) == 0 for c in cols):  # one candidate
+        return _route(ctx.routing, *(float(c) for c in cols))
+    rows, inverse = distinct_rows(cols)
+    stats = np.array([_route(ctx.routing, *row) for row in rows.tolist()]).reshape(-1, 3)
+    return stats[inverse, 0], stats[inverse, 1], stats[inverse, 2]
+
+
+def _route(routing: Routing, g, e_par, n_exp, k, cf_code, loc) -> tuple[float, float, float]:
+    """One row of ``_routing``: capacity factor code 0 = dropless, else 1 + 1e6 x the factor."""
+    if g < 1 or loc < 1 or n_exp % e_par or n_exp % loc:
+        return 0.0, 0.0, 1.0  # an invalid grid point: masked out by the caller
+    if cf_code > 0:
+        cap = float(np.ceil(g * k * ((cf_code - 1) / 1e6) / n_exp))
+        drop = routing_stats(g, n_exp, k, cap, 1, routing, loads=False).drop_rate
+        return drop, e_par * cap, n_exp * cap / (g * k)  # padded: every group fills its slots
+    stats = routing_stats(g * e_par, n_exp, k, None, loc, routing)
+    return 0.0, stats.max_device_load / loc, stats.max_device_load / stats.mean_device_load
 
 
 def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
     """Router, dispatch all-to-all, expert FFNs, combine all-to-all for one MoE layer."""
     m, p = ctx.m, ctx.plan
-    group = np.maximum(np.round(tokens / p.tensor), 1).astype(np.int64)  # tokens this device routes
+    group = np.maximum(np.round(tokens / p.tensor), 1)  # tokens this device routes
     ep = p.expert
     local = m.num_experts // ep
     out = {"router_s": ctx.mm(group, m.num_experts, m.d_model, dtype="fp32") + ctx.mem(
@@ -187,93 +190,88 @@ def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str = "bf16", profile=None,
-               routing: Routing | None = None, overlap: str = "dp") -> dict[str, np.ndarray]:
-    """Training cost of every candidate of ``plan``: per-part times (arrays), step time, memory, MFU."""
+               routing: Routing | None = None, overlap: str = "dp", breakdown: bool = True) -> dict:
+    """Training cost of every candidate of ``plan``: step time, tokens/s, MFU, memory, drop rate, fits,
+    valid, and with ``breakdown`` the per-part times, FLOPs, bytes and counts. Each value has the
+    broadcast shape of the fields it depends on (the search broadcasts them over its grid)."""
     ctx = make_context(plan, topo, dtype, profile, routing)
     gbt = global_batch_tokens
     m, p = ctx.m, plan
-    mb, valid = _micro_batches(plan, global_batch_tokens)
+    mb, valid = _micro_batches(plan, gbt)
     pp, v = p.pipeline, p.virtual_pipeline
     tokens = p.micro_batch_size * m.seq_len  # per batch shard and micro-batch
     stage = -(-m.n_layers // (pp * v)) * v / m.n_layers  # slowest stage: ceil(L / (p v)) layers per chunk
     n_attn = (m.n_layers + m.n_cross_attention_layers) * stage
     n_moe, n_dense = m.n_moe_layers * stage, m.n_dense_layers * stage
-    # per-layer parts depend on a few knobs only: evaluate them once per distinct combination
-    attn = on_distinct(ctx, ("tensor", "micro_batch_size"),
-                        lambda c: _attention(c, c.plan.micro_batch_size * m.seq_len, m.seq_len, decode=False))
-    dense = on_distinct(ctx, ("tensor", "micro_batch_size"),
-                         lambda c: _ffn(c, c.plan.micro_batch_size * m.seq_len, m.d_ff))
-    moe = on_distinct(ctx, ("tensor", "micro_batch_size", "expert", "num_experts", "top_k", "capacity_factor",
-                             "expert_d_ff"), lambda c: _moe(c, c.plan.micro_batch_size * m.seq_len))
-    logits = on_distinct(ctx, ("tensor", "micro_batch_size"),
-                          lambda c: _logits(c, c.plan.micro_batch_size * m.seq_len))
-    logits_s, logits_flops = logits["s"], logits["flops"]
+    attn = _attention(ctx, tokens, m.seq_len, decode=False)
+    dense = _ffn(ctx, tokens, m.d_ff)
+    moe = _moe(ctx, tokens)
+    logits = _logits(ctx, tokens)
 
-    full = (p.recompute == RECOMPUTE.index("full")).astype(float)
-    selective = (p.recompute == RECOMPUTE.index("selective")).astype(float)
+    full = p.recompute == RECOMPUTE.index("full")
+    selective = p.recompute == RECOMPUTE.index("selective")
     compute_passes, comm_passes = 3.0 + full, 2.0 + full
-    # (name, kind, compute per micro-batch forward, comm per pass, layers on the stage, flops, comm bytes)
-    parts = [
-        ("attention", "compute", attn["proj_s"], attn["tp_s"], n_attn, attn["proj_flops"], attn["tp_bytes"]),
-        ("attention_scores", "compute", attn["scores_s"] * (compute_passes + selective) / compute_passes, 0.0,
-         n_attn, attn["scores_flops"], 0.0),
-        ("dense_ffn", "compute", dense["s"], dense["tp_s"], n_dense, dense["flops"], dense["tp_bytes"]),
-        ("router", "compute", moe["router_s"], 0.0, n_moe, moe["router_flops"], 0.0),
-        ("dispatch_a2a", "a2a", moe["permute_s"], moe["a2a_s"], n_moe, 0.0, moe["send"]),
-        ("experts", "compute", moe["experts_s"], moe["shared_tp_s"], n_moe, moe["experts_flops"],
-         moe["shared_tp_bytes"]),
-        ("combine_a2a", "a2a", moe["permute_s"], moe["a2a_s"], n_moe, 0.0, moe["send"]),
-        ("logits", "compute", logits_s, 0.0, 1.0, logits_flops, 0.0),
+    # per layer kind, its count on the stage and its parts:
+    # (name, kind, compute per micro-batch forward, comm per pass, flops, comm bytes)
+    kinds = [
+        (n_attn, [("attention", "compute", attn["proj_s"], attn["tp_s"], attn["proj_flops"], attn["tp_bytes"]),
+                  ("attention_scores", "compute", attn["scores_s"] * (compute_passes + selective) / compute_passes,
+                   0.0, attn["scores_flops"], 0.0)]),
+        (n_dense, [("dense_ffn", "compute", dense["s"], dense["tp_s"], dense["flops"], dense["tp_bytes"])]),
+        (n_moe, [("router", "compute", moe["router_s"], 0.0, moe["router_flops"], 0.0),
+                 ("dispatch_a2a", "a2a", moe["permute_s"], moe["a2a_s"], 0.0, moe["send"]),
+                 ("experts", "compute", moe["experts_s"], moe["shared_tp_s"], moe["experts_flops"],
+                  moe["shared_tp_bytes"]),
+                 ("combine_a2a", "a2a", moe["permute_s"], moe["a2a_s"], 0.0, moe["send"])]),
+        (1.0, [("logits", "compute", logits["s"], 0.0, logits["flops"], 0.0)]),
     ]
-    out: dict[str, np.ndarray] = {}
-    stage_s = np.zeros(ctx.n)
-    for name, kind, compute, comm, count, flops, comm_bytes in parts:
-        c = compute * compute_passes * count
-        k = comm * comm_passes * count
-        if overlap == "full":
-            t, c_row, k_row = np.maximum(c, k), np.maximum(c, k), 0.0 * k
-        else:
-            t, c_row, k_row = c + k, c, k
-        stage_s = stage_s + t
-        if kind == "a2a":
-            out[name] = t * mb
-        else:
-            out[name] = c_row * mb
-            out[f"{name}_tp"] = k_row * mb
-        out[f"{name}:flops"] = flops * 3.0 * count * mb
-        out[f"{name}:bytes"] = comm_bytes * comm_passes * count * mb
-        out[f"{name}:count"] = count * mb
+    out: dict = {}
+    stage_s = 0.0
+    for count, parts in kinds:
+        layer_s = 0.0  # one layer of this kind, every pass: summed before the count spans the grid
+        for name, kind, compute, comm, flops, comm_bytes in parts:
+            c, k = compute * compute_passes, comm * comm_passes
+            t = np.maximum(c, k) if overlap == "full" else c + k
+            layer_s = layer_s + t
+            if not breakdown:
+                continue
+            if kind == "a2a":
+                out[name] = t * count * mb
+            else:
+                out[name] = (t if overlap == "full" else c) * count * mb
+                out[f"{name}_tp"] = (0.0 * k if overlap == "full" else k) * count * mb
+            out[f"{name}:flops"] = flops * 3.0 * count * mb
+            out[f"{name}:bytes"] = comm_bytes * comm_passes * count * mb
+            out[f"{name}:count"] = count * mb
+        stage_s = stage_s + layer_s * count
     act = tokens * m.d_model * ctx.b / p.tensor
-    p2p = 2.0 * v * on_distinct(ctx, ("pipeline", "fsdp", "data", "tensor", "micro_batch_size"), lambda c: {
-        "s": c.coll("p2p", c.plan.micro_batch_size * m.seq_len * m.d_model * c.b / c.plan.tensor
-                    * (c.plan.pipeline > 1), "pipeline")})["s"]
-    p2p = p2p if overlap == "none" else 0.0 * p2p  # interleaved 1F1B overlaps sends with other micro-batches
+    p2p = 2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline")
+    p2p = p2p if overlap == "none" else 0.0  # interleaved 1F1B overlaps sends with other micro-batches
     stage_s = stage_s + p2p
-    out["pipeline_p2p"] = p2p * mb
-    out["pipeline_p2p:bytes"] = 2.0 * v * act * mb * (pp > 1)
-    out["pipeline_bubble"] = stage_s * (pp - 1) / v
+    if breakdown:
+        out["pipeline_p2p"] = p2p * mb
+        out["pipeline_p2p:bytes"] = 2.0 * v * act * mb * (pp > 1)
+        out["pipeline_bubble"] = stage_s * (pp - 1) / v
 
     counts = M.param_counts(m)
     dense_local = counts["non_expert"] / (pp * p.dense_weight_shards)
     expert_local = counts["expert"] / (pp * p.expert_weight_shards)
-    keys = ("data", "fsdp", "tensor", "pipeline", "expert", "num_experts", "expert_d_ff", "moe_every",
-            "micro_batch_size")
-    sync = on_distinct(ctx, keys, lambda c: _data_parallel(
-        c, counts if c is ctx else M.param_counts(c.m), mb if c is ctx else _micro_batches(c.plan, gbt)[0]))
-    grad_s, grad_bytes, fsdp_s, fsdp_bytes = sync["grad_s"], sync["grad_bytes"], sync["fsdp_s"], sync["fsdp_bytes"]
-    last_bwd = stage_s * 2.0 / 3.0
-    out["grad_sync"] = grad_s if overlap == "none" else np.maximum(0.0, grad_s - last_bwd)
-    out["grad_sync:bytes"] = grad_bytes
-    out["fsdp_gather"] = fsdp_s if overlap == "none" else np.maximum(0.0, fsdp_s - stage_s * mb)
-    out["fsdp_gather:bytes"] = fsdp_bytes
-    out["optimizer"] = ctx.mem(30.0 * (dense_local + expert_local))
-    out["optimizer:bytes"] = 30.0 * (dense_local + expert_local)
-    step = stage_s * (mb + (pp - 1) / v) + out["grad_sync"] + out["fsdp_gather"] + out["optimizer"]
+    sync = _data_parallel(ctx, counts, mb)
+    grad_sync, fsdp_gather = sync["grad_s"], sync["fsdp_s"]
+    if overlap != "none":  # the gradient sync hides behind the last backward, FSDP gathers behind compute
+        grad_sync = np.maximum(0.0, grad_sync - stage_s * (2.0 / 3.0))
+        fsdp_gather = np.maximum(0.0, fsdp_gather - stage_s * mb)
+    optimizer = ctx.mem(30.0 * (dense_local + expert_local))
+    if breakdown:
+        out.update({"grad_sync": grad_sync, "grad_sync:bytes": sync["grad_bytes"], "fsdp_gather": fsdp_gather,
+                    "fsdp_gather:bytes": sync["fsdp_bytes"], "optimizer": optimizer,
+                    "optimizer:bytes": 30.0 * (dense_local + expert_local)})
+    step = stage_s * (mb + (pp - 1) / v) + grad_sync + fsdp_gather + optimizer
     out.update(_train_memory(ctx, counts, tokens, mb, moe["send"]))
     out["step_time_s"] = step
-    out["tokens_per_s"] = global_batch_tokens / step
-    out["model_flops"] = M.model_flops_per_token(m, True) * global_batch_tokens + 0.0 * step
-    out["mfu"] = out["model_flops"] / (step * topo.num_devices * topo.chip.peak_bf16_flop_per_s)
+    out["tokens_per_s"] = gbt / step
+    out["model_flops"] = M.model_flops_per_token(m, True) * gbt
+    out["mfu"] = out["model_flops"] / (step * (topo.num_devices * topo.chip.peak_bf16_flop_per_s))
     out["drop_rate"] = moe["drop"] * (m.n_moe_layers > 0)
     out["micro_batches"] = mb
     out["valid"] = valid
@@ -307,7 +305,8 @@ def _activation_bytes_per_token_layer(ctx: Context):
     attn = b * (3 * m.d_model + 2 * m.n_heads * m.d_head + 2 * m.n_kv_heads * m.d_head)
     up = 3 if m.gated_ffn else 2
     dense = b * (2 * m.d_model + up * m.d_ff)
-    copies = m.top_k * np.nan_to_num(m.capacity_factor_array, nan=1.0)
+    cf = m.capacity_factor_array
+    copies = m.top_k * np.where(cf != cf, 1.0, cf)  # dropless: one copy per choice
     moe = b * (2 * m.d_model + copies * (m.d_model + up * m.expert_d_ff)) + 4 * m.num_experts
     moe = moe + b * m.num_shared_experts * up * m.expert_d_ff
     return attn + (dense * m.n_dense_layers + moe * m.n_moe_layers) / m.n_layers
@@ -351,12 +350,12 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
     if mode != "train":
         return _inference(make_context(plan, topo, dtype, profile, routing), mode, int(global_batch_tokens))
     costs = plan_costs(plan, topo, int(global_batch_tokens), dtype, profile, routing, overlap)
-    if not costs["valid"][0]:
+    if not costs["valid"]:
         raise ValueError(
             f"global_batch_tokens: {global_batch_tokens} = {global_batch_tokens / model.seq_len:g} sequences of "
             f"{model.seq_len}; expected a whole number of sequences per batch shard ({layout.batch_shards} shards) "
             f"and of micro-batches of {layout.micro_batch_size}")
-    return estimate_from_costs(costs, 0, topo)
+    return _estimate_from_costs(costs, topo)
 
 
 _ROWS = [("attention", "compute"), ("attention_tp", "comm"), ("attention_scores", "compute"),
@@ -366,19 +365,16 @@ _ROWS = [("attention", "compute"), ("attention_tp", "comm"), ("attention_scores"
          ("optimizer", "optimizer")]
 
 
-def estimate_from_costs(costs: dict[str, np.ndarray], i: int, topo: Topology) -> Estimate:
-    """The Estimate of candidate ``i`` of a ``plan_costs`` result (what estimate() returns for it)."""
-    values = {}
-    for key, value in costs.items():  # one float per key for candidate i (scalars broadcast)
-        flat = np.ravel(value)
-        values[key] = float(flat[i if flat.size > 1 else 0])
+def _estimate_from_costs(costs: dict, topo: Topology) -> Estimate:
+    """The Estimate of a one-candidate ``plan_costs`` result."""
+    values = {key: float(value) for key, value in costs.items()}
 
     def at(key: str) -> float:
         return values.get(key, 0.0)
 
     rows = [LayerRow(name, kind, at(name), at(f"{name}:flops"), at(f"{name}:bytes"), at(f"{name}:count"))
             for name, kind in _ROWS if name in values and (values[name] > 0 or not name.endswith("_tp"))]
-    memory = {k.split(":", 1)[1]: at(k) for k in costs if k.startswith("mem:")}
+    memory = {k.split(":", 1)[1]: v for k, v in values.items() if k.startswith("mem:")}
     return _finish(topo, "train", at("step_time_s"), at("model_flops"), at("tokens_per_s") * at("step_time_s"),
                    memory, rows, at("drop_rate"), int(at("micro_batches")))
 
@@ -401,7 +397,7 @@ def _inference(ctx: Context, mode: str, gbt: int) -> Estimate:
     """prefill: one forward over ``gbt`` tokens. decode: one new token for each of ``gbt`` sequences,
     attending to ``seq_len`` cached tokens. Pipeline stages run one after another (no micro-batches)."""
     m, topo, p = ctx.m, ctx.topo, ctx.plan
-    shards = int(p.batch_shards[0])
+    shards = int(p.batch_shards)
     if gbt % shards:
         raise ValueError(f"global_batch_tokens: got {gbt}; expected a positive multiple of the {shards} "
                          "batch shards (data x fsdp)")
@@ -421,7 +417,7 @@ def _inference(ctx: Context, mode: str, gbt: int) -> Estimate:
     drop, send = 0.0, 0.0
     if m.n_moe_layers:
         moe = _moe(ctx, tokens, decode=decode)
-        drop, send = float(moe["drop"][0]), float(moe["send"][0])
+        drop, send = float(moe["drop"]), float(moe["send"])
         k = m.n_moe_layers
         parts += [("router", "compute", moe["router_s"], moe["router_flops"], 0.0, k),
                   ("dispatch_a2a", "a2a", moe["a2a_s"] + moe["permute_s"], 0.0, moe["send"], k),
@@ -429,26 +425,25 @@ def _inference(ctx: Context, mode: str, gbt: int) -> Estimate:
                   ("combine_a2a", "a2a", moe["a2a_s"] + moe["permute_s"], 0.0, moe["send"], k)]
     parts.append(("logits", "compute", ctx.mm(tokens, m.vocab_size / p.tensor, m.d_model, dtype=ctx.high),
                   2.0 * tokens * m.vocab_size / p.tensor * m.d_model, 0.0, 1.0))
-    rows = [LayerRow(name, kind, float(np.ravel(t)[0] * count), float(np.ravel(f)[0] * count) if np.size(f) else 0.0,
-                     float(np.ravel(np.asarray(b, dtype=float))[0] * count), float(count))
+    rows = [LayerRow(name, kind, float(t * count), float(f * count), float(b * count), float(count))
             for name, kind, t, f, b, count in parts]
-    pp = int(p.pipeline[0])
+    pp = int(p.pipeline)
     counts = M.param_counts(m)
     if pp > 1:
         act = tokens * m.d_model * ctx.b
-        p2p = (pp - 1) * float(ctx.coll("p2p", act, "pipeline")[0])
+        p2p = (pp - 1) * float(ctx.coll("p2p", act, "pipeline"))
         rows.append(LayerRow("pipeline_p2p", "comm", p2p, 0.0, act * (pp - 1), pp - 1))
-    if int(p.fsdp[0]) > 1:  # FSDP weights are gathered for every forward
-        dense_stage = counts["non_expert"] / (pp * int(p.tensor[0])) * ctx.b
-        gather = pp * float(ctx.coll("all_gather", dense_stage, "fsdp")[0])
+    if p.fsdp > 1:  # FSDP weights are gathered for every forward
+        dense_stage = counts["non_expert"] / (pp * int(p.tensor)) * ctx.b
+        gather = pp * float(ctx.coll("all_gather", dense_stage, "fsdp"))
         rows.append(LayerRow("fsdp_gather", "comm", gather, 0.0, dense_stage * pp, 1.0))
     step = sum(r.time_s for r in rows)
-    params = float(counts["non_expert"] / (pp * p.dense_weight_shards[0])
-                   + counts["expert"] / (pp * p.expert_weight_shards[0]))
+    params = float(counts["non_expert"] / (pp * p.dense_weight_shards)
+                   + counts["expert"] / (pp * p.expert_weight_shards))
     sequences = tokens if decode else tokens / m.seq_len
     memory = {"weights": params * ctx.b,
-              "kv_cache": sequences * m.seq_len * M.kv_cache_bytes_per_token(m, ctx.b) / (pp * int(p.tensor[0])),
-              "activations": float(np.ravel(tokens * _activation_bytes_per_token_layer(ctx) / p.tensor)[0]),
+              "kv_cache": sequences * m.seq_len * M.kv_cache_bytes_per_token(m, ctx.b) / (pp * int(p.tensor)),
+              "activations": float(tokens * _activation_bytes_per_token_layer(ctx) / p.tensor),
               "a2a_buffers": 2.0 * send}
     flops = M.model_flops_per_token(m.base, training=False) * gbt
     est = _finish(topo, mode, step, flops, gbt, memory, rows, drop, 1)

@@ -150,11 +150,11 @@ class ModelView:
             return self.overrides[name]
         return getattr(self.base, name)
 
-    @property
+    @cached_property
     def n_moe_layers(self):
         return layer_census(self.n_layers, self.moe_every, self.first_dense_layers, self.encoder_decoder)
 
-    @property
+    @cached_property
     def n_dense_layers(self):
         return self.n_layers - self.n_moe_layers
 

@@ -1,16 +1,23 @@
-"""Candidates as arrays, and evaluating formulas once per distinct combination of the knobs they read.
+"""Candidates as arrays that broadcast together, and collectives looked up once per group placement.
 
-A ``Plan`` holds one entry per candidate layout / MoE configuration (structure of arrays). ``Context``
-carries what is constant across a plan and looks collectives up once per distinct device-group
-placement; ``on_distinct`` runs a per-layer formula once per distinct combination of the fields it
-depends on and expands the result to every candidate. ``estimate`` writes the formulas; this module
-only decides how often they run.
+A ``Plan`` holds the layout degrees (and, through its model view, the MoE fields) as numpy values of
+any shapes that broadcast against each other: one candidate (scalars: ``estimate()``), a list of
+candidates (1-D arrays of one length), or a grid (the search: one axis per knob, every field varying
+along its own axis only). The formulas in ``estimate`` are plain array arithmetic, so on a grid each
+intermediate carries only the axes it depends on: the attention time of a layer is computed once
+per (tensor, micro-batch) pair however many expert counts the grid holds, and only the final sums
+span the whole grid. Nothing is gathered or expanded.
+
+``Context`` carries what is constant across a plan. Its ``coll`` evaluates a collective once per
+distinct device-group placement; ``distinct_rows`` does the same for any per-combination function
+(routing statistics). Invalid grid points (a degree that does not divide, a group larger than the
+topology) are computed with harmless values and masked out by the caller's validity check.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, fields
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -23,12 +30,14 @@ from moeplan.routing import Routing
 from moeplan.topology import Topology
 from moeplan.units import dtype_bytes
 
-_LAYOUT_FIELDS = ("data", "fsdp", "expert", "tensor", "pipeline", "virtual_pipeline", "micro_batch_size")
+LAYOUT_FIELDS = ("data", "fsdp", "expert", "tensor", "pipeline", "virtual_pipeline", "micro_batch_size")
 
-# ------------------------------------------------------------------ plans (structure of arrays)
+
+# ------------------------------------------------------------------ plans
 @dataclass
 class Plan:
-    """Candidates as arrays: a model view (MoE fields may be arrays) and layout degrees per candidate."""
+    """Layout degrees per candidate (numpy values that broadcast together) and a model view whose MoE
+    fields may be arrays broadcasting with them."""
 
     model: M.ModelView
     data: np.ndarray
@@ -43,23 +52,17 @@ class Plan:
     shard_optimizer: bool = True
 
     @property
-    def size(self) -> int:
-        return int(self.data.size)
-
-    def take(self, idx: np.ndarray) -> Plan:
-        """The candidates at ``idx`` (model fields that are per-candidate arrays are taken too)."""
-        n = self.size
-        over = {k: (np.asarray(v)[idx] if np.ndim(v) and np.size(v) == n else v)
-                for k, v in self.model.overrides.items()}
-        fields_ = {f: getattr(self, f)[idx] for f in _LAYOUT_FIELDS + ("recompute",)}
-        return Plan(M.ModelView(self.model.base, **over), sequence_parallel=self.sequence_parallel,
-                    shard_optimizer=self.shard_optimizer, **fields_)
+    def shape(self) -> tuple[int, ...]:
+        """The broadcast shape of every per-candidate field: () for one candidate."""
+        values = [getattr(self, f.name) for f in fields(self)][1:9] + list(self.model.overrides.values())
+        return np.broadcast_shapes(*(np.shape(v) for v in values))
 
     @classmethod
     def from_layout(cls, model: M.MoEModel, layout: Layout) -> Plan:
-        arrays = {f: np.array([getattr(layout, f)], dtype=np.int64) for f in _LAYOUT_FIELDS}
-        return cls(M.ModelView(model), recompute=np.array([RECOMPUTE.index(layout.recompute)]),
-                   sequence_parallel=layout.sequence_parallel, shard_optimizer=layout.shard_optimizer, **arrays)
+        """One candidate: numpy integer scalars (cheap arithmetic, numpy semantics for ``~`` and ``//``)."""
+        degrees = {f: np.int64(getattr(layout, f)) for f in LAYOUT_FIELDS}
+        return cls(M.ModelView(model), recompute=np.int64(RECOMPUTE.index(layout.recompute)),
+                   sequence_parallel=layout.sequence_parallel, shard_optimizer=layout.shard_optimizer, **degrees)
 
     @property
     def batch_shards(self) -> np.ndarray:
@@ -78,8 +81,29 @@ class Plan:
         return self.fsdp * self.tensor
 
 
+# ------------------------------------------------------------------ device groups (device 0's) of a layout
+def _ids_range(size):
+    return np.arange(size)
+
+
+def _ids_strided(size, stride):
+    return np.arange(size) * stride
+
+
+def _ids_pipeline(stages, stride):
+    return np.array([0, stride]) if stages > 1 else np.array([0])
+
+
+def _ids_expert_data(block, expert, replicas):
+    return np.arange(0, block, expert)[:replicas]
+
+
+_GROUP_IDS = {"tensor": _ids_range, "expert": _ids_range, "data": _ids_strided, "fsdp": _ids_strided,
+              "pipeline": _ids_pipeline, "expert_data": _ids_expert_data}
+
+
 class Context:
-    """Everything constant across a plan's candidates, plus the grouped collective lookups."""
+    """Everything constant across a plan, plus the grouped collective lookups."""
 
     def __init__(self, plan: Plan, topo: Topology, dtype: str, eff: ComputeEfficiency, comm: CommParams,
                  routing: Routing) -> None:
@@ -88,72 +112,67 @@ class Context:
         bits = dtype_bytes(dtype)
         self.b = 2.0 if bits < 2 else bits  # activations and communication: bf16 under 8-bit training
         self.high = "bf16" if bits < 2 else dtype  # attention and the output layer
-        self.n = plan.size
-        self._ids_cache: dict = {}
-        self._placement_cache: dict = {}
+        self._codes: dict = {}
 
-    def mm(self, m, n, k, count=1.0, dtype: str | None = None) -> np.ndarray:
+    def mm(self, m, n, k, count=1.0, dtype: str | None = None):
         return matmul_time_s(m, n, k, self.topo.chip, dtype or self.dtype, self.eff, count)
 
-    def mem(self, nbytes) -> np.ndarray:
+    def mem(self, nbytes):
         return memory_time_s(nbytes, self.topo.chip, self.eff)
 
-    def _group(self, kind: str) -> tuple[np.ndarray, callable]:
+    def _group(self, kind: str) -> tuple:
+        """The degrees that place device 0's ``kind`` group (``_GROUP_IDS[kind]`` turns them into ids)."""
         p = self.plan
-        dt = p.data * p.tensor
-        if kind == "tensor":
-            return p.tensor[:, None], lambda k: np.arange(k[0])
-        if kind == "expert":
-            return p.expert[:, None], lambda k: np.arange(k[0])
+        if kind in ("tensor", "expert"):
+            return (getattr(p, kind),)
         if kind == "data":
-            return np.stack([p.data, p.tensor], 1), lambda k: np.arange(k[0]) * k[1]
+            return p.data, p.tensor
         if kind == "fsdp":
-            return np.stack([p.fsdp, dt], 1), lambda k: np.arange(k[0]) * k[1]
+            return p.fsdp, p.data * p.tensor
         if kind == "pipeline":
-            return np.stack([p.pipeline, p.fsdp * dt], 1), lambda k: np.array([0, k[1]]) if k[0] > 1 else np.array([0])
-        edp = p.batch_block // p.expert_weight_shards  # expert_data: replicas of one expert shard
-        return np.stack([p.batch_block, p.expert, edp], 1), lambda k: np.arange(0, k[0], k[1])[: k[2]]
+            return p.pipeline, p.batch_block
+        block = p.batch_block  # expert_data: the replicas of one expert shard
+        return block, p.expert, block // np.maximum(p.expert_weight_shards, 1)
 
-    def _coll_one(self, op: str, nbytes: float, kind: str) -> float:
-        """The single-candidate path of ``coll`` (estimate()): plain Python on the group key."""
-        if nbytes <= 0:
-            return 0.0
-        key = tuple(int(x) for x in self._group_key_one(kind))
-        ids = self._ids_cache.get((kind, key))
-        if ids is None:
-            ids = self._ids_cache[(kind, key)] = self._group(kind)[1](key)
-        if ids.size < 2:
-            return 0.0
-        return float(collective_time_s(self.topo, op, nbytes, ids, params=self.comm))
+    def coll(self, op: str, nbytes, kind: str):
+        """Collective time per candidate (the broadcast shape of ``nbytes`` and the group's degrees)."""
+        cols = self._group(kind)
+        if np.ndim(nbytes) == 0 and all(np.ndim(c) == 0 for c in cols):  # one candidate
+            return _coll_one(self.topo, op, float(nbytes), kind, tuple(int(c) for c in cols), self.comm)
+        codes, groups = self._placements(kind, cols)
+        shape = np.broadcast_shapes(np.shape(nbytes), codes.shape)
+        size = np.broadcast_to(np.asarray(nbytes, dtype=float), shape).reshape(-1)
+        codes = np.broadcast_to(codes, shape).reshape(-1)
+        out = np.zeros(size.size)
+        for ids, sel in zip(groups, _members(codes, len(groups)), strict=True):
+            if ids is not None and sel.size:
+                out[sel] = collective_time_s(self.topo, op, size[sel], ids, params=self.comm)
+        return out.reshape(shape)
 
-    def _group_key_one(self, kind: str) -> list[int]:
-        p = self.plan
-        d, f, t, e = int(p.data[0]), int(p.fsdp[0]), int(p.tensor[0]), int(p.expert[0])
-        return {"tensor": [t], "expert": [e], "data": [d, t], "fsdp": [f, d * t],
-                "pipeline": [int(p.pipeline[0]), f * d * t],
-                "expert_data": [d * f * t, e, d * f * t // int(p.expert_weight_shards[0])]}[kind]
-
-    def coll(self, op: str, nbytes, kind: str) -> np.ndarray:
-        """Collective time per candidate, computed once per distinct group placement."""
-        if self.n == 1:
-            return np.array([self._coll_one(op, float(np.ravel(nbytes)[0]), kind)])
-        nbytes = np.broadcast_to(np.asarray(nbytes, dtype=float), (self.n,))
-        out = np.zeros(self.n)
-        if not nbytes.any():
-            return out
-        for ids, sel in self._placements(kind):
-            out[sel] = collective_time_s(self.topo, op, nbytes[sel], ids, params=self.comm)
-        return np.where(nbytes > 0, out, 0.0)
-
-    def _placements(self, kind: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(device ids, candidate indices) per distinct group placement of ``kind``, computed once."""
-        cached = self._placement_cache.get(kind)
+    def _placements(self, kind: str, cols) -> tuple[np.ndarray, list]:
+        """(placement index per grid point of the key's own shape, device ids per placement), cached."""
+        cached = self._codes.get(kind)
         if cached is None:
-            cols, ids_of = self._group(kind)
-            keys, inverse = unique_rows(cols)
-            cached = [(ids_of(keys[j]), sel) for j, sel in enumerate(_members(inverse, len(keys)))]
-            cached = self._placement_cache[kind] = [(ids, sel) for ids, sel in cached if ids.size >= 2]
+            keys, codes = distinct_rows(cols)
+            groups = [_ids(self.topo, _GROUP_IDS[kind], tuple(int(x) for x in key)) for key in keys]
+            cached = self._codes[kind] = (codes, groups)
         return cached
+
+
+def _ids(topo: Topology, ids_of, key: tuple[int, ...]) -> np.ndarray | None:
+    """Device ids of one placement, or None when there is nothing to communicate (one device, or an
+    invalid grid point: a zero degree, a group beyond the topology)."""
+    if min(key) < 1:
+        return None
+    ids = ids_of(*key)
+    return None if ids.size < 2 or ids[-1] >= topo.num_devices else ids
+
+
+@lru_cache(maxsize=65536)
+def _coll_one(topo: Topology, op: str, nbytes: float, kind: str, key: tuple[int, ...], comm: CommParams) -> float:
+    """One candidate's collective (estimate()): memoised, since the same groups and sizes recur."""
+    ids = _ids(topo, _GROUP_IDS[kind], key)
+    return 0.0 if ids is None or nbytes <= 0 else collective_time_s(topo, op, nbytes, ids, params=comm)
 
 
 def make_context(plan, topo, dtype, profile, routing) -> Context:
@@ -162,52 +181,25 @@ def make_context(plan, topo, dtype, profile, routing) -> Context:
     return Context(plan, topo, dtype, eff, comm, routing or Routing())
 
 
+# ------------------------------------------------------------------ grouping helpers
+def distinct_rows(cols) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of columns that broadcast together (non-negative integers), and the index of
+    each grid point's row, shaped like the broadcast of the columns."""
+    arrays = np.broadcast_arrays(*(np.asarray(c) for c in cols))
+    shape = arrays[0].shape
+    flat = [a.reshape(-1) for a in arrays]
+    first, inverse = _distinct(flat)
+    return np.stack([f[first] for f in flat], 1), inverse.reshape(shape)
+
+
 def _members(inverse: np.ndarray, count: int) -> list[np.ndarray]:
     """Indices of each group j (inverse == j) from one stable sort instead of one scan per group."""
+    if count == 1:
+        return [np.arange(inverse.size)]
     small = inverse.astype(np.int16) if count < (1 << 15) else inverse  # NumPy radix-sorts 16-bit ints
     order = np.argsort(small, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(count + 1))
     return [order[bounds[j]:bounds[j + 1]] for j in range(count)]
-
-
-def unique_rows(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.unique(cols, axis=0, return_inverse=True) for small non-negative integer columns, fast:
-    each row is packed into one int64 (mixed radix) before the 1-D unique."""
-    cols = np.asarray(cols)
-    if cols.shape[0] == 1:
-        return cols, np.zeros(1, dtype=np.int64)
-    ints = np.rint(cols).astype(np.int64)
-    if ints.min() < 0 or not np.array_equal(ints, cols):
-        uniq, inverse = np.unique(cols, axis=0, return_inverse=True)
-        return uniq, np.asarray(inverse).reshape(-1)
-    code = np.zeros(ints.shape[0], dtype=np.int64)
-    for j in range(ints.shape[1]):
-        code = code * (int(ints[:, j].max()) + 1) + ints[:, j]
-    first, inverse = _dense_unique(code)
-    return cols[first], inverse
-
-
-_MODEL_ARRAYS = ("num_experts", "top_k", "capacity_factor", "moe_every", "expert_d_ff")
-
-
-def on_distinct(ctx: Context, keys: tuple[str, ...], fn) -> dict[str, np.ndarray]:
-    """Run ``fn`` once per distinct combination of ``keys`` (plan or model fields) and expand the
-    result to every candidate. ``fn`` must depend on no other per-candidate field; the
-    vectorised-vs-scalar test would catch one that does."""
-    if ctx.n == 1:
-        return fn(ctx)
-    cols = []
-    for k in keys:
-        if k == "capacity_factor":  # float, NaN = dropless: exact to 6 decimals as integers
-            cf = ctx.m.capacity_factor_array
-            value = np.where(np.isnan(cf), 0, np.rint(np.nan_to_num(cf) * 1e6) + 1).astype(np.int64)
-        else:
-            value = np.asarray(getattr(ctx.m, k) if k in _MODEL_ARRAYS else getattr(ctx.plan, k))
-        cols.append(np.broadcast_to(value, (ctx.n,)))
-    first, inverse = _distinct(cols)
-    sub = Context(ctx.plan.take(first), ctx.topo, ctx.dtype, ctx.eff, ctx.comm, ctx.routing)
-    out = fn(sub)
-    return {k: (np.asarray(v)[inverse] if np.ndim(v) else v) for k, v in out.items()}
 
 
 def _distinct(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +207,8 @@ def _distinct(cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     distinct index: small columns radix directly, large ones are compacted first; no sort."""
     code = np.zeros(cols[0].shape[0], dtype=np.int64)
     for col in cols:
-        top = int(col.max()) + 1
+        col = col.astype(np.int64, copy=False)
+        top = int(col.max()) + 1 if col.size else 1
         if top > 64:
             first, col = _dense_unique(col)
             top = first.size

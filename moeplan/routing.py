@@ -82,22 +82,28 @@ def _probabilities(routing: Routing, num_experts: int, top_k: int) -> np.ndarray
 
 
 def _expected_max(trials: int, probs: np.ndarray) -> float:
-    """E[max_i X_i], X_i ~ Binomial(trials, probs_i) independent, by summing 1 - prod F_i.
+    """E[max_i X_i], X_i ~ Binomial(trials, probs_i) independent: the sum over x of g(x) = 1 - prod F_i(x).
 
     Below lo = mean - 10 sd every term is 1 (to double precision), so the sum starts there; past
-    mean + 10 sd every term is below E x 1e-23."""
+    mean + 10 sd every term is below E x 1e-23. g falls smoothly from 1 to 0 over a few sd with flat
+    ends, so the trapezoid rule on every ``step``-th integer (step = sd / 4) matches the sum over every
+    integer to about 1e-10 relative (Euler-Maclaurin: the end corrections vanish); a group of 2M
+    tokens needs about 80 CDF evaluations per expert class instead of 20 sd."""
     p_max = float(probs.max())
     sd = np.sqrt(trials * p_max * (1 - p_max) + 1.0)
     hi = int(min(trials, trials * p_max + 10.0 * sd + 2))
     lo = int(max(0.0, trials * p_max - 10.0 * sd))
-    x = np.arange(lo, hi + 1, dtype=float)
+    step = max(1, int(sd // 4))
+    x = lo + step * np.arange(-(-(hi - lo) // step) + 1, dtype=float)
     # log prod_i F_i(x), grouped by distinct probabilities for speed
     uniq, counts = np.unique(probs, return_counts=True)
     log_cdf = np.zeros(x.size)
     with np.errstate(divide="ignore"):
         for p, c in zip(uniq, counts, strict=True):
             log_cdf += c * np.log(special.bdtr(x, trials, p))
-    return float(lo + np.sum(1.0 - np.exp(log_cdf)))
+    g = 1.0 - np.exp(log_cdf)
+    ends = (g[0] + g[-1]) / 2.0
+    return float(lo + step * (np.sum(g) - ends) + ends)
 
 
 def routing_stats(tokens: int, num_experts: int, top_k: int, capacity: float | None,

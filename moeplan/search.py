@@ -27,6 +27,7 @@ from moeplan.topology import SWITCHED, Topology
 OBJECTIVES = ("step_time", "tokens_per_s", "cost_per_token", "quality", "quality_per_time")
 _MODEL_KNOBS = ("num_experts", "top_k", "capacity_factor", "moe_every", "expert_d_ff")
 _LAYOUT_KNOBS = ("expert", "tensor", "pipeline", "fsdp", "virtual_pipeline", "micro_batch_size", "recompute")
+_KNOBS = _MODEL_KNOBS + _LAYOUT_KNOBS  # the axes of the search grid, in order
 
 
 @dataclass
@@ -107,22 +108,27 @@ class SearchResult:
 
 
 def _grid(space: dict[str, list]) -> dict[str, np.ndarray]:
-    """Cartesian product of the knobs as flat arrays (capacity factor None -> NaN, recompute -> index)."""
-    knobs = list(_MODEL_KNOBS + _LAYOUT_KNOBS)
-    axes = []
-    for k in knobs:
+    """One axis per knob, in ``_KNOBS`` order: each knob's values lie along its own axis (capacity factor
+    None -> NaN, recompute -> index), so the knobs broadcast to the Cartesian product."""
+    grid = {}
+    for axis, k in enumerate(_KNOBS):
         values = space[k]
         if k == "capacity_factor":
             values = [np.nan if v is None else float(v) for v in values]
         elif k == "recompute":
             values = [RECOMPUTE.index(v) for v in values]
-        axes.append(np.asarray(values))
-    mesh = np.meshgrid(*axes, indexing="ij")
-    return {k: a.reshape(-1) for k, a in zip(knobs, mesh, strict=True)}
+        shape = [1] * len(_KNOBS)
+        shape[axis] = len(values)
+        grid[k] = np.asarray(values).reshape(shape)
+    return grid
+
+
+def _shape(grid: dict[str, np.ndarray]) -> tuple[int, ...]:
+    return tuple(grid[k].shape[axis] for axis, k in enumerate(_KNOBS))
 
 
 def _valid(g: dict[str, np.ndarray], model: M.MoEModel, topo: Topology, gbt: int) -> np.ndarray:
-    """Vectorised layout.check_layout plus batch divisibility."""
+    """Vectorised layout.check_layout plus batch divisibility, over the grid; sets ``g["data"]``."""
     n = topo.num_devices
     rest = g["fsdp"] * g["tensor"] * g["pipeline"]
     data = np.where(n % rest == 0, n // np.maximum(rest, 1), 0)
@@ -131,36 +137,88 @@ def _valid(g: dict[str, np.ndarray], model: M.MoEModel, topo: Topology, gbt: int
     seqs = gbt // model.seq_len
     shards = np.maximum(data * g["fsdp"], 1)
     ok = (data >= 1) & (g["num_experts"] % g["expert"] == 0) & (block % g["expert"] == 0)
-    ok &= (g["top_k"] <= g["num_experts"]) & (model.n_heads % g["tensor"] == 0)
-    ok &= (model.n_kv_heads % g["tensor"] == 0) | (g["tensor"] % model.n_kv_heads == 0)
-    ok &= (g["expert_d_ff"] % g["tensor"] == 0) & ((model.d_ff % g["tensor"] == 0) | (model.d_ff == 0))
-    ok &= g["pipeline"] * g["virtual_pipeline"] <= model.n_layers
-    ok &= (g["virtual_pipeline"] == 1) | (g["pipeline"] > 1)
+    ok = ok & (g["top_k"] <= g["num_experts"]) & (model.n_heads % g["tensor"] == 0)
+    ok = ok & ((model.n_kv_heads % g["tensor"] == 0) | (g["tensor"] % model.n_kv_heads == 0))
+    ok = ok & (g["expert_d_ff"] % g["tensor"] == 0) & ((model.d_ff % g["tensor"] == 0) | (model.d_ff == 0))
+    ok = ok & (g["pipeline"] * g["virtual_pipeline"] <= model.n_layers)
+    ok = ok & ((g["virtual_pipeline"] == 1) | (g["pipeline"] > 1))
     moe_layers = M.layer_census(model.n_layers, g["moe_every"], model.first_dense_layers, model.encoder_decoder)
-    ok &= (model.d_ff > 0) | (moe_layers == model.n_layers)  # dense blocks need a dense FFN width
-    ok &= (gbt % model.seq_len == 0) & (seqs % shards == 0)
-    ok &= ((seqs // shards) % g["micro_batch_size"] == 0) & (seqs // shards >= g["micro_batch_size"])
-    return ok
+    ok = ok & ((model.d_ff > 0) | (moe_layers == model.n_layers))  # dense blocks need a dense FFN width
+    ok = ok & (gbt % model.seq_len == 0) & (seqs % shards == 0)
+    ok = ok & ((seqs // shards) % g["micro_batch_size"] == 0) & (seqs // shards >= g["micro_batch_size"])
+    return np.broadcast_to(ok, _shape(g))
 
 
-def _plan(g: dict[str, np.ndarray], sel: np.ndarray, model: M.MoEModel) -> Plan:
-    view = M.ModelView(model, **{k: g[k][sel] for k in ("num_experts", "top_k", "moe_every", "expert_d_ff")},
-                       capacity_factor=g["capacity_factor"][sel])
-    return Plan(view, data=g["data"][sel], fsdp=g["fsdp"][sel], expert=g["expert"][sel], tensor=g["tensor"][sel],
-                pipeline=g["pipeline"][sel], virtual_pipeline=g["virtual_pipeline"][sel],
-                micro_batch_size=g["micro_batch_size"][sel], recompute=g["recompute"][sel])
+def _plan(g: dict[str, np.ndarray], model: M.MoEModel) -> Plan:
+    view = M.ModelView(model, **{k: g[k] for k in _MODEL_KNOBS})
+    return Plan(view, **{k: g[k] for k in ("data",) + _LAYOUT_KNOBS})
+
+
+def _pieces(grid: dict[str, np.ndarray], chunk: int) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """The grid cut along its longest axis into pieces of about ``chunk`` points (memory stays bounded);
+    each piece with the global flat index of its points (for ties and the merge)."""
+    shape = _shape(grid)
+    axis = int(np.argmax(shape))
+    cuts = min(shape[axis], max(1, -(-math.prod(shape) // chunk)))
+    flat = np.arange(math.prod(shape)).reshape(shape)
+    pieces = []
+    for part in np.array_split(np.arange(shape[axis]), cuts):
+        piece = dict(grid)
+        knob = _KNOBS[axis]
+        piece[knob] = np.take(grid[knob], part, axis=axis)
+        pieces.append((piece, np.take(flat, part, axis=axis).reshape(-1)))
+    return pieces
+
+
+@dataclass
+class _Scored:
+    """One piece of the grid, scored: full-grid arrays flattened, and the piece's knobs."""
+
+    grid: dict[str, np.ndarray]
+    index: np.ndarray  # global flat index per point
+    ok: np.ndarray
+    keep: np.ndarray
+    values: dict[str, np.ndarray]
+    tokens_trained: np.ndarray
+
+    def pick(self, i: np.ndarray, loss: np.ndarray, score: np.ndarray) -> list[dict]:
+        """Records (knobs, scores, global index) of the points ``i`` of this piece."""
+        shape = _shape(self.grid)
+        where = np.unravel_index(i, shape)
+        knobs = {k: np.broadcast_to(self.grid[k], shape)[where] for k in ("data",) + _KNOBS}
+        return [{"index": int(self.index[j]), "loss": float(loss[j]), "score": float(score[j]),
+                 **{k: v[n] for k, v in knobs.items()}, **{k: v[j] for k, v in self.values.items()}}
+                for n, j in enumerate(i.tolist())]
+
+
+def _score_piece(piece, index, model, topo, gbt, constraints, dtype, routing, overlap, budget_s) -> _Scored:
+    grid = dict(piece)
+    ok = _valid(grid, model, topo, gbt)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        costs = plan_costs(_plan(grid, model), topo, gbt, dtype, None, routing, overlap, breakdown=False)
+    shape = ok.shape
+    values = {k: np.broadcast_to(costs[k], shape).reshape(-1) for k in _SCORES}
+    ok = (ok & costs["valid"]).reshape(-1)
+    keep = ok & _constraints(values, constraints)
+    tokens_trained = values["tokens_per_s"] * budget_s * (1.0 - values["drop_rate"])
+    return _Scored(grid, index, ok, keep, values, tokens_trained)
+
+
+_SCORES = ("step_time_s", "tokens_per_s", "mfu", "memory_per_device_bytes", "drop_rate", "fits")
 
 
 def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, *, global_batch_tokens: int,
            objective: str = "quality_per_time", constraints: Constraints | None = None, dtype: str = "bf16",
            routing: Routing | None = None, overlap: str = "dp", quality: QualityLaw | None = None,
-           time_budget_s: float = 30 * 86400.0, top: int = 100, chunk: int = 200_000,
+           time_budget_s: float = 30 * 86400.0, top: int = 100, chunk: int = 1_000_000,
            progress: Callable[[int, int], None] | bool = False) -> SearchResult:
     """Score every candidate of ``space`` and rank by ``objective`` (see the module docstring).
 
     ``quality_per_time`` ranks by the loss reachable in ``time_budget_s`` of training at the
     candidate's throughput; ``quality`` by the loss at a fixed ``time_budget_s`` x the *best*
     throughput (so only the model changes); ``cost_per_token`` by device-seconds per token.
+    The grid is scored in pieces of about ``chunk`` points; each piece keeps its best ``top``, its
+    Pareto front and its heatmap cells, and the pieces merge exactly.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: got {objective!r}; expected one of {list(OBJECTIVES)}")
@@ -168,55 +226,67 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     law = quality or default_law()
     resolved = (space or SearchSpace()).resolved(model, topo)
     grid = _grid(resolved)
-    considered = grid["expert"].size
-    ok = _valid(grid, model, topo, global_batch_tokens)
-    index = np.flatnonzero(ok)
+    considered = math.prod(_shape(grid))
+    pieces = _pieces(grid, chunk)
     report = _progress(progress)
-    parts = []
-    for start in range(0, index.size, chunk):
-        sel = index[start:start + chunk]
-        costs = plan_costs(_plan(grid, sel, model), topo, global_batch_tokens, dtype, None, routing, overlap)
-        parts.append((sel, costs))
-        report(min(start + chunk, index.size), index.size)
-    keys = ("step_time_s", "tokens_per_s", "mfu", "memory_per_device_bytes", "drop_rate", "fits")
-    scored = {k: np.concatenate([np.broadcast_to(c[k], s.shape) for s, c in parts]) if parts else np.zeros(0)
-              for k in keys}
-    sel = np.concatenate([s for s, _ in parts]) if parts else np.zeros(0, dtype=np.int64)
-    view = M.ModelView(model, **{k: grid[k][sel] for k in ("num_experts", "top_k", "moe_every", "expert_d_ff")},
-                       capacity_factor=grid["capacity_factor"][sel])
-    tokens_trained = scored["tokens_per_s"] * time_budget_s * (1.0 - scored["drop_rate"])
-    if objective == "quality" and tokens_trained.size:
-        tokens_trained = np.full_like(tokens_trained, tokens_trained.max())
-    loss = law.loss(view, tokens_trained) if sel.size else np.zeros(0)
-    keep = _constraints(scored, constraints)
-    score = _objective(objective, scored, loss, topo)
-    ranked = np.argsort(score, kind="stable")
-    order = ranked[keep[ranked]][:top]
-    candidates = [_candidate(model, grid, sel, scored, loss, topo, i) for i in order]
-    fastest = by_time(scored["step_time_s"], loss, keep)
-    front = pareto_front(loss, scored["step_time_s"], keep, order=fastest)
-    pareto = [_candidate(model, grid, sel, scored, loss, topo, i) for i in front]
-    table = [_row(c) for c in candidates]
-    heat = _heatmap(resolved, grid, sel, scored["step_time_s"], fastest)
-    return SearchResult(candidates[0] if candidates else None, pareto, table, int(sel.size), int(considered), objective,
-                        {"kept": int(keep.sum()), "quality_law": law.name, "time_budget_s": time_budget_s,
-                         "heatmap": heat, "global_batch_tokens": global_batch_tokens})
-
-
-def _heatmap(space: dict[str, list], grid, sel, step, by_time: np.ndarray) -> dict:
-    """Best kept step time per (num_experts, capacity_factor); NaN where nothing was kept.
-    ``by_time``: the kept candidates, fastest first."""
-    experts = sorted(set(space["num_experts"]))
-    cfs = sorted({0.0 if c is None else float(c) for c in space["capacity_factor"]})
-    e_of = np.searchsorted(experts, grid["num_experts"][sel])
-    c_of = np.searchsorted(cfs, np.nan_to_num(grid["capacity_factor"][sel], nan=0.0))
-    cell = c_of * len(experts) + e_of
-    best = np.full(len(cfs) * len(experts), np.nan)
-    slowest_first = by_time[::-1]  # the fastest of each cell is written last
-    best[cell[slowest_first]] = step[slowest_first]
-    table = best.reshape(len(cfs), len(experts))
+    args = (model, topo, global_batch_tokens, constraints, dtype, routing, overlap, time_budget_s)
+    done = [_score_piece(piece, index, *args) for piece, index in pieces[:1]] if len(pieces) == 1 else []
+    fixed = None  # objective "quality": every candidate trains the tokens of the best throughput
+    if objective == "quality":
+        scored = done or (_score_piece(piece, index, *args) for piece, index in pieces)
+        fixed = max((float(s.tokens_trained[s.keep].max()) for s in scored if s.keep.any()), default=1.0)
+    experts = sorted(set(resolved["num_experts"]))
+    cfs = sorted({0.0 if c is None else float(c) for c in resolved["capacity_factor"]})
+    heat = np.full((len(cfs), len(experts)), np.inf)
+    ranked, front, evaluated, kept = [], [], 0, 0
+    for n, (piece, index) in enumerate(pieces):
+        s = done[0] if done else _score_piece(piece, index, *args)
+        shape = _shape(s.grid)
+        view = M.ModelView(model, **{k: s.grid[k] for k in _MODEL_KNOBS})
+        tokens = s.tokens_trained if fixed is None else np.full(s.tokens_trained.shape, fixed)
+        loss = np.broadcast_to(law.loss(view, tokens.reshape(shape)), shape).reshape(-1)
+        score = np.where(s.keep, _objective(objective, s.values, loss, topo), np.inf)
+        ranked = _first(ranked + s.pick(_smallest(score, top), loss, score), top)
+        front += s.pick(np.asarray(pareto_front(loss, s.values["step_time_s"], s.keep), dtype=np.int64), loss, score)
+        _heat_cells(s, experts, cfs, heat)
+        evaluated += int(s.ok.sum())
+        kept += int(s.keep.sum())
+        report(n + 1, len(pieces))
+    front.sort(key=lambda r: r["index"])
+    on_front = pareto_front(np.array([r["loss"] for r in front]), np.array([r["step_time_s"] for r in front]))
+    candidates = [_candidate(model, r, topo) for r in ranked]
+    pareto = [_candidate(model, front[i], topo) for i in on_front]
     labels = ["dropless" if c == 0.0 else f"{c:g}" for c in cfs]
-    return {"num_experts": experts, "capacity_factor": labels, "step_time_s": table.tolist()}
+    heatmap = {"num_experts": experts, "capacity_factor": labels,
+               "step_time_s": np.where(np.isinf(heat), np.nan, heat).tolist()}
+    return SearchResult(candidates[0] if candidates else None, pareto, [_row(c) for c in candidates], evaluated,
+                        considered, objective, {"kept": kept, "quality_law": law.name, "time_budget_s": time_budget_s,
+                                                "heatmap": heatmap, "global_batch_tokens": global_batch_tokens})
+
+
+def _smallest(score: np.ndarray, top: int) -> np.ndarray:
+    """Indices of the ``top`` smallest finite scores, by (score, index): a partition, not a sort."""
+    count = min(top, int(np.count_nonzero(np.isfinite(score))))
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    threshold = np.partition(score, count - 1)[count - 1]
+    less = np.flatnonzero(score < threshold)
+    idx = np.concatenate([less, np.flatnonzero(score == threshold)[: count - less.size]])
+    return idx[np.lexsort((idx, score[idx]))]
+
+
+def _first(records: list[dict], top: int) -> list[dict]:
+    return sorted(records, key=lambda r: (r["score"], r["index"]))[:top]
+
+
+def _heat_cells(s: _Scored, experts: list, cfs: list, heat: np.ndarray) -> None:
+    """Lower ``heat`` [capacity factor, experts] to the fastest kept step time of each cell of this piece."""
+    shape = _shape(s.grid)
+    step = np.where(s.keep, s.values["step_time_s"], np.inf).reshape(shape)
+    best = step.min(axis=tuple(a for a in range(len(shape)) if _KNOBS[a] not in ("num_experts", "capacity_factor")))
+    e_at = np.searchsorted(experts, s.grid["num_experts"].reshape(-1))
+    c_at = np.searchsorted(cfs, np.nan_to_num(s.grid["capacity_factor"].reshape(-1), nan=0.0))
+    np.fmin.at(heat, (c_at[None, :], e_at[:, None]), best)
 
 
 def _constraints(s: dict[str, np.ndarray], c: Constraints) -> np.ndarray:
@@ -242,44 +312,46 @@ def _objective(name: str, s: dict[str, np.ndarray], loss: np.ndarray, topo: Topo
     return loss + 1e-12 * s["step_time_s"]  # quality, quality_per_time: ties go to the faster layout
 
 
-def by_time(time_s: np.ndarray, loss: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-    """Indices of the kept points, fastest first, equal times by lower loss."""
-    idx = np.flatnonzero(np.ones(time_s.size, bool) if keep is None else keep)
-    order = idx[np.argsort(time_s[idx], kind="stable")]
-    t = time_s[order]
-    if np.any(t[1:] == t[:-1]):  # ties in time: the lower loss must come first
-        order = idx[np.lexsort((loss[idx], time_s[idx]))]
-    return order
-
-
-def pareto_front(loss: np.ndarray, time_s: np.ndarray, keep: np.ndarray | None = None,
-                 order: np.ndarray | None = None) -> list[int]:
+def pareto_front(loss: np.ndarray, time_s: np.ndarray, keep: np.ndarray | None = None) -> list[int]:
     """Indices of the non-dominated (loss, time) points among ``keep``, fastest first.
 
     A point is dominated when another is no worse in both and better in one. Sort by time (then
-    loss) and keep each point whose loss beats every faster point's. ``order`` = ``by_time(...)``
-    when the caller has it already.
+    loss, then index) and keep each point whose loss beats every faster point's; equal points keep
+    the first. A bucketing pass first drops points a strictly faster bucket already beats, so only a
+    few points are sorted.
     """
-    order = by_time(time_s, loss, keep) if order is None else order
+    idx = np.flatnonzero(np.ones(time_s.size, bool) if keep is None else keep)
+    idx = _beaten_by_a_faster_bucket(loss, time_s, idx)
+    order = idx[np.lexsort((loss[idx], time_s[idx]))]
     ranked = loss[order]
     faster_best = np.concatenate([[math.inf], np.minimum.accumulate(ranked)[:-1]])
     return [int(i) for i in order[ranked < faster_best]]
 
 
-def _candidate(model, grid, sel, scored, loss, topo, i) -> Candidate:
-    j = sel[i]
-    cf = grid["capacity_factor"][j]
-    m = model.with_(num_experts=int(grid["num_experts"][j]), top_k=int(grid["top_k"][j]),
-                    moe_every=int(grid["moe_every"][j]), expert_d_ff=int(grid["expert_d_ff"][j]),
-                    capacity_factor=None if np.isnan(cf) else float(cf))
-    layout = Layout(data=int(grid["data"][j]), fsdp=int(grid["fsdp"][j]), expert=int(grid["expert"][j]),
-                    tensor=int(grid["tensor"][j]), pipeline=int(grid["pipeline"][j]),
-                    virtual_pipeline=int(grid["virtual_pipeline"][j]),
-                    micro_batch_size=int(grid["micro_batch_size"][j]), recompute=RECOMPUTE[int(grid["recompute"][j])])
-    tps = float(scored["tokens_per_s"][i])
-    return Candidate(m, layout, float(scored["step_time_s"][i]), tps, float(loss[i]),
-                     float(scored["memory_per_device_bytes"][i]), bool(scored["fits"][i]),
-                     float(scored["drop_rate"][i]), float(scored["mfu"][i]), topo.num_devices / tps)
+def _beaten_by_a_faster_bucket(loss: np.ndarray, time_s: np.ndarray, idx: np.ndarray, buckets: int = 1024):
+    """``idx`` less the points whose loss some point of a faster time bucket matches or beats: buckets are
+    monotone in time, so that point is strictly faster and dominates. The front is unchanged."""
+    if idx.size <= 4 * buckets:
+        return idx
+    t, lo = time_s[idx], time_s[idx].min()
+    span = t.max() - lo
+    if not span > 0:
+        return idx
+    bucket = np.minimum(((t - lo) * (buckets / span)).astype(np.int64), buckets - 1)
+    best = np.full(buckets, np.inf)
+    np.fmin.at(best, bucket, loss[idx])
+    faster = np.concatenate([[np.inf], np.minimum.accumulate(best)[:-1]])
+    return idx[loss[idx] < faster[bucket]]
+
+
+def _candidate(model: M.MoEModel, r: dict, topo: Topology) -> Candidate:
+    cf = float(r["capacity_factor"])
+    m = model.with_(num_experts=int(r["num_experts"]), top_k=int(r["top_k"]), moe_every=int(r["moe_every"]),
+                    expert_d_ff=int(r["expert_d_ff"]), capacity_factor=None if np.isnan(cf) else cf)
+    layout = Layout(**{k: int(r[k]) for k in ("data",) + _LAYOUT_KNOBS[:-1]}, recompute=RECOMPUTE[int(r["recompute"])])
+    tps = float(r["tokens_per_s"])
+    return Candidate(m, layout, float(r["step_time_s"]), tps, r["loss"], float(r["memory_per_device_bytes"]),
+                     bool(r["fits"]), float(r["drop_rate"]), float(r["mfu"]), topo.num_devices / tps)
 
 
 def _row(c: Candidate) -> dict:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from scipy import special
 
+from moeplan import routing as R
 from moeplan.routing import Routing, routing_stats, simulate_routing
 
 CASES = [
@@ -54,3 +57,17 @@ def test_bad_routing_is_rejected(kwargs, message):
         Routing(**kwargs)
     with pytest.raises(ValueError, match="experts_per_device"):
         routing_stats(100, 10, 2, None, 3)
+
+
+@pytest.mark.parametrize("trials", [7, 300, 40_000, 2_000_000])
+@pytest.mark.parametrize("probs", [np.full(64, 2 / 64), np.minimum((np.arange(16) + 1.0) ** -1.2 / 1.2, 1.0),
+                                   np.array([0.5, 0.5])])
+def test_expected_max_equals_the_sum_over_every_integer(trials, probs):
+    """The trapezoid rule on every (sd/4)-th integer against the plain sum of 1 - prod F_i(x) over every
+    integer of mean +- 40 sd (every term below is 1 and every term above 0 to double precision)."""
+    mean, sd = trials * probs.max(), np.sqrt(trials * probs.max() + 1.0)
+    lo, hi = int(max(0, mean - 40 * sd)), int(min(trials, mean + 40 * sd))
+    x = np.arange(lo, hi + 1, dtype=float)
+    log_cdf = sum(np.log(np.maximum(special.bdtr(x, trials, p), 1e-300)) for p in probs)
+    brute = lo + float(np.sum(1.0 - np.exp(log_cdf)))
+    assert R._expected_max(trials, probs) == pytest.approx(brute, rel=1e-9)

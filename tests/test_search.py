@@ -23,19 +23,38 @@ GBT = 64 * 2048
 @pytest.mark.parametrize("topo", [mp.load_topology("dgx-h100", nodes=2), mp.load_topology("tpu-v5p", shape=(2, 2, 4))],
                          ids=["h100x2", "v5p-2x2x4"])
 def test_vectorised_scores_equal_scalar_estimate_on_200_random_layouts(topo):
+    """The search's grid evaluation (every knob on its own axis) equals estimate() point by point,
+    summary and per-part breakdown."""
     grid = S._grid(SPACE.resolved(MODEL, topo))
     valid = np.flatnonzero(S._valid(grid, MODEL, topo, GBT))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        costs = plan_costs(S._plan(grid, MODEL), topo, GBT)
+    shape = S._shape(grid)
     pick = np.random.default_rng(0).choice(valid, size=min(200, valid.size), replace=False)
-    costs = plan_costs(S._plan(grid, pick, MODEL), topo, GBT)
     assert pick.size == 200
-    for i in range(pick.size):
-        c = S._candidate(MODEL, grid, pick, {k: np.broadcast_to(costs[k], pick.shape) for k in
-                                             ("step_time_s", "tokens_per_s", "memory_per_device_bytes", "fits",
-                                              "drop_rate", "mfu")}, np.zeros(pick.size), topo, i)
+    for j in pick:
+        at = np.unravel_index(j, shape)
+        record = {k: np.broadcast_to(grid[k], shape)[at] for k in ("data",) + S._KNOBS}
+        record.update({k: np.broadcast_to(costs[k], shape)[at] for k in S._SCORES}, loss=0.0)
+        c = S._candidate(MODEL, record, topo)
         est = mp.estimate(c.model, topo, c.layout, GBT)
         assert est.step_time_s == pytest.approx(c.step_time_s, rel=1e-9)
+        assert est.tokens_per_s == pytest.approx(c.tokens_per_s, rel=1e-9)
+        assert est.mfu == pytest.approx(c.mfu, rel=1e-9)
         assert est.memory_per_device_bytes == pytest.approx(c.memory_per_device_bytes, rel=1e-9)
         assert est.drop_rate == pytest.approx(c.drop_rate, rel=1e-9, abs=1e-15)
+        for row in est.layers:
+            assert row.time_s == pytest.approx(float(np.broadcast_to(costs[row.name], shape)[at]), rel=1e-9, abs=1e-15)
+
+
+def test_search_in_pieces_equals_search_in_one():
+    """Cutting the grid into pieces (bounded memory) changes nothing: ranking, front, heatmap, counts."""
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    for objective in ("quality_per_time", "quality", "step_time"):
+        whole = mp.search(MODEL, topo, SPACE, global_batch_tokens=GBT, objective=objective, top=50)
+        cut = mp.search(MODEL, topo, SPACE, global_batch_tokens=GBT, objective=objective, top=50, chunk=3000)
+        assert cut.table == whole.table and cut.evaluated == whole.evaluated and cut.details == whole.details
+        assert [(c.layout, c.model) for c in cut.pareto] == [(c.layout, c.model) for c in whole.pareto]
 
 
 def test_search_result_satisfies_constraints_and_reproduces():
@@ -52,16 +71,27 @@ def test_search_result_satisfies_constraints_and_reproduces():
     assert mp.estimate(best.model, topo, best.layout, GBT).step_time_s == pytest.approx(best.step_time_s, rel=1e-9)
 
 
-def test_pareto_front_is_non_dominated_and_complete():
+@pytest.mark.parametrize("n, digits", [(500, None), (8000, None), (8000, 2)])
+def test_pareto_front_is_non_dominated_and_complete(n, digits):
+    """Brute force over every pair; 8000 points go through the bucketing pass, rounded ones have ties."""
     rng = np.random.default_rng(3)
-    loss, time = rng.random(500), rng.random(500)
-    keep = rng.random(500) < 0.8
+    loss, time = rng.random(n), rng.random(n) ** 3
+    if digits:
+        loss, time = loss.round(digits), time.round(digits)
+    keep = rng.random(n) < 0.8
     front = S.pareto_front(loss, time, keep)
     kept = np.flatnonzero(keep)
-    for i in kept:
-        dominated = np.any((loss[kept] <= loss[i]) & (time[kept] <= time[i]) &
-                           ((loss[kept] < loss[i]) | (time[kept] < time[i])))
-        assert (i in front) == (not dominated)
+    dominated = np.zeros(n, bool)
+    for block in np.array_split(kept, 8):
+        lb, tb = loss[block, None], time[block, None]
+        dominated[block] = np.any((loss[kept] <= lb) & (time[kept] <= tb) & ((loss[kept] < lb) | (time[kept] < tb)), 1)
+    undominated = [int(i) for i in kept if not dominated[i]]
+    # equal points are not dominated by each other: the front keeps the first of each (loss, time)
+    first = {}
+    for i in undominated:
+        first.setdefault((loss[i], time[i]), i)
+    assert sorted(front) == sorted(first.values())
+    assert [time[i] for i in front] == sorted(time[i] for i in front)
     result = mp.search(MODEL, mp.load_topology("dgx-h100"), SPACE, global_batch_tokens=GBT)
     pts = [(c.loss, c.step_time_s) for c in result.pareto]
     assert all(not (a[0] <= b[0] and a[1] <= b[1] and a != b) for a in pts for b in pts)
@@ -133,6 +163,11 @@ def test_grouping_helpers_match_numpy_unique_and_brute_force():
     assert first.tolist() == first_np.tolist() and inverse.tolist() == inverse_np.reshape(-1).tolist()
     members = est._members(inverse, len(first))
     assert all(sorted(np.flatnonzero(inverse == j).tolist()) == m.tolist() for j, m in enumerate(members))
+    cols = (rng.integers(0, 3, (4, 1, 1)), rng.integers(0, 500, (1, 5, 1)), rng.integers(0, 2, (1, 1, 6)))
+    rows, index = est.distinct_rows(cols)
+    flat = np.stack([np.broadcast_to(c, (4, 5, 6)).reshape(-1) for c in cols], 1)
+    assert index.shape == (4, 5, 6) and np.array_equal(rows[index.reshape(-1)], flat)
+    assert len(rows) == len(np.unique(flat, axis=0))
     result = mp.search(MODEL, mp.load_topology("dgx-h100"), SPACE, global_batch_tokens=GBT, top=10_000)
     heat = result.details["heatmap"]
     for i, experts in enumerate(heat["num_experts"]):
