@@ -18,16 +18,14 @@ from moeplan.units import dtype_bytes
 
 
 def tile_efficiency(rows, cols, tile: int):
-    rows = np.maximum(np.asarray(rows, dtype=float), 1.0)
-    cols = np.maximum(np.asarray(cols, dtype=float), 1.0)
-    return rows / (np.ceil(rows / tile) * tile) * cols / (np.ceil(cols / tile) * tile)
+    rows, cols = np.maximum(rows, 1.0), np.maximum(cols, 1.0)
+    return rows / (-(-rows // tile) * tile) * cols / (-(-cols // tile) * tile)
 
 
 def matmul_time_s(m, n, k, chip: ChipSpec, dtype: str, eff: ComputeEfficiency, count=1.0):
     """``count`` independent [m, k] x [k, n] matmuls (m tokens, n output features)."""
-    m, n, k = (np.asarray(x, dtype=float) for x in (m, n, k))
     flops = 2.0 * m * n * k * count
-    nbytes = (m * k + k * n + m * n) * dtype_bytes(dtype) * count
+    nbytes = (1.0 * m * k + k * n + m * n) * (dtype_bytes(dtype) * count)
     rate = chip.peak_flop_per_s(dtype) * eff.matmul * tile_efficiency(m, n, eff.matmul_tile)
     return np.maximum(flops / rate, nbytes / (chip.hbm_bw_bytes_per_s * eff.memory)) + eff.kernel_overhead_s
 
@@ -39,5 +37,5 @@ def attention_time_s(flops, nbytes, chip: ChipSpec, dtype: str, eff: ComputeEffi
 
 
 def memory_time_s(nbytes, chip: ChipSpec, eff: ComputeEfficiency):
-    return np.asarray(nbytes, dtype=float) / (chip.hbm_bw_bytes_per_s * eff.memory) + eff.kernel_overhead_s
+    return nbytes / (chip.hbm_bw_bytes_per_s * eff.memory) + eff.kernel_overhead_s
 

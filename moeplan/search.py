@@ -238,8 +238,8 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     experts = sorted(set(resolved["num_experts"]))
     cfs = sorted({0.0 if c is None else float(c) for c in resolved["capacity_factor"]})
     heat = np.full((len(cfs), len(experts)), np.inf)
-    ranked, front, evaluated, kept = [], [], 0, 0
-    for n, (piece, index) in enumerate(pieces):
+    ranked, front, evaluated, kept, scored_points = [], [], 0, 0, 0
+    for piece, index in pieces:
         s = done[0] if done else _score_piece(piece, index, *args)
         shape = _shape(s.grid)
         view = M.ModelView(model, **{k: s.grid[k] for k in _MODEL_KNOBS})
@@ -251,7 +251,8 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
         _heat_cells(s, experts, cfs, heat)
         evaluated += int(s.ok.sum())
         kept += int(s.keep.sum())
-        report(n + 1, len(pieces))
+        scored_points += index.size
+        report(scored_points, considered)
     front.sort(key=lambda r: r["index"])
     on_front = pareto_front(np.array([r["loss"] for r in front]), np.array([r["step_time_s"] for r in front]))
     candidates = [_candidate(model, r, topo) for r in ranked]
