@@ -117,8 +117,13 @@ def append_jsonl(path: str | os.PathLike[str], record: dict) -> None:
     """Append one measurement as a line and flush it to disk: an interrupted run keeps it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False  # a run that died mid-write left a last line without its newline: start a fresh line
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=_jsonable) + "\n")
+        fh.write(("\n" if torn else "") + json.dumps(record, default=_jsonable) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -10,11 +10,16 @@ of S tokens, capacity C, E experts, E_l = E / ep local):
               over the [G_l, S, E, C] dispatch tensor (3k + 2 passes of 4-byte elements)
     dispatch  G_l matmuls [E C, S] x [S, D]      combine  G_l matmuls [S, E C] x [E C, D]
     experts   E_l x (matmul(ep G_l C, F, D) + matmul(ep G_l C, D, F)) + ReLU over the hidden
-    a2a       two all_to_alls of E G_l C D x 4 bytes per device (when ep > 1)
+    a2a       two all_to_alls of E G_l C D x 4 bytes per device, and the all-reduce of the auxiliary
+              losses' statistics (when ep > 1)
 
-forward+backward adds the parameter gradients: 2 x (experts + combine) + router, one more all_to_all,
-and a second set of kernel overheads (see ``_layer_s``). scipy least_squares fits
-theta on log times of the training measurements; held-out MoE layer shapes give the error.
+forward+backward is what ``bench`` times: a training step's forward and backward for a given output
+gradient, parameter and input gradients both (the compiled step runs exactly these matmuls):
+router, combine and experts twice more, dispatch once more (its one-hot operand has no gradient),
+(k + 1) passes over the routing tensor for the gate gradients, three over the hidden for the ReLU,
+two more all_to_alls, an all-reduce of the replicated router's gradient, and a second set of kernel
+overheads (see ``_layer_s``). scipy least_squares fits theta on log times of the training
+measurements; held-out MoE layer shapes, interleaved with the training ones, give the error.
 """
 
 from __future__ import annotations
@@ -65,24 +70,32 @@ def _layer_s(m: dict, topo: Topology, eff: ComputeEfficiency, comm: CommParams) 
     g_local = m["groups"] // ep
     s, d, f, e, k = m["group_size"], m["d_model"], m["expert_d_ff"], m["num_experts"], m["top_k"]
     cap = math.ceil(s * k * m["capacity_factor"] / e)
+    e_local, tokens, rows = e // ep, g_local * s, ep * g_local * cap
     mm = lambda a, b, c, count=1.0: float(matmul_time_s(a, b, c, chip, "fp32", eff, count))  # noqa: E731
-    router = mm(g_local * s, e, d) + float(memory_time_s((3 * k + 2) * g_local * s * e * cap * 4, chip, eff))
+    mem = lambda nbytes: float(memory_time_s(nbytes, chip, eff))  # noqa: E731
+
+    def coll(op: str, nbytes: float) -> float:
+        return float(collective_time_s(topo, op, float(nbytes), ep, params=comm)) if ep > 1 else 0.0
+
+    slots = tokens * e * cap * 4  # one f32 [G_l, S, E, C] dispatch / combine tensor
+    hidden = e_local * rows * f * 4  # the experts' hidden activations
+    router = mm(tokens, e, d)
     dispatch = mm(e * cap, d, s, g_local)
     combine = mm(s, d, e * cap, g_local)
-    rows = ep * g_local * cap
-    experts = mm(rows, f, d, e // ep) + mm(rows, d, f, e // ep)
-    experts += float(memory_time_s(2 * (e // ep) * rows * f * 4, chip, eff))
-    a2a = 0.0
-    if ep > 1:
-        a2a = float(collective_time_s(topo, "all_to_all", float(e * g_local * cap * d * 4), ep, params=comm))
+    experts = mm(rows, f, d, e_local) + mm(rows, d, f, e_local)
+    a2a = coll("all_to_all", e * g_local * cap * d * 4)
     overhead = _LAYER_KERNELS * eff.kernel_overhead_s
-    forward = router + dispatch + combine + experts + 2 * a2a + overhead
+    forward = (router + mem((3 * k + 2) * slots) + dispatch + experts + mem(2 * hidden) + combine + 2 * a2a
+               + coll("all_reduce", (2 * e + 1) * 4) + overhead)
     if not m["backward"]:
         return forward
-    # gradients of the parameters only: expert matmuls and the combine einsum twice (data and weight
-    # gradients), the router matmul once, the dispatch einsum not at all (its one-hot input carries no
-    # gradient and x needs none); the all_to_all that returned expert outputs runs once more, backwards
-    return forward + 2 * experts + 2 * combine + router + a2a + overhead
+    # a training step's backward for a given output gradient: every matmul twice (data and weight
+    # gradients) except the dispatch einsum, once (its one-hot operand has no gradient); the gate
+    # gradients back through the routing tensors, the ReLU mask, both all_to_alls reversed, and the
+    # all-reduce of the replicated router's gradient
+    backward = (2 * router + mem((k + 1) * slots) + dispatch + 2 * experts + mem(3 * hidden) + 2 * combine
+                + 2 * a2a + coll("all_reduce", d * e * 4) + overhead)
+    return forward + backward
 
 
 def errors(measurements: list[dict], topo: Topology, eff: ComputeEfficiency, comm: CommParams) -> np.ndarray:
@@ -94,8 +107,10 @@ def fit(train: list[dict], topo: Topology, eff: ComputeEfficiency, comm: CommPar
     """Least squares on log(predicted / measured), in two stages: the collective parameters on the
     collective benchmarks, then the compute parameters on the training MoE layers with the collectives
     held. Standalone matmuls are measured and reported, not fitted: XLA runs a lone dot with other
-    kernels than the layer's fused einsums (on the CPU host they pull the fit 7 points the wrong way on
-    held-out layers). Returns fitted (eff, comm, theta)."""
+    kernels than the layer's fused einsums, and on the CPU host adding them to the second stage makes
+    held-out layers slightly worse. Three compute parameters are not too many for the layers: fits
+    without the per-kernel overhead, or with only two of the three free, predict held-out layers
+    no better. Returns fitted (eff, comm, theta)."""
     theta = np.clip(theta_from(eff, comm), LOWER + 1e-9, UPPER - 1e-9)
     theta[2] = max(theta[2], 1e-5)
     theta[3] = max(theta[3], 1e-6)

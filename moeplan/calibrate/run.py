@@ -1,7 +1,9 @@
 """``moeplan calibrate``: measure on the local devices, fit, write a profile, report the errors.
 
-Measurements are appended to ``<out>.measurements.jsonl`` as they are taken; a rerun skips what
-is already there (resume). With several processes (``jax.distributed``: coordinator address,
+Every benchmark of the plan is compiled once and timed in several passes over the whole plan
+(``PASSES_QUICK`` / ``PASSES_FULL``); a measurement's time is the median over its passes. Each pass
+of each benchmark is appended to ``<out>.measurements.jsonl`` as it is taken; a rerun skips what is
+already there (resume). With several processes (``jax.distributed``: coordinator address,
 process count and id from flags or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID),
 every process runs the same benchmarks on the global devices and only process 0 writes files.
 """
@@ -12,14 +14,18 @@ import datetime as dt
 import os
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+PASSES_QUICK, PASSES_FULL = 5, 7  # passes over the plan: every benchmark is timed once in each
+
 
 def plan_measurements(quick: bool, devices: int) -> list[tuple[str, dict]]:
-    """(split, benchmark arguments); split is "train" (fitted) or "held_out" (error only).
+    """(split, benchmark arguments); split is "train" (fitted) or "held_out" (error only). Every other
+    MoE layer shape, in rough order of time, is held out (6 of 14 in a quick run, forward and forward+backward).
 
     MOEPLAN_CALIBRATE_TINY=1 keeps a handful (the multi-process test)."""
     full = _plan(quick, devices)
@@ -36,37 +42,47 @@ def _plan(quick: bool, devices: int) -> list[tuple[str, dict]]:
     sizes = [1 << 14, 1 << 18, 1 << 22] if quick else [1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24]
     ops = ["all_reduce", "all_gather", "all_to_all"]
     n = devices * max(1, 8 // devices)  # groups and experts: a multiple of the devices, at least 8
-    layers = [  # groups, group size, d_model, expert width, experts, top-k, capacity factor
-        (n, 128, 64, 128, n, 2, 1.25), (n, 256, 128, 256, n, 2, 1.25),
-        (n * 2, 128, 128, 256, n * 2, 1, 2.0), (n, 512, 64, 256, n, 2, 1.0),
-        (n, 256, 256, 512, n, 2, 1.25), (n * 2, 256, 128, 512, n, 1, 1.25),
+    # groups, group size, d_model, expert width, experts, top-k, capacity factor; roughly in order of time on
+    # the CPU host, and every other one held out, so held-out shapes sit inside the training range
+    layers = [
+        (n, 128, 64, 128, n, 2, 1.25), (n * 2, 128, 64, 256, n * 2, 1, 1.25),
+        (n, 256, 64, 128, n, 1, 2.0), (n, 128, 256, 128, n, 1, 2.0),
+        (n * 2, 128, 128, 256, n * 2, 1, 2.0), (n * 2, 256, 64, 128, n, 1, 1.0),
+        (n, 256, 128, 256, n, 2, 1.25), (n, 128, 256, 512, n * 2, 2, 1.25),
+        (n, 256, 256, 512, n * 2, 1, 1.0), (n * 2, 256, 128, 512, n, 1, 1.25),
+        (n, 512, 64, 256, n, 2, 1.0), (n * 2, 128, 256, 128, n, 2, 2.0),
+        (n, 256, 256, 512, n, 2, 1.25), (n, 512, 128, 256, n, 2, 1.25),
     ]
     if not quick:
-        layers += [(n, 1024, 128, 256, n, 2, 1.25), (n * 2, 512, 256, 256, n * 2, 2, 1.5)]
-    held_out = {1, 4} if quick else {1, 4, 7}  # interior shapes: held out, not extrapolated
+        layers += [(n * 2, 256, 64, 512, n * 2, 2, 2.0), (n, 1024, 128, 256, n, 2, 1.25),
+                   (n * 2, 512, 256, 256, n * 2, 2, 1.5)]
     out = [("train", {"kind": "matmul", "m": m, "n": n, "k": k}) for m, n, k in mats]
     if devices > 1:
         out += [("train", {"kind": "collective", "op": op, "bytes": b, "devices": devices}) for op in ops
                 for b in sizes]
+    last = len(layers) - 1
     for i, (g, s, d, f, e, k, cf) in enumerate(layers):
+        held = i % 2 == 1 and i != last  # the smallest and the largest shape are fitted
         for backward in (False, True):
-            out.append(("held_out" if i in held_out else "train",
+            out.append(("held_out" if held else "train",
                         {"kind": "moe_layer", "groups": g, "group_size": s, "d_model": d, "expert_d_ff": f,
                          "num_experts": e, "top_k": k, "capacity_factor": cf, "devices": devices,
                          "backward": backward}))
     return out
 
 
-def _measure(spec: dict, devices: list) -> dict:
+def _identity(spec: dict, devices: int) -> dict:
+    """What a measurement records besides its time: the spec, with the bytes a collective really moves."""
     from moeplan.calibrate import bench
 
     if spec["kind"] == "matmul":
-        return bench.bench_matmul(spec["m"], spec["n"], spec["k"], devices)
+        return {"kind": "matmul", "m": spec["m"], "n": spec["n"], "k": spec["k"], "dtype": "float32",
+                "devices": devices}
     if spec["kind"] == "collective":
-        return bench.bench_collective(spec["op"], spec["bytes"], devices)
-    args = {k: spec[k] for k in ("groups", "group_size", "d_model", "expert_d_ff", "num_experts", "top_k",
-                                 "capacity_factor", "backward")}
-    return bench.bench_moe_layer(devices=devices, **args)
+        local = bench.collective_elements(spec["op"], spec["bytes"], devices)
+        moved = local * devices * 4 if spec["op"] == "all_gather" else local * 4
+        return {"kind": "collective", "op": spec["op"], "devices": devices, "bytes": int(moved)}
+    return {**spec, "devices": devices}
 
 
 def _spec_key(spec: dict) -> str:
@@ -90,8 +106,13 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
 
 
 def calibrate(out: str | os.PathLike[str], quick: bool = False, devices: int | None = None,
-              topology: str | None = None, say: Callable[[str], None] = print) -> dict:
-    """Run (or resume) the measurements, fit, write the profile; return the profile mapping."""
+              topology: str | None = None, say: Callable[[str], None] = print, passes: int | None = None,
+              repeats: int = 3) -> dict:
+    """Run (or resume) the measurements, fit, write the profile; return the profile mapping.
+
+    Every benchmark is compiled once and timed in ``passes`` passes over the whole plan (``repeats``
+    calls each, after one warm-up), so training and held-out measurements share the host's slow
+    drifts instead of each catching its own; a measurement's time is the median over its passes."""
     import jax
 
     from moeplan.calibrate.fit import errors, fit, theta_from
@@ -111,22 +132,37 @@ def calibrate(out: str | os.PathLike[str], quick: bool = False, devices: int | N
     writer = jax.process_index() == 0
     out = Path(out)
     log = out.with_name(out.stem + ".measurements.jsonl")
-    done = {_spec_key(r["spec"]): r for r in read_jsonl(log)}
     plan = plan_measurements(quick, n)
-    if done:
-        say(f"resuming: {len(done)} of {len(plan)} measurements already in {log}")
-    records = []
-    for i, (split, spec) in enumerate(plan, 1):
-        key = _spec_key(spec)
-        if key in done:
-            records.append(done[key])
-            continue
-        measured = _measure(spec, chosen)
-        record = {"split": split, "spec": spec, "measured": measured}
-        if writer:
-            append_jsonl(log, record)
-        records.append(record)
-        say(f"  [{i:>3}/{len(plan)}] {key}: {measured['time_s'] * 1e3:.3f} ms")
+    passes = passes or (PASSES_QUICK if quick else PASSES_FULL)
+    done: dict[str, dict[int, list[float]]] = {}
+    for r in read_jsonl(log):
+        if "times_s" in r and "pass" in r:  # one pass of one benchmark
+            done.setdefault(_spec_key(r["spec"]), {})[int(r["pass"])] = r["times_s"]
+    taken = sum(p < passes for _, spec in plan for p in done.get(_spec_key(spec), {}))
+    if taken:
+        say(f"resuming: {taken} of {len(plan) * passes} timings already in {log}")
+    from moeplan.calibrate import bench
+
+    calls: dict[str, Callable] = {}  # compiled once, timed in every pass
+    for p in range(passes):
+        start = time.perf_counter()
+        todo = [(i, split, spec) for i, (split, spec) in enumerate(plan, 1) if p not in done.get(_spec_key(spec), {})]
+        for i, split, spec in todo:
+            key = _spec_key(spec)
+            if key not in calls:
+                calls[key] = bench.prepare(spec, chosen)
+            times = bench.times_s(calls[key], repeats=repeats)
+            if writer:
+                append_jsonl(log, {"split": split, "spec": spec, "pass": p, "times_s": times})
+            done.setdefault(key, {})[p] = times
+            if p == 0:
+                say(f"  [{i:>3}/{len(plan)}] {key}: {statistics.median(times) * 1e3:.3f} ms")
+        if todo and p > 0:
+            say(f"  pass {p + 1}/{passes}: {len(todo)} timings, {time.perf_counter() - start:.1f} s")
+    records = [{"split": split, "spec": spec,
+                "measured": {**_identity(spec, n), "time_s": bench.pass_time_s(list(done[_spec_key(spec)].values())),
+                             "passes": len(done[_spec_key(spec)])}}
+               for split, spec in plan]
     train = [_as_model_input(r) for r in records if r["split"] == "train"]
     held = [_as_model_input(r) for r in records if r["split"] == "held_out"]
     base_eff, base_comm = topo.chip.efficiency, CommParams()
