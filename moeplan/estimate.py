@@ -284,10 +284,10 @@ def _data_parallel(ctx: Context, counts: dict, mb) -> dict[str, np.ndarray]:
     p = ctx.plan
     dense_stage = counts["non_expert"] / (p.pipeline * p.tensor)  # before FSDP sharding
     grad_bytes = 4.0 * dense_stage
-    has_fsdp = p.fsdp > 1
+    has_fsdp, no_fsdp = p.fsdp > 1, p.fsdp == 1
     grad = np.where(has_fsdp, ctx.coll("reduce_scatter", grad_bytes * has_fsdp, "fsdp")
                     + ctx.coll("all_reduce", grad_bytes / p.fsdp * has_fsdp, "data"),
-                    ctx.coll("all_reduce", grad_bytes * ~has_fsdp, "data"))
+                    ctx.coll("all_reduce", grad_bytes * no_fsdp, "data"))
     expert_shard = 4.0 * counts["expert"] / (p.pipeline * p.expert_weight_shards)
     grad = grad + ctx.coll("all_reduce", expert_shard, "expert_data")
     gather = 2.0 * ctx.coll("all_gather", dense_stage * ctx.b * has_fsdp, "fsdp") * mb  # forward and backward

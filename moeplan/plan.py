@@ -59,9 +59,9 @@ class Plan:
 
     @classmethod
     def from_layout(cls, model: M.MoEModel, layout: Layout) -> Plan:
-        """One candidate: numpy integer scalars (cheap arithmetic, numpy semantics for ``~`` and ``//``)."""
-        degrees = {f: np.int64(getattr(layout, f)) for f in LAYOUT_FIELDS}
-        return cls(M.ModelView(model), recompute=np.int64(RECOMPUTE.index(layout.recompute)),
+        """One candidate: plain Python integers (the formulas' arithmetic on them is the cheapest)."""
+        degrees = {f: int(getattr(layout, f)) for f in LAYOUT_FIELDS}
+        return cls(M.ModelView(model), recompute=RECOMPUTE.index(layout.recompute),
                    sequence_parallel=layout.sequence_parallel, shard_optimizer=layout.shard_optimizer, **degrees)
 
     @property
@@ -113,6 +113,8 @@ class Context:
         self.b = 2.0 if bits < 2 else bits  # activations and communication: bf16 under 8-bit training
         self.high = "bf16" if bits < 2 else dtype  # attention and the output layer
         self._codes: dict = {}
+        self._keys: dict = {}  # one candidate: the placement key of each group kind
+        self.scalar = plan.shape == ()
 
     def mm(self, m, n, k, count=1.0, dtype: str | None = None):
         return matmul_time_s(m, n, k, self.topo.chip, dtype or self.dtype, self.eff, count)
@@ -136,9 +138,12 @@ class Context:
 
     def coll(self, op: str, nbytes, kind: str):
         """Collective time per candidate (the broadcast shape of ``nbytes`` and the group's degrees)."""
+        if self.scalar and np.ndim(nbytes) == 0:  # one candidate
+            key = self._keys.get(kind)
+            if key is None:
+                key = self._keys[kind] = tuple(int(c) for c in self._group(kind))
+            return _coll_one(self.topo, op, float(nbytes), kind, key, self.comm)
         cols = self._group(kind)
-        if np.ndim(nbytes) == 0 and all(np.ndim(c) == 0 for c in cols):  # one candidate
-            return _coll_one(self.topo, op, float(nbytes), kind, tuple(int(c) for c in cols), self.comm)
         codes, groups = self._placements(kind, cols)
         shape = np.broadcast_shapes(np.shape(nbytes), codes.shape)
         size = np.broadcast_to(np.asarray(nbytes, dtype=float), shape).reshape(-1)
