@@ -11,14 +11,13 @@ All functions accept numpy arrays.
 
 from __future__ import annotations
 
-import numpy as np
-
+from moeplan.arrays import maximum
 from moeplan.hardware import ChipSpec, ComputeEfficiency
 from moeplan.units import dtype_bytes
 
 
 def tile_efficiency(rows, cols, tile: int):
-    rows, cols = np.maximum(rows, 1.0), np.maximum(cols, 1.0)
+    rows, cols = maximum(rows, 1.0), maximum(cols, 1.0)
     return rows / (-(-rows // tile) * tile) * cols / (-(-cols // tile) * tile)
 
 
@@ -27,13 +26,13 @@ def matmul_time_s(m, n, k, chip: ChipSpec, dtype: str, eff: ComputeEfficiency, c
     flops = 2.0 * m * n * k * count
     nbytes = (1.0 * m * k + k * n + m * n) * (dtype_bytes(dtype) * count)
     rate = chip.peak_flop_per_s(dtype) * eff.matmul * tile_efficiency(m, n, eff.matmul_tile)
-    return np.maximum(flops / rate, nbytes / (chip.hbm_bw_bytes_per_s * eff.memory)) + eff.kernel_overhead_s
+    return maximum(flops / rate, nbytes / (chip.hbm_bw_bytes_per_s * eff.memory)) + eff.kernel_overhead_s
 
 
 def attention_time_s(flops, nbytes, chip: ChipSpec, dtype: str, eff: ComputeEfficiency):
     """Fused attention (scores and values): its own efficiency, or HBM-bound."""
-    return np.maximum(np.asarray(flops) / (chip.peak_flop_per_s(dtype) * eff.attention),
-                      np.asarray(nbytes) / (chip.hbm_bw_bytes_per_s * eff.memory))
+    return maximum(flops / (chip.peak_flop_per_s(dtype) * eff.attention),
+                   nbytes / (chip.hbm_bw_bytes_per_s * eff.memory))
 
 
 def memory_time_s(nbytes, chip: ChipSpec, eff: ComputeEfficiency):

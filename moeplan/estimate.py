@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from moeplan import moe as M
+from moeplan.arrays import maximum, minimum, where
 from moeplan.compute import attention_time_s
 from moeplan.layout import RECOMPUTE, Layout, check_layout
 from moeplan.plan import Context, Plan, distinct_rows, make_context
@@ -129,7 +130,7 @@ def _routing(ctx: Context, group, ep, local):
     statistics of each distinct (tokens routed, expert degree, experts, top-k, capacity, local experts)."""
     m = ctx.m
     cf = m.capacity_factor_array
-    cf_code = np.where(cf != cf, 0, np.rint(np.where(cf != cf, 0.0, cf) * 1e6) + 1)  # NaN (dropless) -> 0
+    cf_code = where(cf != cf, 0, np.rint(where(cf != cf, 0.0, cf) * 1e6) + 1)  # NaN (dropless) -> 0
     cols = (group, ep, m.num_experts, m.top_k, cf_code, local)
     if all(np.ndim(c) == 0 for c in cols):  # one candidate
         return _route(ctx.routing, *(float(c) for c in cols))
@@ -153,7 +154,7 @@ def _route(routing: Routing, g, e_par, n_exp, k, cf_code, loc) -> tuple[float, f
 def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
     """Router, dispatch all-to-all, expert FFNs, combine all-to-all for one MoE layer."""
     m, p = ctx.m, ctx.plan
-    group = np.maximum(np.round(tokens / p.tensor), 1)  # tokens this device routes
+    group = maximum(np.round(tokens / p.tensor), 1)  # tokens this device routes
     ep = p.expert
     local = m.num_experts // ep
     out = {"router_s": ctx.mm(group, m.num_experts, m.d_model, dtype="fp32") + ctx.mem(
@@ -186,7 +187,7 @@ def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
     seqs = gbt // s
     per_shard = seqs // plan.batch_shards
     ok = (gbt % s == 0) & (seqs % plan.batch_shards == 0) & (per_shard % plan.micro_batch_size == 0) & (per_shard > 0)
-    return np.maximum(per_shard // plan.micro_batch_size, 1), ok
+    return maximum(per_shard // plan.micro_batch_size, 1), ok
 
 
 def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str = "bf16", profile=None,
@@ -231,7 +232,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
         layer_s = 0.0  # one layer of this kind, every pass: summed before the count spans the grid
         for name, kind, compute, comm, flops, comm_bytes in parts:
             c, k = compute * compute_passes, comm * comm_passes
-            t = np.maximum(c, k) if overlap == "full" else c + k
+            t = maximum(c, k) if overlap == "full" else c + k
             layer_s = layer_s + t
             if not breakdown:
                 continue
@@ -259,8 +260,8 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     sync = _data_parallel(ctx, counts, mb)
     grad_sync, fsdp_gather = sync["grad_s"], sync["fsdp_s"]
     if overlap != "none":  # the gradient sync hides behind the last backward, FSDP gathers behind compute
-        grad_sync = np.maximum(0.0, grad_sync - stage_s * (2.0 / 3.0))
-        fsdp_gather = np.maximum(0.0, fsdp_gather - stage_s * mb)
+        grad_sync = maximum(0.0, grad_sync - stage_s * (2.0 / 3.0))
+        fsdp_gather = maximum(0.0, fsdp_gather - stage_s * mb)
     optimizer = ctx.mem(30.0 * (dense_local + expert_local))
     if breakdown:
         out.update({"grad_sync": grad_sync, "grad_sync:bytes": sync["grad_bytes"], "fsdp_gather": fsdp_gather,
@@ -285,7 +286,7 @@ def _data_parallel(ctx: Context, counts: dict, mb) -> dict[str, np.ndarray]:
     dense_stage = counts["non_expert"] / (p.pipeline * p.tensor)  # before FSDP sharding
     grad_bytes = 4.0 * dense_stage
     has_fsdp, no_fsdp = p.fsdp > 1, p.fsdp == 1
-    grad = np.where(has_fsdp, ctx.coll("reduce_scatter", grad_bytes * has_fsdp, "fsdp")
+    grad = where(has_fsdp, ctx.coll("reduce_scatter", grad_bytes * has_fsdp, "fsdp")
                     + ctx.coll("all_reduce", grad_bytes / p.fsdp * has_fsdp, "data"),
                     ctx.coll("all_reduce", grad_bytes * no_fsdp, "data"))
     expert_shard = 4.0 * counts["expert"] / (p.pipeline * p.expert_weight_shards)
@@ -306,7 +307,7 @@ def _activation_bytes_per_token_layer(ctx: Context):
     up = 3 if m.gated_ffn else 2
     dense = b * (2 * m.d_model + up * m.d_ff)
     cf = m.capacity_factor_array
-    copies = m.top_k * np.where(cf != cf, 1.0, cf)  # dropless: one copy per choice
+    copies = m.top_k * where(cf != cf, 1.0, cf)  # dropless: one copy per choice
     moe = b * (2 * m.d_model + copies * (m.d_model + up * m.expert_d_ff)) + 4 * m.num_experts
     moe = moe + b * m.num_shared_experts * up * m.expert_d_ff
     return attn + (dense * m.n_dense_layers + moe * m.n_moe_layers) / m.n_layers
@@ -322,10 +323,10 @@ def _train_memory(ctx: Context, counts: dict, tokens, mb, send) -> dict[str, np.
         optimizer = optimizer / p.data
     mem = {"mem:weights": params * (2.0 if mixed else 4.0), "mem:optimizer_and_grads": params * 4.0 + optimizer}
     per_token_layer = _activation_bytes_per_token_layer(ctx)
-    in_flight = np.where(pp > 1, np.minimum(mb, pp) * (1.0 + (pp - 1) / (pp * p.virtual_pipeline)), 1.0)
+    in_flight = where(pp > 1, minimum(mb, pp) * (1.0 + (pp - 1) / (pp * p.virtual_pipeline)), 1.0)
     layers = m.n_layers / pp
     full = p.recompute == RECOMPUTE.index("full")
-    stored = np.where(full, tokens / t * m.d_model * ctx.b * layers * in_flight + tokens / t * per_token_layer,
+    stored = where(full, tokens / t * m.d_model * ctx.b * layers * in_flight + tokens / t * per_token_layer,
                       tokens / t * per_token_layer * layers * in_flight)
     mem["mem:activations"] = stored + tokens * m.vocab_size / t * 4.0  # fp32 logits of the last stage
     mem["mem:a2a_buffers"] = 4.0 * send
@@ -367,16 +368,16 @@ _ROWS = [("attention", "compute"), ("attention_tp", "comm"), ("attention_scores"
 
 def _estimate_from_costs(costs: dict, topo: Topology) -> Estimate:
     """The Estimate of a one-candidate ``plan_costs`` result."""
-    values = {key: float(value) for key, value in costs.items()}
-
-    def at(key: str) -> float:
-        return values.get(key, 0.0)
-
-    rows = [LayerRow(name, kind, at(name), at(f"{name}:flops"), at(f"{name}:bytes"), at(f"{name}:count"))
-            for name, kind in _ROWS if name in values and (values[name] > 0 or not name.endswith("_tp"))]
-    memory = {k.split(":", 1)[1]: v for k, v in values.items() if k.startswith("mem:")}
-    return _finish(topo, "train", at("step_time_s"), at("model_flops"), at("tokens_per_s") * at("step_time_s"),
-                   memory, rows, at("drop_rate"), int(at("micro_batches")))
+    get = costs.get
+    rows = []
+    for name, kind in _ROWS:
+        if name in costs and (costs[name] > 0 or not name.endswith("_tp")):
+            rows.append(LayerRow(name, kind, float(costs[name]), float(get(f"{name}:flops", 0.0)),
+                                 float(get(f"{name}:bytes", 0.0)), float(get(f"{name}:count", 0.0))))
+    memory = {k[4:]: float(v) for k, v in costs.items() if k.startswith("mem:")}
+    step = float(costs["step_time_s"])
+    return _finish(topo, "train", step, float(costs["model_flops"]), float(costs["tokens_per_s"]) * step, memory,
+                   rows, float(costs["drop_rate"]), int(costs["micro_batches"]))
 
 
 def _finish(topo: Topology, mode: str, step: float, model_flops: float, tokens: float, memory: dict[str, float],

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moeplan.arrays import gcd, maximum, where
 from moeplan.moe import MoEModel
 from moeplan.topology import Topology
 
@@ -121,6 +122,6 @@ def check_layout(model: MoEModel, topo: Topology, layout: Layout) -> None:
 def expert_weight_shards(expert, tensor, data, fsdp):
     """Ways expert weights are split: over the expert group, then over the part of fsdp the group does
     not already cover (it fills tensor and data first). Integers or integer arrays."""
-    inner = np.asarray(tensor) * data
-    cover = np.where(np.asarray(expert) > inner, np.asarray(expert) // np.gcd(expert, inner), 1)
-    return expert * (np.asarray(fsdp) // np.gcd(fsdp, np.maximum(cover, 1)))
+    inner = tensor * data
+    cover = where(expert > inner, expert // gcd(expert, inner), 1)
+    return expert * (fsdp // gcd(fsdp, maximum(cover, 1)))

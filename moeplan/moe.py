@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moeplan.arrays import maximum
 from moeplan.schema import Section, read_yaml_mapping, resolve_bundled
 
 ATTENTION_KINDS = ("mha", "gqa", "mla")
@@ -122,9 +123,12 @@ class MoEModel:
 
 def layer_census(n_layers, moe_every, first_dense_layers, encoder_decoder: bool):
     """MoE blocks: floor((blocks per stack - first dense) / moe_every) per stack (arrays welcome)."""
-    per_stack = np.asarray(n_layers) // 2 if encoder_decoder else np.asarray(n_layers)
-    per = np.maximum(per_stack - first_dense_layers, 0) // moe_every
+    per_stack = n_layers // 2 if encoder_decoder else n_layers
+    per = maximum(per_stack - first_dense_layers, 0) // moe_every
     return per * 2 if encoder_decoder else per
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(MoEModel))
 
 
 class ModelView:
@@ -137,11 +141,13 @@ class ModelView:
     def __init__(self, base: MoEModel, **overrides) -> None:
         self.base = base
         self.overrides = overrides
-        for f in fields(base):  # plain attributes: fast reads on the hot path
-            self.__dict__[f.name] = overrides.get(f.name, getattr(base, f.name))
+        values = vars(base)
+        self.__dict__.update({name: values[name] for name in _FIELD_NAMES})  # plain attributes: fast reads
+        self.__dict__.update(overrides)
         self.n_cross_attention_layers = base.n_cross_attention_layers
         cf = overrides.get("capacity_factor", base.capacity_factor)
-        self.capacity_factor_array = np.asarray(np.nan if cf is None else cf, dtype=float)
+        cf = math.nan if cf is None else cf  # a number for one model, an array for a grid: NaN = dropless
+        self.capacity_factor_array = np.asarray(cf, dtype=float) if np.ndim(cf) else float(cf)
 
     def __getattr__(self, name: str):
         if name in ("base", "overrides"):

@@ -138,7 +138,7 @@ class Context:
 
     def coll(self, op: str, nbytes, kind: str):
         """Collective time per candidate (the broadcast shape of ``nbytes`` and the group's degrees)."""
-        if self.scalar and np.ndim(nbytes) == 0:  # one candidate
+        if self.scalar and not isinstance(nbytes, np.ndarray):  # one candidate
             key = self._keys.get(kind)
             if key is None:
                 key = self._keys[kind] = tuple(int(c) for c in self._group(kind))

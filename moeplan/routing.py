@@ -81,25 +81,24 @@ def _probabilities(routing: Routing, num_experts: int, top_k: int) -> np.ndarray
     return np.minimum(routing.popularity(num_experts) * top_k, 1.0)
 
 
-def _expected_max(trials: int, probs: np.ndarray) -> float:
+def _expected_max(trials: int, probs: np.ndarray, counts: np.ndarray) -> float:
     """E[max_i X_i], X_i ~ Binomial(trials, probs_i) independent: the sum over x of g(x) = 1 - prod F_i(x).
 
     Below lo = mean - 10 sd every term is 1 (to double precision), so the sum starts there; past
     mean + 10 sd every term is below E x 1e-23. g falls smoothly from 1 to 0 over a few sd with flat
     ends, so the trapezoid rule on every ``step``-th integer (step = sd / 4) matches the sum over every
     integer to about 1e-10 relative (Euler-Maclaurin: the end corrections vanish); a group of 2M
-    tokens needs about 80 CDF evaluations per expert class instead of 20 sd."""
+    tokens needs about 80 CDF evaluations per expert class instead of 20 sd. ``probs`` are distinct,
+    ``counts`` says how many variables share each."""
     p_max = float(probs.max())
     sd = np.sqrt(trials * p_max * (1 - p_max) + 1.0)
     hi = int(min(trials, trials * p_max + 10.0 * sd + 2))
     lo = int(max(0.0, trials * p_max - 10.0 * sd))
     step = max(1, int(sd // 4))
     x = lo + step * np.arange(-(-(hi - lo) // step) + 1, dtype=float)
-    # log prod_i F_i(x), grouped by distinct probabilities for speed
-    uniq, counts = np.unique(probs, return_counts=True)
-    log_cdf = np.zeros(x.size)
+    log_cdf = np.zeros(x.size)  # log prod_i F_i(x)
     with np.errstate(divide="ignore"):
-        for p, c in zip(uniq, counts, strict=True):
+        for p, c in zip(probs, counts, strict=True):
             log_cdf += c * np.log(special.bdtr(x, trials, p))
     g = 1.0 - np.exp(log_cdf)
     ends = (g[0] + g[-1]) / 2.0
@@ -133,10 +132,19 @@ def _routing_stats(tokens: int, num_experts: int, top_k: int, capacity: float | 
         drop = float(np.sum(expected_excess(tokens, q, np.floor(capacity))) / (tokens * top_k))
     if not loads:
         return RoutingStats(drop, mean, float("nan"), float("nan"), mean_dev)
-    per_device = q.reshape(-1, experts_per_device).sum(axis=1)
-    max_dev = _expected_max(tokens * top_k, per_device / top_k) if experts_per_device > 1 else _expected_max(
-        tokens, q)
-    return RoutingStats(drop, mean, _expected_max(tokens, q), max_dev, mean_dev)
+    experts, devices = _classes(routing, num_experts, top_k, experts_per_device)
+    max_expert = _expected_max(tokens, *experts)
+    max_dev = _expected_max(tokens * top_k, *devices) if experts_per_device > 1 else max_expert
+    return RoutingStats(drop, mean, max_expert, max_dev, mean_dev)
+
+
+@lru_cache(maxsize=4096)
+def _classes(routing: Routing, num_experts: int, top_k: int, experts_per_device: int):
+    """(distinct probabilities, how many have each) of one expert's and of one device's share of the
+    trials: expert i is picked by a token with q_i; device j holds sum q / k of the token-expert choices."""
+    q = _probabilities(routing, num_experts, top_k)
+    per_device = q.reshape(-1, experts_per_device).sum(axis=1) / top_k
+    return np.unique(q, return_counts=True), np.unique(per_device, return_counts=True)
 
 
 def simulate_routing(tokens: int, num_experts: int, top_k: int, capacity: float | None, experts_per_device: int,

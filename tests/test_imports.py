@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 # The house order of docs/DESIGN.md: a module may import only modules listed before it.
 ORDER = [
-    "units", "schema", "hardware", "topology", "families", "collectives", "linksim", "moe", "routing",
+    "units", "arrays", "schema", "hardware", "topology", "families", "collectives", "linksim", "moe", "routing",
     "layout", "compute", "plan", "estimate", "quality", "search", "validation", "profiles", "calibrate",
     "report", "cli",
 ]
