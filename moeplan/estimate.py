@@ -38,7 +38,7 @@ from moeplan.arrays import maximum, minimum, where
 from moeplan.compute import attention_time_s
 from moeplan.layout import RECOMPUTE, Layout, check_layout
 from moeplan.plan import Context, Plan, distinct_rows, make_context
-from moeplan.routing import Routing, routing_stats
+from moeplan.routing import Routing, max_device_load, routing_stats
 from moeplan.topology import Topology
 from moeplan.units import dtype_bytes
 
@@ -147,8 +147,8 @@ def _route(routing: Routing, g, e_par, n_exp, k, cf_code, loc) -> tuple[float, f
         cap = float(np.ceil(g * k * ((cf_code - 1) / 1e6) / n_exp))
         drop = routing_stats(g, n_exp, k, cap, 1, routing, loads=False).drop_rate
         return drop, e_par * cap, n_exp * cap / (g * k)  # padded: every group fills its slots
-    stats = routing_stats(g * e_par, n_exp, k, None, loc, routing)
-    return 0.0, stats.max_device_load / loc, stats.max_device_load / stats.mean_device_load
+    busiest = max_device_load(int(g * e_par), int(n_exp), int(k), int(loc), routing)
+    return 0.0, busiest / loc, busiest / (g * e_par * k / n_exp * loc)
 
 
 def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:

@@ -132,19 +132,19 @@ def _routing_stats(tokens: int, num_experts: int, top_k: int, capacity: float | 
         drop = float(np.sum(expected_excess(tokens, q, np.floor(capacity))) / (tokens * top_k))
     if not loads:
         return RoutingStats(drop, mean, float("nan"), float("nan"), mean_dev)
-    experts, devices = _classes(routing, num_experts, top_k, experts_per_device)
-    max_expert = _expected_max(tokens, *experts)
-    max_dev = _expected_max(tokens * top_k, *devices) if experts_per_device > 1 else max_expert
-    return RoutingStats(drop, mean, max_expert, max_dev, mean_dev)
+    return RoutingStats(drop, mean, max_device_load(tokens, num_experts, top_k, 1, routing),
+                        max_device_load(tokens, num_experts, top_k, experts_per_device, routing), mean_dev)
 
 
-@lru_cache(maxsize=4096)
-def _classes(routing: Routing, num_experts: int, top_k: int, experts_per_device: int):
-    """(distinct probabilities, how many have each) of one expert's and of one device's share of the
-    trials: expert i is picked by a token with q_i; device j holds sum q / k of the token-expert choices."""
+@lru_cache(maxsize=16384)
+def max_device_load(tokens: int, num_experts: int, top_k: int, experts_per_device: int, routing: Routing) -> float:
+    """Expected token-expert assignments on the most-loaded device of ``experts_per_device`` experts
+    (one expert: the busiest expert's load), memoised. A device's load is Binomial(T k, sum q / k)."""
     q = _probabilities(routing, num_experts, top_k)
+    if experts_per_device == 1:
+        return _expected_max(tokens, *np.unique(q, return_counts=True))
     per_device = q.reshape(-1, experts_per_device).sum(axis=1) / top_k
-    return np.unique(q, return_counts=True), np.unique(per_device, return_counts=True)
+    return _expected_max(tokens * top_k, *np.unique(per_device, return_counts=True))
 
 
 def simulate_routing(tokens: int, num_experts: int, top_k: int, capacity: float | None, experts_per_device: int,
