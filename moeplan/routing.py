@@ -140,6 +140,8 @@ def _routing_stats(tokens: int, num_experts: int, top_k: int, capacity: float | 
 def max_device_load(tokens: int, num_experts: int, top_k: int, experts_per_device: int, routing: Routing) -> float:
     """Expected token-expert assignments on the most-loaded device of ``experts_per_device`` experts
     (one expert: the busiest expert's load), memoised. A device's load is Binomial(T k, sum q / k)."""
+    if routing.kind == "balanced":
+        return tokens * top_k / num_experts * experts_per_device
     q = _probabilities(routing, num_experts, top_k)
     if experts_per_device == 1:
         return _expected_max(tokens, *np.unique(q, return_counts=True))

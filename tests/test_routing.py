@@ -71,3 +71,13 @@ def test_expected_max_equals_the_sum_over_every_integer(trials, probs):
     log_cdf = sum(np.log(np.maximum(special.bdtr(x, trials, p), 1e-300)) for p in probs)
     brute = lo + float(np.sum(1.0 - np.exp(log_cdf)))
     assert R._expected_max(trials, *np.unique(probs, return_counts=True)) == pytest.approx(brute, rel=1e-9)
+
+
+@pytest.mark.parametrize("routing", [Routing("balanced"), Routing(), Routing("zipf", skew=0.6)], ids=str)
+@pytest.mark.parametrize("per_device", [1, 4])
+def test_max_device_load_matches_monte_carlo(routing, per_device):
+    """The busiest device's load on its own (what dropless routing uses) against the simulation; the
+    tolerance of the test above for skewed routing, where q_i = k p_i overstates the hot experts."""
+    simulated = simulate_routing(2048, 32, 2, None, per_device, routing, trials=400, seed=1).max_device_load
+    tolerance = 0.05 if routing.kind == "zipf" else 0.02
+    assert R.max_device_load(2048, 32, 2, per_device, routing) == pytest.approx(simulated, rel=tolerance)
