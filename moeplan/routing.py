@@ -144,9 +144,15 @@ def max_device_load(tokens: int, num_experts: int, top_k: int, experts_per_devic
         return tokens * top_k / num_experts * experts_per_device
     q = _probabilities(routing, num_experts, top_k)
     if experts_per_device == 1:
-        return _expected_max(tokens, *np.unique(q, return_counts=True))
-    per_device = q.reshape(-1, experts_per_device).sum(axis=1) / top_k
-    return _expected_max(tokens * top_k, *np.unique(per_device, return_counts=True))
+        return _expected_max(tokens, *_classes(q))
+    return _expected_max(tokens * top_k, *_classes(q.reshape(-1, experts_per_device).sum(axis=1) / top_k))
+
+
+def _classes(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct probabilities, how many of each): one class when they are all equal (uniform routing)."""
+    if probs[0] == probs[-1] and probs.min() == probs.max():
+        return probs[:1], np.array([probs.size])
+    return np.unique(probs, return_counts=True)
 
 
 def simulate_routing(tokens: int, num_experts: int, top_k: int, capacity: float | None, experts_per_device: int,
