@@ -222,47 +222,67 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: got {objective!r}; expected one of {list(OBJECTIVES)}")
-    constraints = constraints or Constraints()
     law = quality or default_law()
     resolved = (space or SearchSpace()).resolved(model, topo)
     grid = _grid(resolved)
-    considered = math.prod(_shape(grid))
     pieces = _pieces(grid, chunk)
     report = _progress(progress)
-    args = (model, topo, global_batch_tokens, constraints, dtype, routing, overlap, time_budget_s)
-    done = [_score_piece(piece, index, *args) for piece, index in pieces[:1]] if len(pieces) == 1 else []
+
+    def score(piece, index) -> _Scored:
+        return _score_piece(piece, index, model, topo, global_batch_tokens, constraints or Constraints(), dtype,
+                            routing, overlap, time_budget_s)
+
+    only = [score(*pieces[0])] if len(pieces) == 1 else []  # one piece: scored once for both passes
     fixed = None  # objective "quality": every candidate trains the tokens of the best throughput
     if objective == "quality":
-        scored = done or (_score_piece(piece, index, *args) for piece, index in pieces)
-        fixed = max((float(s.tokens_trained[s.keep].max()) for s in scored if s.keep.any()), default=1.0)
-    experts = sorted(set(resolved["num_experts"]))
-    cfs = sorted({0.0 if c is None else float(c) for c in resolved["capacity_factor"]})
-    heat = np.full((len(cfs), len(experts)), np.inf)
-    ranked, front, evaluated, kept, scored_points = [], [], 0, 0, 0
+        fixed = max((float(s.tokens_trained[s.keep].max()) for s in only or (score(*p) for p in pieces)
+                     if s.keep.any()), default=1.0)
+    merged = _Merged(resolved, top)
     for piece, index in pieces:
-        s = done[0] if done else _score_piece(piece, index, *args)
+        s = only[0] if only else score(piece, index)
+        tokens = s.tokens_trained if fixed is None else np.full(s.tokens_trained.shape, fixed)
         shape = _shape(s.grid)
         view = M.ModelView(model, **{k: s.grid[k] for k in _MODEL_KNOBS})
-        tokens = s.tokens_trained if fixed is None else np.full(s.tokens_trained.shape, fixed)
         loss = np.broadcast_to(law.loss(view, tokens.reshape(shape)), shape).reshape(-1)
-        score = np.where(s.keep, _objective(objective, s.values, loss, topo), np.inf)
-        ranked = _first(ranked + s.pick(_smallest(score, top), loss, score), top)
-        front += s.pick(np.asarray(pareto_front(loss, s.values["step_time_s"], s.keep), dtype=np.int64), loss, score)
-        _heat_cells(s, experts, cfs, heat)
-        evaluated += int(s.ok.sum())
-        kept += int(s.keep.sum())
-        scored_points += index.size
-        report(scored_points, considered)
-    front.sort(key=lambda r: r["index"])
-    on_front = pareto_front(np.array([r["loss"] for r in front]), np.array([r["step_time_s"] for r in front]))
-    candidates = [_candidate(model, r, topo) for r in ranked]
-    pareto = [_candidate(model, front[i], topo) for i in on_front]
-    labels = ["dropless" if c == 0.0 else f"{c:g}" for c in cfs]
-    heatmap = {"num_experts": experts, "capacity_factor": labels,
-               "step_time_s": np.where(np.isinf(heat), np.nan, heat).tolist()}
-    return SearchResult(candidates[0] if candidates else None, pareto, [_row(c) for c in candidates], evaluated,
-                        considered, objective, {"kept": kept, "quality_law": law.name, "time_budget_s": time_budget_s,
-                                                "heatmap": heatmap, "global_batch_tokens": global_batch_tokens})
+        merged.add(s, loss, np.where(s.keep, _objective(objective, s.values, loss, topo), np.inf))
+        report(merged.points, math.prod(_shape(grid)))
+    return merged.result(model, topo, objective, {"quality_law": law.name, "time_budget_s": time_budget_s,
+                                                  "global_batch_tokens": global_batch_tokens})
+
+
+class _Merged:
+    """What the pieces of a search keep, merged: the best ``top`` by (score, grid index), the union of
+    the pieces' Pareto fronts, the fastest kept time per heatmap cell, and the counts."""
+
+    def __init__(self, resolved: dict[str, list], top: int) -> None:
+        self.top = top
+        self.experts = sorted(set(resolved["num_experts"]))
+        self.cfs = sorted({0.0 if c is None else float(c) for c in resolved["capacity_factor"]})
+        self.heat = np.full((len(self.cfs), len(self.experts)), np.inf)
+        self.ranked: list[dict] = []
+        self.front: list[dict] = []
+        self.points = self.evaluated = self.kept = 0
+
+    def add(self, s: _Scored, loss: np.ndarray, score: np.ndarray) -> None:
+        ranked = self.ranked + s.pick(_smallest(score, self.top), loss, score)
+        self.ranked = sorted(ranked, key=lambda r: (r["score"], r["index"]))[:self.top]
+        front = np.asarray(pareto_front(loss, s.values["step_time_s"], s.keep), dtype=np.int64)
+        self.front += s.pick(front, loss, score)
+        _heat_cells(s, self.experts, self.cfs, self.heat)
+        self.points += s.index.size
+        self.evaluated += int(s.ok.sum())
+        self.kept += int(s.keep.sum())
+
+    def result(self, model: M.MoEModel, topo: Topology, objective: str, details: dict) -> SearchResult:
+        front = sorted(self.front, key=lambda r: r["index"])  # equal points: the first in the grid wins
+        on_front = pareto_front(np.array([r["loss"] for r in front]), np.array([r["step_time_s"] for r in front]))
+        candidates = [_candidate(model, r, topo) for r in self.ranked]
+        heatmap = {"num_experts": self.experts,
+                   "capacity_factor": ["dropless" if c == 0.0 else f"{c:g}" for c in self.cfs],
+                   "step_time_s": np.where(np.isinf(self.heat), np.nan, self.heat).tolist()}
+        pareto = [_candidate(model, front[i], topo) for i in on_front]
+        return SearchResult(candidates[0] if candidates else None, pareto, [_row(c) for c in candidates],
+                            self.evaluated, self.points, objective, {"kept": self.kept, "heatmap": heatmap, **details})
 
 
 def _smallest(score: np.ndarray, top: int) -> np.ndarray:
@@ -274,10 +294,6 @@ def _smallest(score: np.ndarray, top: int) -> np.ndarray:
     less = np.flatnonzero(score < threshold)
     idx = np.concatenate([less, np.flatnonzero(score == threshold)[: count - less.size]])
     return idx[np.lexsort((idx, score[idx]))]
-
-
-def _first(records: list[dict], top: int) -> list[dict]:
-    return sorted(records, key=lambda r: (r["score"], r["index"]))[:top]
 
 
 def _heat_cells(s: _Scored, experts: list, cfs: list, heat: np.ndarray) -> None:
