@@ -1,7 +1,7 @@
 """Candidates as arrays that broadcast together, and collectives looked up once per group placement.
 
 A ``Plan`` holds the layout degrees (and, through its model view, the MoE fields) as numpy values of
-any shapes that broadcast against each other: one candidate (scalars: ``estimate()``), a list of
+any shapes that broadcast against each other: one candidate (Python numbers: ``estimate()``), a list of
 candidates (1-D arrays of one length), or a grid (the search: one axis per knob, every field varying
 along its own axis only). The formulas in ``estimate`` are plain array arithmetic, so on a grid each
 intermediate carries only the axes it depends on: the attention time of a layer is computed once
@@ -16,7 +16,7 @@ topology) are computed with harmless values and masked out by the caller's valid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
@@ -54,7 +54,7 @@ class Plan:
     @property
     def shape(self) -> tuple[int, ...]:
         """The broadcast shape of every per-candidate field: () for one candidate."""
-        values = [getattr(self, f.name) for f in fields(self)][1:9] + list(self.model.overrides.values())
+        values = [getattr(self, f) for f in LAYOUT_FIELDS + ("recompute",)] + list(self.model.overrides.values())
         return np.broadcast_shapes(*(np.shape(v) for v in values))
 
     @classmethod
