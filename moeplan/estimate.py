@@ -132,7 +132,7 @@ def _routing(ctx: Context, group, ep, local):
     cf = m.capacity_factor_array
     cf_code = where(cf != cf, 0, np.rint(where(cf != cf, 0.0, cf) * 1e6) + 1)  # NaN (dropless) -> 0
     cols = (group, ep, m.num_experts, m.top_k, cf_code, local)
-    if all(np.ndim(c) == 0 for c in cols):  # one candidate
+    if ctx.scalar:  # one candidate
         return _route(ctx.routing, *(float(c) for c in cols))
     rows, inverse = distinct_rows(cols)
     stats = np.array([_route(ctx.routing, *row) for row in rows.tolist()]).reshape(-1, 3)
@@ -287,8 +287,8 @@ def _data_parallel(ctx: Context, counts: dict, mb) -> dict[str, np.ndarray]:
     grad_bytes = 4.0 * dense_stage
     has_fsdp, no_fsdp = p.fsdp > 1, p.fsdp == 1
     grad = where(has_fsdp, ctx.coll("reduce_scatter", grad_bytes * has_fsdp, "fsdp")
-                    + ctx.coll("all_reduce", grad_bytes / p.fsdp * has_fsdp, "data"),
-                    ctx.coll("all_reduce", grad_bytes * no_fsdp, "data"))
+                 + ctx.coll("all_reduce", grad_bytes / p.fsdp * has_fsdp, "data"),
+                 ctx.coll("all_reduce", grad_bytes * no_fsdp, "data"))
     expert_shard = 4.0 * counts["expert"] / (p.pipeline * p.expert_weight_shards)
     grad = grad + ctx.coll("all_reduce", expert_shard, "expert_data")
     gather = 2.0 * ctx.coll("all_gather", dense_stage * ctx.b * has_fsdp, "fsdp") * mb  # forward and backward
@@ -327,7 +327,7 @@ def _train_memory(ctx: Context, counts: dict, tokens, mb, send) -> dict[str, np.
     layers = m.n_layers / pp
     full = p.recompute == RECOMPUTE.index("full")
     stored = where(full, tokens / t * m.d_model * ctx.b * layers * in_flight + tokens / t * per_token_layer,
-                      tokens / t * per_token_layer * layers * in_flight)
+                   tokens / t * per_token_layer * layers * in_flight)
     mem["mem:activations"] = stored + tokens * m.vocab_size / t * 4.0  # fp32 logits of the last stage
     mem["mem:a2a_buffers"] = 4.0 * send
     mem["memory_per_device_bytes"] = sum(mem.values())

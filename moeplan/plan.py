@@ -159,24 +159,24 @@ class Context:
         cached = self._codes.get(kind)
         if cached is None:
             keys, codes = distinct_rows(cols)
-            groups = [_ids(self.topo, _GROUP_IDS[kind], tuple(int(x) for x in key)) for key in keys]
+            groups = [_ids(self.topo, kind, tuple(int(x) for x in key)) for key in keys]
             cached = self._codes[kind] = (codes, groups)
         return cached
 
 
-def _ids(topo: Topology, ids_of, key: tuple[int, ...]) -> np.ndarray | None:
+def _ids(topo: Topology, kind: str, key: tuple[int, ...]) -> np.ndarray | None:
     """Device ids of one placement, or None when there is nothing to communicate (one device, or an
     invalid grid point: a zero degree, a group beyond the topology)."""
     if min(key) < 1:
         return None
-    ids = ids_of(*key)
+    ids = _GROUP_IDS[kind](*key)
     return None if ids.size < 2 or ids[-1] >= topo.num_devices else ids
 
 
 @lru_cache(maxsize=65536)
 def _coll_one(topo: Topology, op: str, nbytes: float, kind: str, key: tuple[int, ...], comm: CommParams) -> float:
     """One candidate's collective (estimate()): memoised, since the same groups and sizes recur."""
-    ids = _ids(topo, _GROUP_IDS[kind], key)
+    ids = _ids(topo, kind, key)
     return 0.0 if ids is None or nbytes <= 0 else collective_time_s(topo, op, nbytes, ids, params=comm)
 
 

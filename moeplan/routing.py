@@ -150,7 +150,7 @@ def max_device_load(tokens: int, num_experts: int, top_k: int, experts_per_devic
 
 def _classes(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct probabilities, how many of each): one class when they are all equal (uniform routing)."""
-    if probs[0] == probs[-1] and probs.min() == probs.max():
+    if probs.min() == probs.max():
         return probs[:1], np.array([probs.size])
     return np.unique(probs, return_counts=True)
 
