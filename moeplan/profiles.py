@@ -6,23 +6,33 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 
 def write_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename. An existing file keeps its mode; a new
+    one gets the usual permissions (0666 less the umask). A symbolic link is refused, never written through."""
     path = Path(path)
+    if path.is_symlink():
+        raise ValueError(f"{path}: is a symbolic link; refusing to write through it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, mode)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -92,10 +102,26 @@ class Profile:
             node=link, nvls=link)
         self.errors = top.section("errors").data
         self.measurements = top.data.get("measurements") or []
+        if not isinstance(self.measurements, list) or not all(isinstance(m, dict) for m in self.measurements):
+            raise top.fail("measurements", self.measurements, "a list of mappings")
         top._seen.add("measurements")
         top.finish()
         self.data = data
         self.path = path
+
+    def bundled_topology_name(self) -> str:
+        """The bundled family that ``topology`` names (the part before ':', as in ``cpu-host:1x8``).
+
+        A profile is data from elsewhere: a path or any other name is a ValueError, so loading a profile never
+        makes this process read a file the profile names."""
+        from moeplan.families import list_topologies
+        from moeplan.schema import short_repr
+
+        name, bundled = self.topology.split(":")[0], list_topologies()
+        if name not in bundled:
+            raise ValueError(f"{self.path}: topology: got {short_repr(self.topology)}; "
+                             f"expected a bundled family, one of {bundled}")
+        return name
 
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:
@@ -105,6 +131,16 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     if Path(path).suffix not in (".yaml", ".yml"):
         raise SchemaError(f"profile: {path}: expected a .yaml file")
     return Profile(read_yaml_mapping(path, "profile"), str(path))
+
+
+def profile_from_upload(name: str, data: bytes) -> Profile:
+    """A profile from uploaded bytes: the bounded YAML reader that files go through, and a bundled topology."""
+    from moeplan.schema import parse_yaml_mapping
+
+    source = f"upload {name[:100]!r}"
+    profile = Profile(parse_yaml_mapping(data, source, "profile"), source)
+    profile.bundled_topology_name()
+    return profile
 
 
 def write_yaml(path: str | os.PathLike[str], data: dict) -> Path:
@@ -128,15 +164,43 @@ def append_jsonl(path: str | os.PathLike[str], record: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[dict]:
-    """Records of a measurement log; a torn last line (the run died mid-write) is ignored."""
+def read_jsonl(path: str | os.PathLike[str], bad: list[int] | None = None) -> list[dict]:
+    """The records (JSON objects) of a measurement log, one a line.
+
+    A line that is not UTF-8, not a JSON object, or has a ``time_s`` (or an entry of ``times_s``, a non-empty
+    list) that is not a finite number >= 0 is skipped; a torn last line, left by a run that died mid-write, is
+    one such. The skipped lines' 1-based numbers are appended to ``bad`` when a list is given. Blank lines are
+    skipped silently."""
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
             continue
+        record = _jsonl_record(line)
+        if record is not None:
+            records.append(record)
+        elif bad is not None:
+            bad.append(number)
     return records
+
+
+def _jsonl_record(line: bytes) -> dict | None:
+    """One log line as a record, or None if it is not UTF-8 JSON with valid times."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, an integer too long, nesting too deep
+        return None
+    if not isinstance(record, dict):
+        return None
+    times = [record["time_s"]] if "time_s" in record else []
+    if "times_s" in record:
+        if not isinstance(record["times_s"], list) or not record["times_s"]:
+            return None
+        times += record["times_s"]
+    return record if all(_valid_time(t) for t in times) else None
+
+
+def _valid_time(t) -> bool:
+    return isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t >= 0

@@ -70,6 +70,35 @@ def test_calibration_page_shows_the_profile_and_rejects_garbage():
     assert len(at.get("plotly_chart")) == 1
 
 
+def test_an_uploaded_profile_cannot_make_the_server_read_a_path(tmp_path, monkeypatch):
+    import yaml
+
+    import moeplan.schema as schema
+
+    secret = tmp_path / "secret.yaml"  # a valid family file: read, it would load
+    secret.write_text((ROOT / "topologies" / "cpu-host.yaml").read_text())
+    opened: list[str] = []
+    real = schema.read_bounded
+    monkeypatch.setattr(schema, "read_bounded", lambda path, *a, **k: opened.append(str(path)) or real(path, *a, **k))
+    doc = yaml.safe_load((ROOT / "profiles" / "cpu-host.yaml").read_text())
+    at = _app("Calibration")
+
+    def upload(profile: dict) -> None:
+        at.file_uploader(key="cal_up").set_value(("p.yaml", yaml.safe_dump(profile).encode(), "text/yaml")).run()
+
+    for topology in (str(secret), "/etc/passwd.yaml", "/etc/passwd"):
+        upload({**doc, "topology": topology})
+        assert at.error and "expected a bundled family" in at.error[0].value and not at.exception
+        assert not at.get("plotly_chart")
+    assert not [p for p in opened if "secret" in p or "passwd" in p]
+    assert any(p.endswith("cpu-host.yaml") for p in opened)  # the spy sees the reads that do happen
+    broken = {**doc, "measurements": [{"kind": "matmul", "time_s": 0.001}]}  # no m, n, k
+    upload(broken)
+    assert at.error and "cannot plot" in at.error[0].value and not at.exception
+    upload(doc)
+    assert not at.error and not at.exception and len(at.get("plotly_chart")) == 1
+
+
 # ------------------------------------------------------------------ a real browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
