@@ -15,15 +15,16 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
-import yaml
 
 import moeplan as mp
 from moeplan import report
+from moeplan.profiles import profile_from_upload
+from moeplan.schema import MAX_YAML_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ("Topology", "Estimate", "Search", "Calibration")
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
-MAX_UPLOAD_BYTES = 2_000_000
+MAX_UPLOAD_BYTES = MAX_YAML_BYTES  # the upload label shows it; profile_from_upload enforces it
 
 
 # ------------------------------------------------------------------ cached API calls
@@ -193,6 +194,16 @@ def run_search(name: str, size: str, fields: dict, space: dict, batch: int, obje
                      objective=objective, constraints=mp.Constraints(max_drop_rate=max_drop))
 
 
+_CONFIG_COLUMNS = ("num_experts", "top_k", "capacity_factor", "moe_every", "expert_d_ff", "data", "fsdp", "expert",
+                   "tensor", "pipeline", "step_time_s", "loss", "loss_low", "loss_high", "in_range")
+
+
+def _search_row(candidate) -> dict:
+    from moeplan.search import _row
+
+    return _row(candidate)
+
+
 def page_search() -> None:
     st.header("Search")
     name, size = topology_picker("srch")
@@ -226,6 +237,12 @@ def page_search() -> None:
         return
     st.plotly_chart(report.pareto_figure(result), key="pareto")
     st.plotly_chart(report.heatmap_figure(result), key="heat")
+    st.subheader("Distinct MoE configurations, each with its best layout")
+    configs = [{k: v for k, v in r.items() if k in _CONFIG_COLUMNS} for r in map(_search_row, result.configurations)]
+    if any(not r["in_range"] for r in configs):
+        st.warning("Rows with in_range = False lie outside the quality law's fitted ranges: their loss is an "
+                   "extrapolation.")
+    st.dataframe(configs, key="configs")
     st.dataframe(result.table, key="ranked")
     rank = int(st.number_input("Show the breakdown of rank", 1, len(result.table), 1, key="srch_rank"))
     row = result.table[rank - 1]
@@ -247,35 +264,32 @@ def page_search() -> None:
                        "application/json", key="dl_json")
 
 
-def page_calibration() -> None:
-    st.header("Calibration")
+def calibration_profile():
+    """The chosen or uploaded profile and its bundled topology; None (the reason shown) if there is none.
+
+    Uploads go through the same bounded YAML reader as files, and a profile may only name a bundled
+    topology: whatever it says, the server reads no file it names."""
     files = sorted(p.name for p in (ROOT / "profiles").glob("*.yaml"))
     choice = st.selectbox("Profile in profiles/", files, key="cal_file") if files else None
-    upload = st.file_uploader("...or upload a profile (.yaml, at most 2 MB)", type=["yaml", "yml"], key="cal_up")
+    upload = st.file_uploader(f"...or upload a profile (.yaml, at most {MAX_UPLOAD_BYTES // 2**20} MiB)",
+                              type=["yaml", "yml"], key="cal_up")
     try:
         if upload is not None:
-            if upload.size > MAX_UPLOAD_BYTES:
-                raise ValueError(f"profile: {upload.size:,} bytes; expected at most {MAX_UPLOAD_BYTES:,}")
-            data = yaml.safe_load(upload.getvalue().decode("utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("profile: expected a YAML mapping at the top")
-            profile = mp.Profile(data, upload.name)
+            profile = profile_from_upload(upload.name, upload.getvalue())
         elif choice:
             profile = mp.load_profile(ROOT / "profiles" / choice)
         else:
             st.info("No profile yet: run `moeplan calibrate --quick`.")
-            return
-    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            return None
+        return profile, mp.load_topology(profile.bundled_topology_name())
+    except ValueError as exc:
         st.error(f"Invalid profile: {exc}")
-        return
-    errors = profile.errors
-    c = st.columns(3)
-    c[0].metric("Devices", f"{profile.device_count} x {profile.device_kind}")
-    c[1].metric("Held-out error before fit", f"{errors.get('before_median_abs', float('nan')):.1%}")
-    c[2].metric("Held-out error after fit", f"{errors.get('after_median_abs', float('nan')):.1%}")
+        return None
+
+
+def calibration_figure(profile, topo) -> go.Figure:
     from moeplan.calibrate.fit import predict_s  # numpy/scipy only: no jax here
 
-    topo = mp.load_topology(profile.topology.split(":")[0])
     rows = [m for m in profile.measurements if m.get("kind") in ("matmul", "collective", "moe_layer")]
     fig = go.Figure()
     for label, eff, comm in (("before fit", topo.chip.efficiency, mp.CommParams()),
@@ -288,6 +302,26 @@ def page_calibration() -> None:
                              line=dict(dash="dash", color="#888")))
     fig.update_layout(title="Predicted vs measured (ms)", xaxis_title="measured (ms)", yaxis_title="predicted (ms)",
                       template="plotly_white", height=450, xaxis_type="log", yaxis_type="log")
+    return fig
+
+
+def page_calibration() -> None:
+    st.header("Calibration")
+    loaded = calibration_profile()
+    if loaded is None:
+        return
+    profile, topo = loaded
+    errors = profile.errors
+    try:
+        before, after = (f"{errors.get(k, float('nan')):.1%}" for k in ("before_median_abs", "after_median_abs"))
+        fig = calibration_figure(profile, topo)
+    except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as exc:
+        st.error(f"Invalid profile: cannot plot its measurements: {type(exc).__name__}: {str(exc)[:300]}")
+        return
+    c = st.columns(3)
+    c[0].metric("Devices", f"{profile.device_count} x {profile.device_kind}")
+    c[1].metric("Held-out error before fit", before)
+    c[2].metric("Held-out error after fit", after)
     st.plotly_chart(fig, key="cal_scatter")
     st.json({"fitted": profile.data.get("fitted"), "errors": errors, "versions": profile.versions}, expanded=False)
 

@@ -12,6 +12,7 @@ from moeplan.hardware import ChipSpec, LinkSpec
 from moeplan.layout import Layout
 from moeplan.moe import MLADims, MoEModel, list_presets, load_model, param_counts
 from moeplan.profiles import Profile, load_profile
+from moeplan.quality import LossEstimate, predict_loss
 from moeplan.routing import Routing
 from moeplan.schema import SchemaError
 from moeplan.search import Constraints, SearchResult, SearchSpace, search
@@ -29,6 +30,8 @@ __all__ = [
     "Routing",
     "Profile",
     "load_profile",
+    "LossEstimate",
+    "predict_loss",
     "Constraints",
     "SearchResult",
     "SearchSpace",

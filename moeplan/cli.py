@@ -210,15 +210,27 @@ def _space_from_args(args: argparse.Namespace) -> SearchSpace:
                        micro_batch_size=args.micro_batch_size)
 
 
-def _print_table(result: SearchResult, top: int) -> None:
+def _print_table(rows: list[dict], top: int) -> None:
+    """Ranked rows; the loss column carries its interval and a '*' when the quality law extrapolates."""
     print(f"  {'#':>3} {'E':>4} {'k':>2} {'cf':>8} {'every':>5} {'data':>5} {'fsdp':>5} {'exp':>4} {'tp':>3} "
-          f"{'pp':>3} {'mbs':>3} {'recompute':>9} {'step':>10} {'tokens/s':>12} {'MFU':>6} {'loss':>7} {'mem GB':>7}")
-    for i, r in enumerate(result.table[:top], 1):
+          f"{'pp':>3} {'mbs':>3} {'recompute':>9} {'step':>10} {'tokens/s':>12} {'MFU':>6} {'loss (interval)':>22} "
+          f"{'mem GB':>7}")
+    for i, r in enumerate(rows[:top], 1):
         cf = "dropless" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
+        loss = f"{r['loss']:.4f} ({r['loss_low']:.3f}-{r['loss_high']:.3f}){'' if r['in_range'] else '*'}"
         print(f"  {i:>3} {r['num_experts']:>4} {r['top_k']:>2} {cf:>8} {r['moe_every']:>5} {r['data']:>5} "
               f"{r['fsdp']:>5} {r['expert']:>4} {r['tensor']:>3} {r['pipeline']:>3} {r['micro_batch_size']:>3} "
               f"{r['recompute']:>9} {fmt_time(r['step_time_s']):>10} {r['tokens_per_s']:>12,.0f} {r['mfu']:>6.1%} "
-              f"{r['loss']:>7.4f} {r['memory_per_device_bytes'] / 1e9:>7.1f}")
+              f"{loss:>22} {r['memory_per_device_bytes'] / 1e9:>7.1f}")
+    if any(not r["in_range"] for r in rows[:top]):
+        print("  * outside the quality law's fitted ranges (active size, tokens, activation ratio, granularity): "
+              "an extrapolation")
+
+
+def _configurations(result: SearchResult) -> list[dict]:
+    from moeplan.search import _row  # one flat row per candidate, as the ranked table
+
+    return [_row(c) for c in result.configurations]
 
 
 def _write_table(result: SearchResult, csv_path: str | None, json_path: str | None) -> None:
@@ -243,7 +255,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     if result.best is None:
         print("  no layout meets the constraints (memory, divisibility, drop rate)")
         return 1
-    _print_table(result, args.top)
+    print("  distinct MoE configurations, each with its best layout (loss intervals that overlap are ties, "
+          "fastest first):")
+    _print_table(_configurations(result), args.top)
     _write_table(result, args.csv, args.json)
     if args.html:
         _html_report(args.html, [(f"{model.name} on {topo.name}", model, topo, result, args.batch_tokens)])
@@ -275,7 +289,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if result.best is None:
             print("  nothing fits")
             continue
-        _print_table(result, args.top)
+        print("  distinct MoE configurations, each with its best layout (loss intervals that overlap are ties, "
+              "fastest first):")
+        _print_table(_configurations(result), args.top)
     _print_side_by_side(runs)
     if args.html:
         _html_report(args.html, runs)
@@ -293,7 +309,7 @@ def _print_side_by_side(runs) -> None:
             ("moe every", lambda c: c.model.moe_every), ("data/fsdp", lambda c: f"{c.layout.data}/{c.layout.fsdp}"),
             ("expert/tensor/pipe", lambda c: f"{c.layout.expert}/{c.layout.tensor}/{c.layout.pipeline}"),
             ("step time", lambda c: fmt_time(c.step_time_s)), ("tokens/s", lambda c: f"{c.tokens_per_s:,.0f}"),
-            ("MFU", lambda c: f"{c.mfu:.1%}"), ("loss", lambda c: f"{c.loss:.4f}")]
+            ("MFU", lambda c: f"{c.mfu:.1%}"), ("loss", lambda c: f"{c.loss:.4f}{'' if c.in_range else '*'}")]
     width = max(len(t) for t, _ in best) + 2
     print("  " + " " * 20 + "".join(f"{t[:width - 2]:>{width}}" for t, _ in best))
     for name, get in keys:

@@ -27,7 +27,9 @@ def describe_layout(c: Candidate) -> str:
     cf = "dropless" if m.capacity_factor is None else f"cf {m.capacity_factor:g}"
     return (f"E={m.num_experts} k={m.top_k} {cf} every {m.moe_every} fe={m.expert_d_ff}<br>"
             f"data {lay.data} fsdp {lay.fsdp} expert {lay.expert} tensor {lay.tensor} pipeline {lay.pipeline}"
-            f"x{lay.virtual_pipeline} mbs {lay.micro_batch_size} recompute {lay.recompute}")
+            f"x{lay.virtual_pipeline} mbs {lay.micro_batch_size} recompute {lay.recompute}<br>"
+            f"loss {c.loss:.4f} ({c.loss_low:.3f}-{c.loss_high:.3f})"
+            f"{'' if c.in_range else ' OUT OF RANGE: the quality law extrapolates'}")
 
 
 def pareto_figure(result: SearchResult, title: str = "") -> go.Figure:

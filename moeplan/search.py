@@ -20,7 +20,7 @@ from moeplan import moe as M
 from moeplan.estimate import plan_costs
 from moeplan.layout import RECOMPUTE, Layout
 from moeplan.plan import Plan
-from moeplan.quality import QualityLaw, default_law
+from moeplan.quality import QualityLaw, default_law, law_loss
 from moeplan.routing import Routing
 from moeplan.topology import SWITCHED, Topology
 
@@ -94,6 +94,9 @@ class Candidate:
     drop_rate: float
     mfu: float
     cost_per_token_device_s: float
+    loss_low: float = math.nan  # the loss interval (equal to loss for a user law without one)
+    loss_high: float = math.nan
+    in_range: bool = False  # inside every fitted range the quality law relies on
 
 
 @dataclass
@@ -105,6 +108,8 @@ class SearchResult:
     considered: int  # before divisibility filtering
     objective: str
     details: dict = field(default_factory=dict)
+    configurations: list[Candidate] = field(default_factory=list)  # distinct MoE configurations, ranked, each
+    # with its best layout
 
 
 def _grid(space: dict[str, list]) -> dict[str, np.ndarray]:
@@ -181,12 +186,13 @@ class _Scored:
     values: dict[str, np.ndarray]
     tokens_trained: np.ndarray
 
-    def pick(self, i: np.ndarray, loss: np.ndarray, score: np.ndarray) -> list[dict]:
-        """Records (knobs, scores, global index) of the points ``i`` of this piece."""
+    def pick(self, i: np.ndarray, quality: dict[str, np.ndarray], score: np.ndarray) -> list[dict]:
+        """Records (knobs, scores, quality, global index) of the points ``i`` of this piece."""
         shape = _shape(self.grid)
         where = np.unravel_index(i, shape)
         knobs = {k: np.broadcast_to(self.grid[k], shape)[where] for k in ("data",) + _KNOBS}
-        return [{"index": int(self.index[j]), "loss": float(loss[j]), "score": float(score[j]),
+        return [{"index": int(self.index[j]), "score": float(score[j]),
+                 **{k: v[j].item() for k, v in quality.items()},
                  **{k: v[n] for k, v in knobs.items()}, **{k: v[j] for k, v in self.values.items()}}
                 for n, j in enumerate(i.tolist())]
 
@@ -200,7 +206,7 @@ def _score_piece(piece, index, model, topo, gbt, constraints, dtype, routing, ov
     values = {k: np.broadcast_to(costs[k], shape).reshape(-1) for k in _SCORES}
     ok = (ok & costs["valid"]).reshape(-1)
     keep = ok & _constraints(values, constraints)
-    tokens_trained = values["tokens_per_s"] * budget_s * (1.0 - values["drop_rate"])
+    tokens_trained = values["tokens_per_s"] * budget_s  # dropped tokens cost quality through the law's retention
     return _Scored(grid, index, ok, keep, values, tokens_trained)
 
 
@@ -242,12 +248,20 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
         s = only[0] if only else score(piece, index)
         tokens = s.tokens_trained if fixed is None else np.full(s.tokens_trained.shape, fixed)
         shape = _shape(s.grid)
-        view = M.ModelView(model, **{k: s.grid[k] for k in _MODEL_KNOBS})
-        loss = np.broadcast_to(law.loss(view, tokens.reshape(shape)), shape).reshape(-1)
-        merged.add(s, loss, np.where(s.keep, _objective(objective, s.values, loss, topo), np.inf))
+        quality = _quality(law, M.ModelView(model, **{k: s.grid[k] for k in _MODEL_KNOBS}), tokens, s, shape)
+        merged.add(s, quality, np.where(s.keep, _objective(objective, s.values, quality["loss"], topo), np.inf))
         report(merged.points, math.prod(_shape(grid)))
     return merged.result(model, topo, objective, {"quality_law": law.name, "time_budget_s": time_budget_s,
                                                   "global_batch_tokens": global_batch_tokens})
+
+
+def _quality(law, view, tokens: np.ndarray, s: _Scored, shape) -> dict[str, np.ndarray]:
+    """Loss, its interval and the in-range flag per point, flat; the training drop rate is the candidate's own."""
+    drop = s.values["drop_rate"].reshape(shape)
+    loss, low, high = law_loss(law, view, tokens.reshape(shape), drop)
+    in_range = law.in_range(view, tokens.reshape(shape)) if hasattr(law, "in_range") else False
+    return {k: np.broadcast_to(v, shape).reshape(-1) for k, v in
+            (("loss", loss), ("loss_low", low), ("loss_high", high), ("in_range", np.asarray(in_range, bool)))}
 
 
 class _Merged:
@@ -261,13 +275,19 @@ class _Merged:
         self.heat = np.full((len(self.cfs), len(self.experts)), np.inf)
         self.ranked: list[dict] = []
         self.front: list[dict] = []
+        self.configs: dict[tuple, dict] = {}  # best record per distinct MoE configuration
         self.points = self.evaluated = self.kept = 0
 
-    def add(self, s: _Scored, loss: np.ndarray, score: np.ndarray) -> None:
-        ranked = self.ranked + s.pick(_smallest(score, self.top), loss, score)
+    def add(self, s: _Scored, quality: dict[str, np.ndarray], score: np.ndarray) -> None:
+        ranked = self.ranked + s.pick(_smallest(score, self.top), quality, score)
         self.ranked = sorted(ranked, key=lambda r: (r["score"], r["index"]))[:self.top]
-        front = np.asarray(pareto_front(loss, s.values["step_time_s"], s.keep), dtype=np.int64)
-        self.front += s.pick(front, loss, score)
+        front = np.asarray(pareto_front(quality["loss"], s.values["step_time_s"], s.keep), dtype=np.int64)
+        self.front += s.pick(front, quality, score)
+        for r in s.pick(_best_per_configuration(score, _shape(s.grid)), quality, score):
+            key = tuple(float(np.nan_to_num(r[k], nan=-1.0)) for k in _MODEL_KNOBS)  # NaN = dropless
+            old = self.configs.get(key)
+            if old is None or (r["score"], r["index"]) < (old["score"], old["index"]):
+                self.configs[key] = r
         _heat_cells(s, self.experts, self.cfs, self.heat)
         self.points += s.index.size
         self.evaluated += int(s.ok.sum())
@@ -276,13 +296,40 @@ class _Merged:
     def result(self, model: M.MoEModel, topo: Topology, objective: str, details: dict) -> SearchResult:
         front = sorted(self.front, key=lambda r: r["index"])  # equal points: the first in the grid wins
         on_front = pareto_front(np.array([r["loss"] for r in front]), np.array([r["step_time_s"] for r in front]))
-        candidates = [_candidate(model, r, topo) for r in self.ranked]
+        ranked = _ties_by_time(self.ranked) if objective in ("quality", "quality_per_time") else self.ranked
+        candidates = [_candidate(model, r, topo) for r in ranked]
+        configs = sorted(self.configs.values(), key=lambda r: (r["score"], r["index"]))
+        configs = _ties_by_time(configs) if objective in ("quality", "quality_per_time") else configs
         heatmap = {"num_experts": self.experts,
                    "capacity_factor": ["dropless" if c == 0.0 else f"{c:g}" for c in self.cfs],
                    "step_time_s": np.where(np.isinf(self.heat), np.nan, self.heat).tolist()}
         pareto = [_candidate(model, front[i], topo) for i in on_front]
-        return SearchResult(candidates[0] if candidates else None, pareto, [_row(c) for c in candidates],
-                            self.evaluated, self.points, objective, {"kept": self.kept, "heatmap": heatmap, **details})
+        distinct = [_candidate(model, r, topo) for r in configs]  # the best is the first distinct configuration
+        return SearchResult(distinct[0] if distinct else None, pareto, [_row(c) for c in candidates],
+                            self.evaluated, self.points, objective, {"kept": self.kept, "heatmap": heatmap, **details},
+                            distinct)
+
+
+def _best_per_configuration(score: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Flat indices of the best finite score of each MoE configuration (the leading model axes) of a piece."""
+    n_models = math.prod(shape[:len(_MODEL_KNOBS)])
+    per = score.reshape(n_models, -1)
+    best = per.argmin(axis=1)
+    ok = np.isfinite(per[np.arange(n_models), best])
+    return (np.arange(n_models) * per.shape[1] + best)[ok]
+
+
+def _ties_by_time(records: list[dict]) -> list[dict]:
+    """Quality ranking with ties: the records whose loss interval overlaps the best remaining one's are tied,
+    and go fastest first; then the next best remaining, and so on."""
+    rest = sorted(records, key=lambda r: (r["loss"], r["index"]))
+    out = []
+    while rest:
+        top = rest[0]["loss_high"]
+        tied = [r for r in rest if r["loss_low"] <= top]
+        out += sorted(tied, key=lambda r: (r["step_time_s"], r["loss"], r["index"]))
+        rest = [r for r in rest if r["loss_low"] > top]
+    return out
 
 
 def _smallest(score: np.ndarray, top: int) -> np.ndarray:
@@ -368,7 +415,9 @@ def _candidate(model: M.MoEModel, r: dict, topo: Topology) -> Candidate:
     layout = Layout(**{k: int(r[k]) for k in ("data",) + _LAYOUT_KNOBS[:-1]}, recompute=RECOMPUTE[int(r["recompute"])])
     tps = float(r["tokens_per_s"])
     return Candidate(m, layout, float(r["step_time_s"]), tps, r["loss"], float(r["memory_per_device_bytes"]),
-                     bool(r["fits"]), float(r["drop_rate"]), float(r["mfu"]), topo.num_devices / tps)
+                     bool(r["fits"]), float(r["drop_rate"]), float(r["mfu"]), topo.num_devices / tps,
+                     float(r.get("loss_low", r["loss"])), float(r.get("loss_high", r["loss"])),
+                     bool(r.get("in_range", False)))
 
 
 def _row(c: Candidate) -> dict:
@@ -376,7 +425,8 @@ def _row(c: Candidate) -> dict:
     row.update({k: getattr(c.layout, k) for k in ("data",) + _LAYOUT_KNOBS})
     row.update(step_time_s=c.step_time_s, tokens_per_s=c.tokens_per_s, loss=c.loss, mfu=c.mfu,
                memory_per_device_bytes=c.memory_per_device_bytes, fits=c.fits, drop_rate=c.drop_rate,
-               cost_per_token_device_s=c.cost_per_token_device_s)
+               cost_per_token_device_s=c.cost_per_token_device_s, loss_low=c.loss_low, loss_high=c.loss_high,
+               in_range=c.in_range)
     return row
 
 
