@@ -284,7 +284,7 @@ class _Merged:
         front = np.asarray(pareto_front(quality["loss"], s.values["step_time_s"], s.keep), dtype=np.int64)
         self.front += s.pick(front, quality, score)
         for r in s.pick(_best_per_configuration(score, _shape(s.grid)), quality, score):
-            key = tuple(float(np.nan_to_num(r[k], nan=-1.0)) for k in _MODEL_KNOBS)  # NaN = dropless
+            key = tuple(-1.0 if r[k] != r[k] else float(r[k]) for k in _MODEL_KNOBS)  # NaN (dropless) -> -1
             old = self.configs.get(key)
             if old is None or (r["score"], r["index"]) < (old["score"], old["index"]):
                 self.configs[key] = r
@@ -304,7 +304,7 @@ class _Merged:
                    "capacity_factor": ["dropless" if c == 0.0 else f"{c:g}" for c in self.cfs],
                    "step_time_s": np.where(np.isinf(self.heat), np.nan, self.heat).tolist()}
         pareto = [_candidate(model, front[i], topo) for i in on_front]
-        distinct = [_candidate(model, r, topo) for r in configs]  # the best is the first distinct configuration
+        distinct = [_candidate(model, r, topo) for r in configs[:self.top]]  # the best is the first one
         return SearchResult(distinct[0] if distinct else None, pareto, [_row(c) for c in candidates],
                             self.evaluated, self.points, objective, {"kept": self.kept, "heatmap": heatmap, **details},
                             distinct)

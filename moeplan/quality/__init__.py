@@ -74,9 +74,10 @@ def law_loss(law, model, tokens, drop_train=0.0, drop_eval=None):
     """(loss, low, high) of any law: the leverage law's interval, a point for a user law."""
     if isinstance(law, LeverageLaw):
         drop_eval = drop_train if drop_eval is None else drop_eval
-        terms = law.terms(model, drop_train, drop_eval)
-        loss = law.loss_from_terms(terms, tokens)
-        gain = law.dense.loss_from_params(np.maximum(terms.n_active, 1.0), tokens) - loss
+        terms, dense = law.terms(model, drop_train, drop_eval), law.dense
+        n_term = dense.a / np.maximum(terms.n_equivalent, 1.0) ** dense.alpha
+        loss = dense.c + n_term + dense.b / np.maximum(np.asarray(tokens, dtype=float), 1.0) ** dense.beta
+        gain = dense.a / np.maximum(terms.n_active, 1.0) ** dense.alpha - n_term  # the D term cancels
         half = law.coef.rel_error * np.abs(gain)
         return loss, loss - half, loss + half
     loss = np.asarray(law.loss(model, tokens), dtype=float)

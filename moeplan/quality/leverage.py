@@ -146,8 +146,12 @@ class LeverageLaw:
         expert = (clark_saturation(rho, RHO_START, c.rho_max) / RHO_START) ** c.p
         ln_g = np.log(granularity(model))
         gran = np.where(sparse, np.exp(c.g1 * ln_g - c.g2 * ln_g**2), 1.0)
-        keep_t = (1.0 - np.clip(np.asarray(drop_train, float), 0.0, 1.0)) ** c.kappa_train
-        keep_e = (1.0 - np.clip(np.asarray(drop_eval, float), 0.0, 1.0)) ** c.kappa_eval
+        if drop_eval is drop_train:  # one array for both (the search): one power, reported as the training term
+            keep_t = (1.0 - np.clip(np.asarray(drop_train, float), 0.0, 1.0)) ** (c.kappa_train + c.kappa_eval)
+            keep_e = 1.0
+        else:
+            keep_t = (1.0 - np.clip(np.asarray(drop_train, float), 0.0, 1.0)) ** c.kappa_train
+            keep_e = (1.0 - np.clip(np.asarray(drop_eval, float), 0.0, 1.0)) ** c.kappa_eval
         return Terms(n_act, n_act - moe_active, moe_active, expert, gran, keep_t, keep_e)
 
     def loss_from_terms(self, t: Terms, tokens):
