@@ -13,6 +13,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 
 import numpy as np
 
@@ -185,15 +186,21 @@ class _Scored:
     keep: np.ndarray
     values: dict[str, np.ndarray]
     tokens_trained: np.ndarray
+    drop_rate: np.ndarray  # as the cost model gives it: broadcasts to the grid, over the axes it depends on
 
     def pick(self, i: np.ndarray, quality: dict[str, np.ndarray], score: np.ndarray) -> list[dict]:
-        """Records (knobs, scores, quality, global index) of the points ``i`` of this piece."""
+        """Records (knobs, scores, quality, global index) of the points ``i`` of this piece; ``quality``
+        holds arrays that broadcast to the piece's grid."""
         shape = _shape(self.grid)
         where = np.unravel_index(i, shape)
-        knobs = {k: np.broadcast_to(self.grid[k], shape)[where] for k in ("data",) + _KNOBS}
-        return [{"index": int(self.index[j]), "score": float(score[j]),
-                 **{k: v[j].item() for k, v in quality.items()},
-                 **{k: v[n] for k, v in knobs.items()}, **{k: v[j] for k, v in self.values.items()}}
+        at = {k: np.broadcast_to(v, shape)[where] for k, v in (*self.grid.items(), *quality.items())
+              if k != "in_range"}
+        half = at.pop("half_width")
+        at["in_range"] = quality["in_range"](at, i)  # the law's ranges, checked at the picked points only
+        return [{"index": int(self.index[j]), "score": float(score[j]), "loss": float(at["loss"][n]),
+                 "loss_low": float(at["loss"][n] - half[n]), "loss_high": float(at["loss"][n] + half[n]),
+                 "in_range": bool(at["in_range"][n]), **{k: at[k][n] for k in ("data",) + _KNOBS},
+                 **{k: v[j] for k, v in self.values.items()}}
                 for n, j in enumerate(i.tolist())]
 
 
@@ -207,7 +214,7 @@ def _score_piece(piece, index, model, topo, gbt, constraints, dtype, routing, ov
     ok = (ok & costs["valid"]).reshape(-1)
     keep = ok & _constraints(values, constraints)
     tokens_trained = values["tokens_per_s"] * budget_s  # dropped tokens cost quality through the law's retention
-    return _Scored(grid, index, ok, keep, values, tokens_trained)
+    return _Scored(grid, index, ok, keep, values, tokens_trained, np.asarray(costs["drop_rate"], dtype=float))
 
 
 _SCORES = ("step_time_s", "tokens_per_s", "mfu", "memory_per_device_bytes", "drop_rate", "fits")
@@ -248,20 +255,27 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
         s = only[0] if only else score(piece, index)
         tokens = s.tokens_trained if fixed is None else np.full(s.tokens_trained.shape, fixed)
         shape = _shape(s.grid)
-        quality = _quality(law, M.ModelView(model, **{k: s.grid[k] for k in _MODEL_KNOBS}), tokens, s, shape)
-        merged.add(s, quality, np.where(s.keep, _objective(objective, s.values, quality["loss"], topo), np.inf))
+        quality = _quality(law, model, s, tokens, shape)
+        loss = quality["loss"].reshape(-1)
+        merged.add(s, quality, np.where(s.keep, _objective(objective, s.values, loss, topo), np.inf))
         report(merged.points, math.prod(_shape(grid)))
     return merged.result(model, topo, objective, {"quality_law": law.name, "time_budget_s": time_budget_s,
                                                   "global_batch_tokens": global_batch_tokens})
 
 
-def _quality(law, view, tokens: np.ndarray, s: _Scored, shape) -> dict[str, np.ndarray]:
-    """Loss, its interval and the in-range flag per point, flat; the training drop rate is the candidate's own."""
-    drop = s.values["drop_rate"].reshape(shape)
-    loss, low, high = law_loss(law, view, tokens.reshape(shape), drop)
-    in_range = law.in_range(view, tokens.reshape(shape)) if hasattr(law, "in_range") else False
-    return {k: np.broadcast_to(v, shape).reshape(-1) for k, v in
-            (("loss", loss), ("loss_low", low), ("loss_high", high), ("in_range", np.asarray(in_range, bool)))}
+def _quality(law, model: M.MoEModel, s: _Scored, tokens: np.ndarray, shape) -> dict:
+    """Loss (full grid) and its interval's half-width (on the axes it depends on), with the candidate's own
+    training drop rate; ``in_range`` is a function checking the law's ranges at picked points only."""
+    view = M.ModelView(model, **{k: s.grid[k] for k in _MODEL_KNOBS})
+    loss, half = law_loss(law, view, tokens.reshape(shape), s.drop_rate)
+
+    def in_range(at: dict[str, np.ndarray], points: np.ndarray) -> np.ndarray:
+        if not hasattr(law, "in_range"):
+            return np.zeros(points.size, dtype=bool)
+        picked = M.ModelView(model, **{k: at[k] for k in _MODEL_KNOBS})
+        return np.broadcast_to(np.asarray(law.in_range(picked, tokens[points]), dtype=bool), points.shape)
+
+    return {"loss": np.broadcast_to(loss, shape), "half_width": np.asarray(half, dtype=float), "in_range": in_range}
 
 
 class _Merged:
@@ -281,9 +295,10 @@ class _Merged:
     def add(self, s: _Scored, quality: dict[str, np.ndarray], score: np.ndarray) -> None:
         ranked = self.ranked + s.pick(_smallest(score, self.top), quality, score)
         self.ranked = sorted(ranked, key=lambda r: (r["score"], r["index"]))[:self.top]
-        front = np.asarray(pareto_front(quality["loss"], s.values["step_time_s"], s.keep), dtype=np.int64)
+        front = np.asarray(pareto_front(quality["loss"].reshape(-1), s.values["step_time_s"], s.keep),
+                           dtype=np.int64)
         self.front += s.pick(front, quality, score)
-        for r in s.pick(_best_per_configuration(score, _shape(s.grid)), quality, score):
+        for r in s.pick(_best_per_configuration(score, _shape(s.grid), self.top), quality, score):
             key = tuple(-1.0 if r[k] != r[k] else float(r[k]) for k in _MODEL_KNOBS)  # NaN (dropless) -> -1
             old = self.configs.get(key)
             if old is None or (r["score"], r["index"]) < (old["score"], old["index"]):
@@ -297,26 +312,35 @@ class _Merged:
         front = sorted(self.front, key=lambda r: r["index"])  # equal points: the first in the grid wins
         on_front = pareto_front(np.array([r["loss"] for r in front]), np.array([r["step_time_s"] for r in front]))
         ranked = _ties_by_time(self.ranked) if objective in ("quality", "quality_per_time") else self.ranked
-        candidates = [_candidate(model, r, topo) for r in ranked]
+        made: dict[int, Candidate] = {}  # one Candidate per grid point, shared by the table, front and configurations
+
+        def candidate(r: dict) -> Candidate:
+            if r["index"] not in made:
+                made[r["index"]] = _candidate(model, r, topo)
+            return made[r["index"]]
+
+        candidates = [candidate(r) for r in ranked]
         configs = sorted(self.configs.values(), key=lambda r: (r["score"], r["index"]))
         configs = _ties_by_time(configs) if objective in ("quality", "quality_per_time") else configs
         heatmap = {"num_experts": self.experts,
                    "capacity_factor": ["dropless" if c == 0.0 else f"{c:g}" for c in self.cfs],
                    "step_time_s": np.where(np.isinf(self.heat), np.nan, self.heat).tolist()}
-        pareto = [_candidate(model, front[i], topo) for i in on_front]
-        distinct = [_candidate(model, r, topo) for r in configs[:self.top]]  # the best is the first one
+        pareto = [candidate(front[i]) for i in on_front]
+        distinct = [candidate(r) for r in configs[:self.top]]  # the best is the first one
         return SearchResult(distinct[0] if distinct else None, pareto, [_row(c) for c in candidates],
                             self.evaluated, self.points, objective, {"kept": self.kept, "heatmap": heatmap, **details},
                             distinct)
 
 
-def _best_per_configuration(score: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Flat indices of the best finite score of each MoE configuration (the leading model axes) of a piece."""
+def _best_per_configuration(score: np.ndarray, shape: tuple[int, ...], top: int) -> np.ndarray:
+    """Flat indices of the best point of each MoE configuration (the leading model axes) of a piece, for the
+    ``top`` configurations whose best is best. A configuration outside a piece's ``top`` has ``top`` others
+    beating it there, so it cannot be among the ``top`` of the merge: the merge stays exact."""
     n_models = math.prod(shape[:len(_MODEL_KNOBS)])
     per = score.reshape(n_models, -1)
     best = per.argmin(axis=1)
-    ok = np.isfinite(per[np.arange(n_models), best])
-    return (np.arange(n_models) * per.shape[1] + best)[ok]
+    chosen = _smallest(per[np.arange(n_models), best], top)
+    return chosen * per.shape[1] + best[chosen]
 
 
 def _ties_by_time(records: list[dict]) -> list[dict]:
@@ -408,10 +432,17 @@ def _beaten_by_a_faster_bucket(loss: np.ndarray, time_s: np.ndarray, idx: np.nda
     return idx[loss[idx] < faster[bucket]]
 
 
+@lru_cache(maxsize=4096)
+def _configured(model: M.MoEModel, experts: int, top_k: int, moe_every: int, expert_d_ff: int, cf: float | None):
+    """The model with one configuration's knobs (memoised: a ranked table holds few configurations)."""
+    return model.with_(num_experts=experts, top_k=top_k, moe_every=moe_every, expert_d_ff=expert_d_ff,
+                       capacity_factor=cf)
+
+
 def _candidate(model: M.MoEModel, r: dict, topo: Topology) -> Candidate:
     cf = float(r["capacity_factor"])
-    m = model.with_(num_experts=int(r["num_experts"]), top_k=int(r["top_k"]), moe_every=int(r["moe_every"]),
-                    expert_d_ff=int(r["expert_d_ff"]), capacity_factor=None if np.isnan(cf) else cf)
+    m = _configured(model, int(r["num_experts"]), int(r["top_k"]), int(r["moe_every"]), int(r["expert_d_ff"]),
+                    None if np.isnan(cf) else cf)
     layout = Layout(**{k: int(r[k]) for k in ("data",) + _LAYOUT_KNOBS[:-1]}, recompute=RECOMPUTE[int(r["recompute"])])
     tps = float(r["tokens_per_s"])
     return Candidate(m, layout, float(r["step_time_s"]), tps, r["loss"], float(r["memory_per_device_bytes"]),

@@ -71,17 +71,18 @@ def drop_rate(model, group_tokens, capacity_factor, routing: Routing | None = No
 
 
 def law_loss(law, model, tokens, drop_train=0.0, drop_eval=None):
-    """(loss, low, high) of any law: the leverage law's interval, a point for a user law."""
+    """(loss, half_width) of any law: the leverage law's interval is loss -+ half_width, a user law's is a point.
+
+    The half-width depends on the model and the drop rates only (the D term cancels in the MoE gain), so with
+    arrays it keeps their smaller shape; the loss broadcasts to the tokens as well."""
     if isinstance(law, LeverageLaw):
         drop_eval = drop_train if drop_eval is None else drop_eval
         terms, dense = law.terms(model, drop_train, drop_eval), law.dense
         n_term = dense.a / np.maximum(terms.n_equivalent, 1.0) ** dense.alpha
-        loss = dense.c + n_term + dense.b / np.maximum(np.asarray(tokens, dtype=float), 1.0) ** dense.beta
-        gain = dense.a / np.maximum(terms.n_active, 1.0) ** dense.alpha - n_term  # the D term cancels
-        half = law.coef.rel_error * np.abs(gain)
-        return loss, loss - half, loss + half
-    loss = np.asarray(law.loss(model, tokens), dtype=float)
-    return loss, loss, loss
+        gain = dense.a / np.maximum(terms.n_active, 1.0) ** dense.alpha - n_term
+        loss = (dense.c + n_term) + dense.b * np.maximum(np.asarray(tokens, dtype=float), 1.0) ** -dense.beta
+        return loss, law.coef.rel_error * np.abs(gain)
+    return np.asarray(law.loss(model, tokens), dtype=float), 0.0
 
 
 def predict_loss(model, training_tokens, *, group_tokens=None, law=None, eval_capacity_factor=SAME_AS_TRAINING,
@@ -103,7 +104,8 @@ def predict_loss(model, training_tokens, *, group_tokens=None, law=None, eval_ca
     cf_eval = cf_train if eval_capacity_factor == SAME_AS_TRAINING else eval_capacity_factor
     d_train = drop_rate(model, group, cf_train, routing)
     d_eval = drop_rate(model, group, cf_eval, routing)
-    loss, low, high = law_loss(law, model, tokens, d_train, d_eval)
+    loss, half = law_loss(law, model, tokens, d_train, d_eval)
+    low, high = loss - half, loss + half
     in_range = law.in_range(model, tokens) if hasattr(law, "in_range") else False
     terms = _terms(law, model, tokens, d_train, d_eval)
     return LossEstimate(_plain(loss), _plain(low), _plain(high), _plain(np.asarray(in_range, bool)), terms)
