@@ -198,12 +198,6 @@ _CONFIG_COLUMNS = ("num_experts", "top_k", "capacity_factor", "moe_every", "expe
                    "tensor", "pipeline", "step_time_s", "loss", "loss_low", "loss_high", "in_range")
 
 
-def _search_row(candidate) -> dict:
-    from moeplan.search import _row
-
-    return _row(candidate)
-
-
 def page_search() -> None:
     st.header("Search")
     name, size = topology_picker("srch")
@@ -238,7 +232,7 @@ def page_search() -> None:
     st.plotly_chart(report.pareto_figure(result), key="pareto")
     st.plotly_chart(report.heatmap_figure(result), key="heat")
     st.subheader("Distinct MoE configurations, each with its best layout")
-    configs = [{k: v for k, v in r.items() if k in _CONFIG_COLUMNS} for r in map(_search_row, result.configurations)]
+    configs = [{k: v for k, v in r.items() if k in _CONFIG_COLUMNS} for r in (c.row() for c in result.configurations)]
     if any(not r["in_range"] for r in configs):
         st.warning("Rows with in_range = False lie outside the quality law's fitted ranges: their loss is an "
                    "extrapolation.")

@@ -207,18 +207,22 @@ def _space_from_args(args: argparse.Namespace) -> SearchSpace:
     return SearchSpace(num_experts=args.experts, top_k=args.top_k, capacity_factor=args.capacity_factor,
                        moe_every=args.moe_every, expert_d_ff=args.expert_d_ff, expert=args.expert_degree,
                        tensor=args.tensor, pipeline=args.pipeline, fsdp=args.fsdp,
-                       micro_batch_size=args.micro_batch_size)
+                       micro_batch_size=args.micro_batch_size, d_model=args.d_model, n_layers=args.n_layers,
+                       keep_active=args.keep_active)
 
 
 def _print_table(rows: list[dict], top: int) -> None:
     """Ranked rows; the loss column carries its interval and a '*' when the quality law extrapolates."""
-    print(f"  {'#':>3} {'E':>4} {'k':>2} {'cf':>8} {'every':>5} {'data':>5} {'fsdp':>5} {'exp':>4} {'tp':>3} "
+    print(f"  {'#':>3} {'d x L':>9} {'E':>4} {'k':>2} {'fe':>6} {'cf':>8} {'every':>5} {'data':>5} {'fsdp':>5} "
+          f"{'exp':>4} {'tp':>3} "
           f"{'pp':>3} {'mbs':>3} {'recompute':>9} {'step':>10} {'tokens/s':>12} {'MFU':>6} {'loss (interval)':>22} "
           f"{'mem GB':>7}")
     for i, r in enumerate(rows[:top], 1):
         cf = "dropless" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
         loss = f"{r['loss']:.4f} ({r['loss_low']:.3f}-{r['loss_high']:.3f}){'' if r['in_range'] else '*'}"
-        print(f"  {i:>3} {r['num_experts']:>4} {r['top_k']:>2} {cf:>8} {r['moe_every']:>5} {r['data']:>5} "
+        shape = f"{r['d_model']}x{r['n_layers']}"
+        print(f"  {i:>3} {shape:>9} {r['num_experts']:>4} {r['top_k']:>2} {r['expert_d_ff']:>6} {cf:>8} "
+              f"{r['moe_every']:>5} {r['data']:>5} "
               f"{r['fsdp']:>5} {r['expert']:>4} {r['tensor']:>3} {r['pipeline']:>3} {r['micro_batch_size']:>3} "
               f"{r['recompute']:>9} {fmt_time(r['step_time_s']):>10} {r['tokens_per_s']:>12,.0f} {r['mfu']:>6.1%} "
               f"{loss:>22} {r['memory_per_device_bytes'] / 1e9:>7.1f}")
@@ -228,9 +232,7 @@ def _print_table(rows: list[dict], top: int) -> None:
 
 
 def _configurations(result: SearchResult) -> list[dict]:
-    from moeplan.search import _row  # one flat row per candidate, as the ranked table
-
-    return [_row(c) for c in result.configurations]
+    return [c.row() for c in result.configurations]
 
 
 def _write_table(result: SearchResult, csv_path: str | None, json_path: str | None) -> None:
@@ -247,7 +249,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = search(model, topo, _space_from_args(args), global_batch_tokens=args.batch_tokens,
                     objective=args.objective, dtype=args.dtype, progress=not args.quiet,
-                    constraints=Constraints(max_drop_rate=args.max_drop_rate))
+                    constraints=Constraints(max_drop_rate=args.max_drop_rate),
+                    time_budget_s=args.budget_days * 86400.0, device_hours=args.budget_device_hours)
     seconds = time.perf_counter() - start
     print(f"{model.name} on {topo.name}: {result.evaluated:,} configurations scored in {seconds:.2f} s "
           f"({result.evaluated / max(seconds, 1e-9):,.0f}/s), {result.details['kept']:,} meet the constraints; "
@@ -413,9 +416,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
              ("--capacity-factor", "capacity_factor", _cf_list), ("--moe-every", "moe_every", _int_list),
              ("--expert-d-ff", "expert_d_ff", _int_list), ("--expert-degree", "expert_degree", _int_list),
              ("--tensor", "tensor", _int_list), ("--pipeline", "pipeline", _int_list), ("--fsdp", "fsdp", _int_list),
-             ("--micro-batch-size", "micro_batch_size", _int_list)]
+             ("--micro-batch-size", "micro_batch_size", _int_list), ("--d-model", "d_model", _int_list),
+             ("--n-layers", "n_layers", _int_list)]
     for flag, dest, kind in knobs:
         srch.add_argument(flag, dest=dest, type=kind, help="comma-separated values to try (default: model/topology)")
+    srch.add_argument("--keep-active", action="store_true",
+                      help="expert width = the model's top_k x expert_d_ff / top_k: active parameters constant")
+    budget = srch.add_mutually_exclusive_group()
+    budget.add_argument("--budget-days", type=float, default=30.0,
+                        help="training time the loss is reached in (objectives quality, quality_per_time)")
+    budget.add_argument("--budget-device-hours", type=float, help="the budget in device-hours instead")
     srch.add_argument("--max-drop-rate", type=float)
     srch.add_argument("--top", type=int, default=10, help="rows to print")
     srch.add_argument("--csv", help="write the ranked table as CSV")

@@ -120,6 +120,29 @@ class MoEModel:
     def with_(self, **changes) -> MoEModel:
         return replace(self, **changes)
 
+    def reshaped(self, d_model: int | None = None, n_layers: int | None = None) -> MoEModel:
+        """The same design at another width and depth: heads (of the same ``d_head``, in the same query to
+        key/value ratio) and FFN widths scale with ``d_model``, widths rounded to multiples of 64."""
+        d_model = self.d_model if d_model is None else int(d_model)
+        n_layers = self.n_layers if n_layers is None else int(n_layers)
+        if d_model == self.d_model and n_layers == self.n_layers:
+            return self
+        if self.attention == "mla":
+            raise ValueError(f"model {self.name!r}: reshaping to d_model={d_model} is not supported for MLA "
+                             "attention; search the shape of a mha or gqa model")
+        if d_model < self.d_head:
+            raise ValueError(f"d_model: got {d_model}; expected at least d_head ({self.d_head})")
+        ratio = d_model / self.d_model
+        group = self.n_heads // self.n_kv_heads
+        kv_heads = max(1, round(self.n_heads * ratio / group))
+
+        def width(f: int) -> int:
+            return 0 if f == 0 else max(64, 64 * round(f * ratio / 64))
+
+        return replace(self, d_model=d_model, n_layers=n_layers, n_heads=kv_heads * group, n_kv_heads=kv_heads,
+                       d_ff=width(self.d_ff), expert_d_ff=width(self.expert_d_ff),
+                       name=f"{self.name} (d_model {d_model}, {n_layers} layers)")
+
 
 def layer_census(n_layers, moe_every, first_dense_layers, encoder_decoder: bool):
     """MoE blocks: floor((blocks per stack - first dense) / moe_every) per stack (arrays welcome)."""

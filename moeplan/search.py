@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -47,6 +47,19 @@ class SearchSpace:
     virtual_pipeline: list[int] | None = None
     micro_batch_size: list[int] | None = None
     recompute: list[str] | None = None
+    d_model: list[int] | None = None  # model shape knobs (the model reshaped: heads and widths scale)
+    n_layers: list[int] | None = None
+    keep_active: bool = False  # expert width = the model's top_k x expert_d_ff / top_k: active size constant
+
+    def shapes(self, model: M.MoEModel) -> list[M.MoEModel]:
+        """The model at every (d_model, n_layers) of the space; [model] when neither is given."""
+        for name in ("d_model", "n_layers"):
+            values = getattr(self, name)
+            if values is not None and (not values or any(isinstance(v, bool) or int(v) != v or v < 1
+                                                         for v in values)):
+                raise ValueError(f"space.{name}: got {values!r}; expected a non-empty list of integers >= 1")
+        return [model.reshaped(int(d), int(n)) for d in (self.d_model or [model.d_model])
+                for n in (self.n_layers or [model.n_layers])]
 
     def resolved(self, model: M.MoEModel, topo: Topology) -> dict[str, list]:
         n = topo.num_devices
@@ -61,13 +74,15 @@ class SearchSpace:
             "fsdp": [1] if topo.kind == SWITCHED else powers,
             "virtual_pipeline": [1], "micro_batch_size": [1, 2, 4], "recompute": ["selective", "full"],
         }
+        if self.keep_active and self.expert_d_ff is not None:
+            raise ValueError("space.expert_d_ff: give either expert widths or keep_active=True, not both")
         out = {}
-        for f in fields(self):
-            values = getattr(self, f.name)
-            values = defaults[f.name] if values is None else list(values)
+        for name in _KNOBS:
+            values = getattr(self, name)
+            values = defaults[name] if values is None else list(values)
             if not values:
-                raise ValueError(f"space.{f.name}: got an empty list; expected at least one value")
-            out[f.name] = values
+                raise ValueError(f"space.{name}: got an empty list; expected at least one value")
+            out[name] = values
         for knob in ("recompute",):
             bad = [v for v in out[knob] if v not in RECOMPUTE]
             if bad:
@@ -99,6 +114,16 @@ class Candidate:
     loss_high: float = math.nan
     in_range: bool = False  # inside every fitted range the quality law relies on
 
+    def row(self) -> dict:
+        """One flat row (model knobs and shape, layout, scores): the ranked table's, the CLI's and the CSV's."""
+        row = {k: getattr(self.model, k) for k in (*_MODEL_KNOBS, "d_model", "n_layers")}
+        row.update({k: getattr(self.layout, k) for k in ("data",) + _LAYOUT_KNOBS})
+        row.update(step_time_s=self.step_time_s, tokens_per_s=self.tokens_per_s, loss=self.loss, mfu=self.mfu,
+                   memory_per_device_bytes=self.memory_per_device_bytes, fits=self.fits, drop_rate=self.drop_rate,
+                   cost_per_token_device_s=self.cost_per_token_device_s, loss_low=self.loss_low,
+                   loss_high=self.loss_high, in_range=self.in_range)
+        return row
+
 
 @dataclass
 class SearchResult:
@@ -113,9 +138,10 @@ class SearchResult:
     # with its best layout
 
 
-def _grid(space: dict[str, list]) -> dict[str, np.ndarray]:
+def _grid(space: dict[str, list], active_width: int | None = None) -> dict[str, np.ndarray]:
     """One axis per knob, in ``_KNOBS`` order: each knob's values lie along its own axis (capacity factor
-    None -> NaN, recompute -> index), so the knobs broadcast to the Cartesian product."""
+    None -> NaN, recompute -> index), so the knobs broadcast to the Cartesian product. With ``active_width``
+    (top_k x expert width to keep), the expert width follows the top_k axis instead of having its own."""
     grid = {}
     for axis, k in enumerate(_KNOBS):
         values = space[k]
@@ -126,11 +152,13 @@ def _grid(space: dict[str, list]) -> dict[str, np.ndarray]:
         shape = [1] * len(_KNOBS)
         shape[axis] = len(values)
         grid[k] = np.asarray(values).reshape(shape)
+    if active_width is not None:
+        grid["expert_d_ff"] = np.maximum(64, 64 * np.round(active_width / grid["top_k"] / 64)).astype(np.int64)
     return grid
 
 
 def _shape(grid: dict[str, np.ndarray]) -> tuple[int, ...]:
-    return tuple(grid[k].shape[axis] for axis, k in enumerate(_KNOBS))
+    return tuple(max(grid[k].shape[axis] for k in _KNOBS) for axis in range(len(_KNOBS)))
 
 
 def _valid(g: dict[str, np.ndarray], model: M.MoEModel, topo: Topology, gbt: int) -> np.ndarray:
@@ -169,9 +197,7 @@ def _pieces(grid: dict[str, np.ndarray], chunk: int) -> list[tuple[dict[str, np.
     flat = np.arange(math.prod(shape)).reshape(shape)
     pieces = []
     for part in np.array_split(np.arange(shape[axis]), cuts):
-        piece = dict(grid)
-        knob = _KNOBS[axis]
-        piece[knob] = np.take(grid[knob], part, axis=axis)
+        piece = {k: np.take(v, part, axis=axis) if v.shape[axis] > 1 else v for k, v in grid.items()}
         pieces.append((piece, np.take(flat, part, axis=axis).reshape(-1)))
     return pieces
 
@@ -187,6 +213,7 @@ class _Scored:
     values: dict[str, np.ndarray]
     tokens_trained: np.ndarray
     drop_rate: np.ndarray  # as the cost model gives it: broadcasts to the grid, over the axes it depends on
+    model_no: int = 0  # which model shape of the search this piece belongs to
 
     def pick(self, i: np.ndarray, quality: dict[str, np.ndarray], score: np.ndarray) -> list[dict]:
         """Records (knobs, scores, quality, global index) of the points ``i`` of this piece; ``quality``
@@ -197,14 +224,16 @@ class _Scored:
               if k != "in_range"}
         half = at.pop("half_width")
         at["in_range"] = quality["in_range"](at, i)  # the law's ranges, checked at the picked points only
-        return [{"index": int(self.index[j]), "score": float(score[j]), "loss": float(at["loss"][n]),
+        return [{"index": int(self.index[j]), "model_no": self.model_no, "score": float(score[j]),
+                 "loss": float(at["loss"][n]),
                  "loss_low": float(at["loss"][n] - half[n]), "loss_high": float(at["loss"][n] + half[n]),
                  "in_range": bool(at["in_range"][n]), **{k: at[k][n] for k in ("data",) + _KNOBS},
                  **{k: v[j] for k, v in self.values.items()}}
                 for n, j in enumerate(i.tolist())]
 
 
-def _score_piece(piece, index, model, topo, gbt, constraints, dtype, routing, overlap, budget_s) -> _Scored:
+def _score_piece(piece, index, model, topo, gbt, constraints, dtype, routing, overlap, budget_s,
+                 model_no: int = 0) -> _Scored:
     grid = dict(piece)
     ok = _valid(grid, model, topo, gbt)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -214,7 +243,8 @@ def _score_piece(piece, index, model, topo, gbt, constraints, dtype, routing, ov
     ok = (ok & costs["valid"]).reshape(-1)
     keep = ok & _constraints(values, constraints)
     tokens_trained = values["tokens_per_s"] * budget_s  # dropped tokens cost quality through the law's retention
-    return _Scored(grid, index, ok, keep, values, tokens_trained, np.asarray(costs["drop_rate"], dtype=float))
+    return _Scored(grid, index, ok, keep, values, tokens_trained, np.asarray(costs["drop_rate"], dtype=float),
+                   model_no)
 
 
 _SCORES = ("step_time_s", "tokens_per_s", "mfu", "memory_per_device_bytes", "drop_rate", "fits")
@@ -223,27 +253,35 @@ _SCORES = ("step_time_s", "tokens_per_s", "mfu", "memory_per_device_bytes", "dro
 def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, *, global_batch_tokens: int,
            objective: str = "quality_per_time", constraints: Constraints | None = None, dtype: str = "bf16",
            routing: Routing | None = None, overlap: str = "dp", quality: QualityLaw | None = None,
-           time_budget_s: float = 30 * 86400.0, top: int = 100, chunk: int = 1_000_000,
-           progress: Callable[[int, int], None] | bool = False) -> SearchResult:
+           time_budget_s: float = 30 * 86400.0, device_hours: float | None = None, top: int = 100,
+           chunk: int = 1_000_000, progress: Callable[[int, int], None] | bool = False) -> SearchResult:
     """Score every candidate of ``space`` and rank by ``objective`` (see the module docstring).
 
-    ``quality_per_time`` ranks by the loss reachable in ``time_budget_s`` of training at the
-    candidate's throughput; ``quality`` by the loss at a fixed ``time_budget_s`` x the *best*
-    throughput (so only the model changes); ``cost_per_token`` by device-seconds per token.
-    The grid is scored in pieces of about ``chunk`` points; each piece keeps its best ``top``, its
-    Pareto front and its heatmap cells, and the pieces merge exactly.
+    ``quality_per_time`` is the compute-optimal objective: the lowest loss reachable within the budget,
+    ``time_budget_s`` of training (or ``device_hours`` over this topology's devices) at the candidate's
+    throughput; with ``space.d_model`` / ``space.n_layers`` it also picks the model's shape. ``quality``
+    ranks by the loss at a fixed budget x the *best* throughput (so only the model changes);
+    ``cost_per_token`` by device-seconds per token. The grid is scored in pieces of about ``chunk``
+    points; each piece keeps its best ``top``, its Pareto front and its heatmap cells, and the pieces
+    merge exactly (also across model shapes).
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: got {objective!r}; expected one of {list(OBJECTIVES)}")
+    budget_s = _budget_s(time_budget_s, device_hours, topo)
     law = quality or default_law()
-    resolved = (space or SearchSpace()).resolved(model, topo)
-    grid = _grid(resolved)
-    pieces = _pieces(grid, chunk)
+    space = space or SearchSpace()
+    models = space.shapes(model)
+    grids = []
+    for m in models:
+        resolved = space.resolved(m, topo)
+        grids.append(_grid(resolved, m.top_k * m.expert_d_ff if space.keep_active else None))
+    offsets = np.cumsum([0] + [math.prod(_shape(g)) for g in grids])
+    pieces = [(no, piece, index + offsets[no]) for no, g in enumerate(grids) for piece, index in _pieces(g, chunk)]
     report = _progress(progress)
 
-    def score(piece, index) -> _Scored:
-        return _score_piece(piece, index, model, topo, global_batch_tokens, constraints or Constraints(), dtype,
-                            routing, overlap, time_budget_s)
+    def score(no, piece, index) -> _Scored:
+        return _score_piece(piece, index, models[no], topo, global_batch_tokens, constraints or Constraints(), dtype,
+                            routing, overlap, budget_s, no)
 
     only = [score(*pieces[0])] if len(pieces) == 1 else []  # one piece: scored once for both passes
     fixed = None  # objective "quality": every candidate trains the tokens of the best throughput
@@ -251,16 +289,27 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
         fixed = max((float(s.tokens_trained[s.keep].max()) for s in only or (score(*p) for p in pieces)
                      if s.keep.any()), default=1.0)
     merged = _Merged(resolved, top)
-    for piece, index in pieces:
-        s = only[0] if only else score(piece, index)
+    for piece in pieces:
+        s = only[0] if only else score(*piece)
         tokens = s.tokens_trained if fixed is None else np.full(s.tokens_trained.shape, fixed)
         shape = _shape(s.grid)
-        quality = _quality(law, model, s, tokens, shape)
+        quality = _quality(law, models[s.model_no], s, tokens, shape)
         loss = quality["loss"].reshape(-1)
         merged.add(s, quality, np.where(s.keep, _objective(objective, s.values, loss, topo), np.inf))
-        report(merged.points, math.prod(_shape(grid)))
-    return merged.result(model, topo, objective, {"quality_law": law.name, "time_budget_s": time_budget_s,
-                                                  "global_batch_tokens": global_batch_tokens})
+        report(merged.points, int(offsets[-1]))
+    return merged.result(models, topo, objective, {"quality_law": law.name, "time_budget_s": budget_s,
+                                                   "global_batch_tokens": global_batch_tokens})
+
+
+def _budget_s(time_budget_s: float, device_hours: float | None, topo: Topology) -> float:
+    """Training seconds in the budget: ``device_hours`` shared by the topology's devices, or ``time_budget_s``."""
+    if device_hours is not None:
+        if isinstance(device_hours, bool) or not (isinstance(device_hours, int | float) and 0 < device_hours < 1e12):
+            raise ValueError(f"device_hours: got {device_hours!r}; expected a number of hours in (0, 1e12)")
+        return device_hours * 3600.0 / topo.num_devices
+    if isinstance(time_budget_s, bool) or not (isinstance(time_budget_s, int | float) and 0 < time_budget_s < 1e12):
+        raise ValueError(f"time_budget_s: got {time_budget_s!r}; expected seconds in (0, 1e12)")
+    return float(time_budget_s)
 
 
 def _quality(law, model: M.MoEModel, s: _Scored, tokens: np.ndarray, shape) -> dict:
@@ -299,7 +348,7 @@ class _Merged:
                            dtype=np.int64)
         self.front += s.pick(front, quality, score)
         for r in s.pick(_best_per_configuration(score, _shape(s.grid), self.top), quality, score):
-            key = tuple(-1.0 if r[k] != r[k] else float(r[k]) for k in _MODEL_KNOBS)  # NaN (dropless) -> -1
+            key = (r["model_no"],) + tuple(-1.0 if r[k] != r[k] else float(r[k]) for k in _MODEL_KNOBS)  # NaN: -1
             old = self.configs.get(key)
             if old is None or (r["score"], r["index"]) < (old["score"], old["index"]):
                 self.configs[key] = r
@@ -308,7 +357,7 @@ class _Merged:
         self.evaluated += int(s.ok.sum())
         self.kept += int(s.keep.sum())
 
-    def result(self, model: M.MoEModel, topo: Topology, objective: str, details: dict) -> SearchResult:
+    def result(self, models: list[M.MoEModel], topo: Topology, objective: str, details: dict) -> SearchResult:
         front = sorted(self.front, key=lambda r: r["index"])  # equal points: the first in the grid wins
         on_front = pareto_front(np.array([r["loss"] for r in front]), np.array([r["step_time_s"] for r in front]))
         ranked = _ties_by_time(self.ranked) if objective in ("quality", "quality_per_time") else self.ranked
@@ -316,18 +365,18 @@ class _Merged:
 
         def candidate(r: dict) -> Candidate:
             if r["index"] not in made:
-                made[r["index"]] = _candidate(model, r, topo)
+                made[r["index"]] = _candidate(models[r["model_no"]], r, topo)
             return made[r["index"]]
 
         candidates = [candidate(r) for r in ranked]
-        configs = sorted(self.configs.values(), key=lambda r: (r["score"], r["index"]))
+        configs = sorted(self.configs.values(), key=lambda r: (r["score"], r["index"]))[:self.top]
         configs = _ties_by_time(configs) if objective in ("quality", "quality_per_time") else configs
         heatmap = {"num_experts": self.experts,
                    "capacity_factor": ["dropless" if c == 0.0 else f"{c:g}" for c in self.cfs],
                    "step_time_s": np.where(np.isinf(self.heat), np.nan, self.heat).tolist()}
         pareto = [candidate(front[i]) for i in on_front]
-        distinct = [candidate(r) for r in configs[:self.top]]  # the best is the first one
-        return SearchResult(distinct[0] if distinct else None, pareto, [_row(c) for c in candidates],
+        distinct = [candidate(r) for r in configs]  # the best is the first one
+        return SearchResult(distinct[0] if distinct else None, pareto, [c.row() for c in candidates],
                             self.evaluated, self.points, objective, {"kept": self.kept, "heatmap": heatmap, **details},
                             distinct)
 
@@ -449,16 +498,6 @@ def _candidate(model: M.MoEModel, r: dict, topo: Topology) -> Candidate:
                      bool(r["fits"]), float(r["drop_rate"]), float(r["mfu"]), topo.num_devices / tps,
                      float(r.get("loss_low", r["loss"])), float(r.get("loss_high", r["loss"])),
                      bool(r.get("in_range", False)))
-
-
-def _row(c: Candidate) -> dict:
-    row = {k: getattr(c.model, k) for k in _MODEL_KNOBS}
-    row.update({k: getattr(c.layout, k) for k in ("data",) + _LAYOUT_KNOBS})
-    row.update(step_time_s=c.step_time_s, tokens_per_s=c.tokens_per_s, loss=c.loss, mfu=c.mfu,
-               memory_per_device_bytes=c.memory_per_device_bytes, fits=c.fits, drop_rate=c.drop_rate,
-               cost_per_token_device_s=c.cost_per_token_device_s, loss_low=c.loss_low, loss_high=c.loss_high,
-               in_range=c.in_range)
-    return row
 
 
 def _progress(progress) -> Callable[[int, int], None]:

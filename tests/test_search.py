@@ -55,6 +55,11 @@ def test_search_in_pieces_equals_search_in_one():
         cut = mp.search(MODEL, topo, SPACE, global_batch_tokens=GBT, objective=objective, top=50, chunk=3000)
         assert cut.table == whole.table and cut.evaluated == whole.evaluated and cut.details == whole.details
         assert [(c.layout, c.model) for c in cut.pareto] == [(c.layout, c.model) for c in whole.pareto]
+        assert [(c.layout, c.model) for c in cut.configurations] == [(c.layout, c.model) for c in whole.configurations]
+    coupled = S.SearchSpace(top_k=[1, 2, 4], num_experts=[16, 32], micro_batch_size=[1, 2], keep_active=True)
+    whole = mp.search(MODEL, topo, coupled, global_batch_tokens=GBT, top=50)
+    cut = mp.search(MODEL, topo, coupled, global_batch_tokens=GBT, top=50, chunk=500)  # cuts the top_k axis too
+    assert cut.table == whole.table and len({r["expert_d_ff"] for r in whole.table}) > 1
 
 
 def test_search_result_satisfies_constraints_and_reproduces():
@@ -176,3 +181,44 @@ def test_grouping_helpers_match_numpy_unique_and_brute_force():
                      ("dropless" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}") == cf]
             if times:
                 assert heat["step_time_s"][j][i] == pytest.approx(min(times))
+
+
+def test_model_shape_knobs_merge_exactly_and_bigger_budgets_pick_bigger_models():
+    """Searching d_model x n_layers equals searching each reshaped model alone and taking the best; a larger
+    device-hour budget buys a model with at least as many active parameters (compute-optimal design)."""
+    base = mp.load_model("st-moe-like-8b")
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    knobs = dict(num_experts=[32, 64], top_k=[1, 2], moe_every=[2], capacity_factor=[1.25])
+    space = S.SearchSpace(**knobs, d_model=[1024, 2048], n_layers=[8, 16], keep_active=True)
+    both = mp.search(base, topo, space, global_batch_tokens=GBT, device_hours=2000)
+    alone = [mp.search(m, topo, S.SearchSpace(**knobs, keep_active=True), global_batch_tokens=GBT, device_hours=2000)
+             for m in space.shapes(base)]
+    assert len(space.shapes(base)) == 4 and both.evaluated == sum(r.evaluated for r in alone)
+    def key(c):
+        return c.model.d_model, c.model.n_layers, c.model.num_experts, c.model.top_k, c.loss, c.step_time_s
+
+    union = [c for r in alone for c in r.configurations]
+    assert sorted(map(key, both.configurations)) == sorted(map(key, union))
+    lowest = min(union, key=lambda c: c.loss)
+    assert both.best.step_time_s == min(c.step_time_s for c in union if c.loss_low <= lowest.loss_high)
+    for c in both.configurations:  # keep_active: top_k x expert width is the reshaped model's own
+        own = next(m for m in space.shapes(base) if (m.d_model, m.n_layers) == (c.model.d_model, c.model.n_layers))
+        assert abs(c.model.top_k * c.model.expert_d_ff - own.top_k * own.expert_d_ff) <= 64 * c.model.top_k
+        assert mp.estimate(c.model, topo, c.layout, GBT).step_time_s == pytest.approx(c.step_time_s, rel=1e-9)
+    small, large = (mp.search(base, topo, space, global_batch_tokens=GBT, device_hours=h, objective="quality_per_time")
+                    for h in (200, 200_000))
+    size = [float(mp.quality.active_non_embedding_params(r.best.model)) for r in (small, large)]
+    assert size[1] >= size[0] and large.best.loss < small.best.loss
+    assert small.details["time_budget_s"] == pytest.approx(200 * 3600 / topo.num_devices)
+
+
+def test_shape_and_budget_input_errors():
+    topo = mp.load_topology("dgx-h100")
+    with pytest.raises(ValueError, match="space.d_model"):
+        mp.search(MODEL, topo, S.SearchSpace(d_model=[0]), global_batch_tokens=GBT)
+    with pytest.raises(ValueError, match="keep_active"):
+        mp.search(MODEL, topo, S.SearchSpace(expert_d_ff=[1024], keep_active=True), global_batch_tokens=GBT)
+    with pytest.raises(ValueError, match="device_hours"):
+        mp.search(MODEL, topo, SPACE, global_batch_tokens=GBT, device_hours=-1)
+    with pytest.raises(ValueError, match="MLA"):
+        mp.load_model("deepseek-v3").reshaped(d_model=1024)
