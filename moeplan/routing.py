@@ -123,7 +123,7 @@ def _routing_stats(tokens: int, num_experts: int, top_k: int, capacity: float | 
                          f"tokens >= 1 and experts_per_device dividing num_experts ({num_experts})")
     mean = tokens * top_k / num_experts
     mean_dev = mean * experts_per_device
-    if routing.kind == "balanced":
+    if routing.kind == "balanced" or top_k == num_experts:  # top_k = E (a dense model): every expert gets every token
         drop = 0.0 if capacity is None else max(0.0, mean - capacity) / mean
         return RoutingStats(drop, mean, mean, mean_dev, mean_dev)
     q = _probabilities(routing, num_experts, top_k)
@@ -140,7 +140,7 @@ def _routing_stats(tokens: int, num_experts: int, top_k: int, capacity: float | 
 def max_device_load(tokens: int, num_experts: int, top_k: int, experts_per_device: int, routing: Routing) -> float:
     """Expected token-expert assignments on the most-loaded device of ``experts_per_device`` experts
     (one expert: the busiest expert's load), memoised. A device's load is Binomial(T k, sum q / k)."""
-    if routing.kind == "balanced":
+    if routing.kind == "balanced" or top_k == num_experts:
         return tokens * top_k / num_experts * experts_per_device
     q = _probabilities(routing, num_experts, top_k)
     if experts_per_device == 1:

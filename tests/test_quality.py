@@ -52,8 +52,13 @@ def test_dense_model_matches_the_dense_law():
     q = mp.predict_loss(dense, D)
     assert q.loss == pytest.approx(float(Q.DenseLaw().loss_from_params(n, D)), rel=1e-12)
     assert q.low == q.high == q.loss and q.terms["expert_leverage"] == pytest.approx(1.0)
-    est = mp.estimate(dense, mp.load_topology("dgx-h100"), mp.Layout(data=8), 8 * 2048)
-    assert est.step_time_s > 0 and est.drop_rate == 0.0
+    topo = mp.load_topology("dgx-h100")
+    for cf in (None, 1.25):  # a dense model routes every token to its one "expert": nothing dropped, any capacity
+        est = mp.estimate(dense.with_(capacity_factor=cf), topo, mp.Layout(data=8), 8 * 2048)
+        assert est.step_time_s > 0 and est.drop_rate == 0.0
+    result = mp.search(BASE, topo, mp.SearchSpace(num_experts=[1, 16], top_k=[1]), global_batch_tokens=64 * 2048)
+    by_e = {c.model.num_experts: c for c in result.configurations}
+    assert set(by_e) == {1, 16} and np.isfinite(by_e[1].loss) and by_e[16].loss < by_e[1].loss
 
 
 def test_fine_grained_experts_help_then_stop_helping():
