@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from moeplan import moe as M
 from moeplan.quality.leverage import FITTED, Coefficients, LeverageLaw
 from moeplan.quality.published import (
     DenseLaw,
@@ -58,15 +59,15 @@ class LossEstimate:
 def drop_rate(model, group_tokens, capacity_factor, routing: Routing | None = None):
     """Fraction of token-expert assignments dropped in a routing group of ``group_tokens`` tokens
     (``routing.py``, uniform routing by default); 0 when dropless (None or NaN). Arrays welcome."""
-    e, k = np.broadcast_arrays(np.asarray(model.num_experts), np.asarray(model.top_k))
     cf = np.asarray(np.nan if capacity_factor is None else capacity_factor, dtype=float)
-    e, k, cf, g = np.broadcast_arrays(e, k, cf, np.asarray(group_tokens))
+    with np.errstate(invalid="ignore"):
+        cap = M.capacity(np.asarray(group_tokens), model, cf)  # NaN where dropless
+    e, k, g, cap = np.broadcast_arrays(np.asarray(model.num_experts), np.asarray(model.top_k),
+                                       np.asarray(group_tokens), cap)
     out = np.zeros(e.shape)
     for i in np.ndindex(e.shape):
-        if np.isnan(cf[i]) or e[i] <= 1:
-            continue
-        cap = float(np.ceil(g[i] * k[i] * cf[i] / e[i]))
-        out[i] = routing_stats(int(g[i]), int(e[i]), int(k[i]), cap, 1, routing, loads=False).drop_rate
+        if not np.isnan(cap[i]):
+            out[i] = routing_stats(int(g[i]), int(e[i]), int(k[i]), float(cap[i]), 1, routing, loads=False).drop_rate
     return out if out.ndim else float(out)
 
 

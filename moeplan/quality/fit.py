@@ -69,7 +69,7 @@ def load_sources(path=DATA_PATH, routing=None) -> list[Source]:
             model = M.model_from_mapping({**base, **(r.section("model", optional=True) or Section({}, "", file)).data,
                                           "name": f"{name}/{r.string('id')}"}, file)
             cf_eval = r.number("eval_capacity_factor", optional=True)
-            r.string("table", optional=True) if isinstance(raw.get("table"), str) else r.integer("table", optional=True)
+            r.integer("table", optional=True)  # a row from another table of the same paper
             value = r.number("value", minimum=-1e9)
             d_t = drop_rate(model, group, model.capacity_factor, routing)
             d_e = d_t if cf_eval is None else drop_rate(model, group, cf_eval, routing)
