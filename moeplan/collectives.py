@@ -38,6 +38,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from moeplan import bounds
 from moeplan.topology import SWITCHED, TORUS, Topology
 
 OPS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", "p2p")
@@ -449,15 +450,45 @@ def collective_time_s(
 ):
     """Seconds for ``op`` on ``devices`` (a count = the first N devices, or a list of ids).
 
-    A scalar size gives a float; an array gives an array of the same shape.
+    A scalar size gives a float; an array (at most MAX_SIZES sizes) gives an array of the same shape.
     """
+    _check_call(topo, op, bytes_per_device, params)
     if np.ndim(bytes_per_device) == 0 and algorithm is None and not isinstance(devices, list):
         ids = _group_ids(topo, devices)
-        return _scalar_time_s(topo, op, float(bytes_per_device), ids.tobytes(), params or DEFAULT_PARAMS)
-    cost = collective_cost(topo, op, bytes_per_device, devices, algorithm=algorithm, params=params)
-    if np.ndim(bytes_per_device) == 0:
-        return float(cost.time_s[0])
-    return cost.time_s.reshape(np.shape(bytes_per_device))
+        time_s = _scalar_time_s(topo, op, float(bytes_per_device), ids.tobytes(), params or DEFAULT_PARAMS)
+    else:
+        cost = collective_cost(topo, op, bytes_per_device, devices, algorithm=algorithm, params=params)
+        time_s = float(cost.time_s[0]) if np.ndim(bytes_per_device) == 0 else \
+            cost.time_s.reshape(np.shape(bytes_per_device))
+    bounds.check_finite_outputs(f"collective_time_s({op!r})", {"time_s": time_s})
+    return time_s
+
+
+MAX_SIZES = 10_000_000  # sizes in one call: bounds the arrays of every candidate algorithm
+
+
+def _check_call(topo, op, bytes_per_device, params) -> None:
+    """The arguments' types and ranges (bounds.BYTES_PER_DEVICE), before any work."""
+    if not isinstance(topo, Topology):
+        raise ValueError(f"topo: got a {type(topo).__name__}; expected a moeplan.Topology (mp.load_topology)")
+    if not isinstance(op, str) or op not in OPS:
+        raise ValueError(f"op: got {str(op)[:60]!r}; expected one of {list(OPS)}")
+    if params is not None and not isinstance(params, CommParams):
+        raise ValueError(f"params: got a {type(params).__name__}; expected a CommParams or None")
+    low, high = bounds.BYTES_PER_DEVICE
+    if type(bytes_per_device) is float or type(bytes_per_device) is int:  # the common scalar: no array made
+        if not low <= bytes_per_device <= high:  # False for NaN too
+            raise ValueError(f"bytes_per_device: got {bytes_per_device!r}; expected a finite size from {low:g} to "
+                             f"{high:g} bytes")
+        return
+    try:
+        size = np.asarray(bytes_per_device, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"bytes_per_device: got a {type(bytes_per_device).__name__}; expected a number or an "
+                         "array of numbers") from None
+    if size.size > MAX_SIZES or not np.all(np.isfinite(size)) or np.any(size < low) or np.any(size > high):
+        raise ValueError(f"bytes_per_device: expected at most {MAX_SIZES:,} finite sizes from {low:g} to {high:g} "
+                         "bytes")
 
 
 def bus_bandwidth_factor(op: str, n: int) -> float:

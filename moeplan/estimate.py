@@ -33,9 +33,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from moeplan import bounds
 from moeplan import moe as M
 from moeplan.arrays import maximum, minimum, where
+from moeplan.collectives import CommParams
 from moeplan.compute import attention_time_s
+from moeplan.hardware import ComputeEfficiency
 from moeplan.layout import RECOMPUTE, Layout, check_layout
 from moeplan.plan import Context, Plan, distinct_rows, make_context
 from moeplan.routing import Routing, max_device_load, routing_stats
@@ -342,10 +345,9 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
         raise ValueError(f"mode: got {mode!r}; expected one of {list(MODES)}")
     if overlap not in OVERLAPS:
         raise ValueError(f"overlap: got {overlap!r}; expected one of {list(OVERLAPS)}")
-    if isinstance(global_batch_tokens, bool) or not isinstance(global_batch_tokens, int | np.integer) \
-            or global_batch_tokens < 1:
-        raise ValueError(f"global_batch_tokens: got {global_batch_tokens!r}; expected a positive integer")
+    bounds.check_int("global_batch_tokens", global_batch_tokens, *bounds.GLOBAL_BATCH_TOKENS)
     dtype_bytes(dtype)
+    check_inputs(model, topo, layout, profile, routing)
     check_layout(model, topo, layout)
     plan = Plan.from_layout(model, layout)
     if mode != "train":
@@ -357,6 +359,19 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
             f"{model.seq_len}; expected a whole number of sequences per batch shard ({layout.batch_shards} shards) "
             f"and of micro-batches of {layout.micro_batch_size}")
     return _estimate_from_costs(costs, topo)
+
+
+def check_inputs(model, topo, layout, profile, routing) -> None:
+    """Types of the objects ``estimate`` and ``search`` take: the wrong object is an error, never ignored."""
+    for name, value, kind in (("model", model, M.MoEModel), ("topology", topo, Topology), ("layout", layout, Layout)):
+        if not isinstance(value, kind) and not (name == "layout" and value is None):
+            raise ValueError(f"{name}: got a {type(value).__name__}; expected a {kind.__name__}")
+    if routing is not None and not isinstance(routing, Routing):
+        raise ValueError(f"routing: got a {type(routing).__name__}; expected a moeplan.Routing or None")
+    if profile is not None and not (isinstance(getattr(profile, "compute", None), ComputeEfficiency)
+                                    and isinstance(getattr(profile, "comm", None), CommParams)):
+        raise ValueError(f"profile: got a {type(profile).__name__}; expected a moeplan.Profile (mp.load_profile) "
+                         "or None")
 
 
 _ROWS = [("attention", "compute"), ("attention_tp", "comm"), ("attention_scores", "compute"),
@@ -389,6 +404,9 @@ def _finish(topo: Topology, mode: str, step: float, model_flops: float, tokens: 
                               f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in memory.items())}); "
                               f"the chip has {hbm / 1e9:.1f} GB")
     mfu = model_flops / (step * topo.num_devices * topo.chip.peak_bf16_flop_per_s)
+    bounds.check_finite_outputs(f"estimate ({mode})", {"step_time_s": step, "tokens_per_s": tokens / step,
+                                                       "memory_per_device_bytes": total_mem, "mfu": mfu,
+                                                       **{f"{r.name} time_s": r.time_s for r in rows}})
     return Estimate(mode, step, tokens / step, mfu, total_mem, memory, fits, reason, rows, drop, micro_batches,
                     {"model_flops": model_flops})
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
+from moeplan.bounds import TOPOLOGY_DEVICES
 from moeplan.hardware import ChipSpec, ComputeEfficiency, LinkSpec
 from moeplan.schema import SchemaError, Section, read_yaml_mapping, resolve_bundled
 from moeplan.topology import NodeSpec, ScaleOut, Topology, switched_cluster, torus
@@ -175,6 +176,9 @@ def _switched_family(sec: Section) -> SwitchedFamily:
     )
     _sourced(sec)
     sec.finish()
+    if fam.max_nodes * node.devices_per_node > TOPOLOGY_DEVICES[1]:
+        raise SchemaError(f"{sec.file}: {sec.where}.max_nodes: {fam.max_nodes} nodes x {node.devices_per_node} "
+                          f"devices; expected at most {TOPOLOGY_DEVICES[1]:,} devices in one topology")
     if fam.default_nodes > fam.max_nodes or (scale_out is None and fam.max_nodes > 1):
         raise SchemaError(
             f"{sec.file}: {sec.where}.max_nodes: got {fam.max_nodes}; expected >= default_nodes "

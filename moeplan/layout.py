@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
+from moeplan import bounds
 from moeplan.arrays import gcd, maximum, where
 from moeplan.moe import MoEModel
 from moeplan.topology import Topology
@@ -38,11 +37,11 @@ class Layout:
     shard_optimizer: bool = True  # distributed optimizer (ZeRO-1): Adam states split over the data replicas
 
     def __post_init__(self) -> None:
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"layout.{name}: got {value!r}; expected an integer >= 1")
-        if self.recompute not in RECOMPUTE:
+        for name in _INT_FIELDS:  # documented ranges (bounds.py)
+            bounds.check_int(f"layout.{name}", getattr(self, name), *bounds.LAYOUT[name])
+        for name in ("sequence_parallel", "shard_optimizer"):
+            bounds.check_bool(f"layout.{name}", getattr(self, name))
+        if not isinstance(self.recompute, str) or self.recompute not in RECOMPUTE:
             raise ValueError(f"layout.recompute: got {self.recompute!r}; expected one of {list(RECOMPUTE)}")
         if self.batch_block % self.expert:
             raise ValueError(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moeplan import bounds
 from moeplan.arrays import maximum
 from moeplan.schema import Section, read_yaml_mapping, resolve_bundled
 
@@ -69,24 +70,19 @@ class MoEModel:
     source: str = ""
 
     def __post_init__(self) -> None:
-        owner = f"model {self.name!r}"
-        ints = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_size", "seq_len",
-                "num_experts", "top_k", "expert_d_ff", "moe_every")
-        for name in ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{owner}.{name}: got {value!r}; expected an integer >= 1")
-        for name in ("d_ff", "num_shared_experts", "first_dense_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-                raise ValueError(f"{owner}.{name}: got {value!r}; expected an integer >= 0")
+        owner = f"model {str(self.name)[:80]!r}"
+        for name, (low, high) in bounds.MODEL.items():  # documented ranges (bounds.py)
+            bounds.check_int(f"{owner}.{name}", getattr(self, name), low, high)
         if self.top_k > self.num_experts:
             raise ValueError(f"{owner}.top_k: got {self.top_k}; expected at most num_experts ({self.num_experts})")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"{owner}.n_kv_heads: got {self.n_kv_heads}; expected a divisor of n_heads "
                              f"({self.n_heads})")
-        if self.capacity_factor is not None and not (math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
-            raise ValueError(f"{owner}.capacity_factor: got {self.capacity_factor!r}; expected > 0, or None (dropless)")
+        if self.capacity_factor is not None:
+            bounds.check_number(f"{owner}.capacity_factor (None = dropless)", self.capacity_factor,
+                                *bounds.CAPACITY_FACTOR)
+        for name in ("encoder_decoder", "gated_ffn", "tied_embeddings"):
+            bounds.check_bool(f"{owner}.{name}", getattr(self, name))
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"{owner}.attention: got {self.attention!r}; expected one of {list(ATTENTION_KINDS)}")
         if (self.attention == "mla") != (self.mla is not None):

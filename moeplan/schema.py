@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from moeplan.bounds import FILE_MAX
+
 _FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 MAX_YAML_BYTES = 8 * 1024 * 1024  # a YAML document larger than this is refused unread
@@ -219,6 +221,10 @@ def to_number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _at_most(maximum: float) -> str:
+    return "" if math.isinf(maximum) else f" and at most {maximum:g}"
+
+
 class Section:
     """Typed, strict access to one mapping of a YAML document."""
 
@@ -248,22 +254,26 @@ class Section:
         return self.data[key]
 
     def number(self, key: str, *, optional: bool = False, minimum: float = 0.0, strict: bool = True) -> float | None:
-        """A finite number > minimum (strict) or >= minimum; ints and numeric strings are converted."""
+        """A finite number > minimum (strict) or >= minimum, and at most the key's ``bounds.FILE_MAX``; ints and
+        numeric strings are converted."""
         raw = self._get(key, optional)
         if raw is None and optional:
             return None
         number = to_number(raw)
         relation = ">" if strict else ">="
-        if number is None or number < minimum or (strict and number == minimum):
-            raise self.fail(key, raw, f"a finite number {relation} {minimum:g}")
+        maximum = FILE_MAX.get(key, math.inf)
+        if number is None or number < minimum or (strict and number == minimum) or number > maximum:
+            raise self.fail(key, raw, f"a finite number {relation} {minimum:g}" + _at_most(maximum))
         return number
 
     def integer(self, key: str, *, optional: bool = False, minimum: int = 1) -> int | None:
+        """An integer >= minimum and at most the key's ``bounds.FILE_MAX``."""
         raw = self._get(key, optional)
         if raw is None and optional:
             return None
-        if isinstance(raw, bool) or not isinstance(raw, int) or raw < minimum:
-            raise self.fail(key, raw, f"an integer >= {minimum}")
+        maximum = FILE_MAX.get(key, math.inf)
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < minimum or raw > maximum:
+            raise self.fail(key, raw, f"an integer >= {minimum}" + _at_most(maximum))
         return raw
 
     def string(self, key: str, *, optional: bool = False, choices: tuple[str, ...] | None = None) -> str | None:

@@ -9,6 +9,7 @@ objective. The Pareto front is over (predicted loss, step time). Pure: no I/O he
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections.abc import Callable
@@ -17,8 +18,9 @@ from functools import lru_cache
 
 import numpy as np
 
+from moeplan import bounds
 from moeplan import moe as M
-from moeplan.estimate import plan_costs
+from moeplan.estimate import check_inputs, plan_costs
 from moeplan.layout import RECOMPUTE, Layout
 from moeplan.plan import Plan
 from moeplan.quality import QualityLaw, default_law, law_loss
@@ -189,17 +191,43 @@ def _plan(g: dict[str, np.ndarray], model: M.MoEModel) -> Plan:
 
 
 def _pieces(grid: dict[str, np.ndarray], chunk: int) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """The grid cut along its longest axis into pieces of about ``chunk`` points (memory stays bounded);
-    each piece with the global flat index of its points (for ties and the merge)."""
+    """The grid cut into pieces of at most ``chunk`` points (memory stays bounded whatever the axis lengths),
+    each with the global flat index of its points (for ties and the merge). The axis with the most points
+    per part is split further until a piece fits; no array spans the whole grid."""
     shape = _shape(grid)
-    axis = int(np.argmax(shape))
-    cuts = min(shape[axis], max(1, -(-math.prod(shape) // chunk)))
-    flat = np.arange(math.prod(shape)).reshape(shape)
+    parts = [1] * len(shape)
+    while math.prod(-(-n // p) for n, p in zip(shape, parts, strict=True)) > chunk:
+        axis = max(range(len(shape)), key=lambda a: -(-shape[a] // parts[a]))
+        if -(-shape[axis] // parts[axis]) == 1:
+            break  # every axis already cut to single values
+        parts[axis] += 1
+    ranges = [np.array_split(np.arange(n), p) for n, p in zip(shape, parts, strict=True)]
     pieces = []
-    for part in np.array_split(np.arange(shape[axis]), cuts):
-        piece = {k: np.take(v, part, axis=axis) if v.shape[axis] > 1 else v for k, v in grid.items()}
-        pieces.append((piece, np.take(flat, part, axis=axis).reshape(-1)))
+    for combo in itertools.product(*ranges):
+        piece = {k: _take_axes(v, combo) for k, v in grid.items()}
+        pieces.append((piece, _flat_index(combo, shape)))
     return pieces
+
+
+def _flat_index(combo, shape: tuple[int, ...]) -> np.ndarray:
+    """Global C-order flat indices of the points of the sub-grid ``combo`` (one index range per axis), built
+    axis by axis: memory and time in the piece's size, not the grid's."""
+    whole = len(shape)  # the trailing axes a piece covers completely form one contiguous block of indices
+    while whole > 0 and combo[whole - 1].size == shape[whole - 1]:
+        whole -= 1
+    index = np.zeros(1, dtype=np.int64)
+    for idx, n in zip(combo[:whole], shape[:whole], strict=True):
+        index = (index[:, None] * n + idx[None, :]).reshape(-1)
+    block = math.prod(shape[whole:])
+    return (index[:, None] * block + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
+
+
+def _take_axes(values: np.ndarray, combo) -> np.ndarray:
+    """``values`` restricted to the index ranges ``combo`` on the axes along which it varies."""
+    for axis, idx in enumerate(combo):
+        if values.shape[axis] > 1 and idx.size < values.shape[axis]:
+            values = np.take(values, idx, axis=axis)
+    return values
 
 
 @dataclass
@@ -254,7 +282,8 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
            objective: str = "quality_per_time", constraints: Constraints | None = None, dtype: str = "bf16",
            routing: Routing | None = None, overlap: str = "dp", quality: QualityLaw | None = None,
            time_budget_s: float = 30 * 86400.0, device_hours: float | None = None, top: int = 100,
-           chunk: int = 1_000_000, progress: Callable[[int, int], None] | bool = False) -> SearchResult:
+           chunk: int = 1_000_000, max_points: int = bounds.SEARCH_POINTS,
+           progress: Callable[[int, int], None] | bool = False) -> SearchResult:
     """Score every candidate of ``space`` and rank by ``objective`` (see the module docstring).
 
     ``quality_per_time`` is the compute-optimal objective: the lowest loss reachable within the budget,
@@ -267,6 +296,7 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: got {objective!r}; expected one of {list(OBJECTIVES)}")
+    check_inputs(model, topo, None, None, routing)
     budget_s = _budget_s(time_budget_s, device_hours, topo)
     law = quality or default_law()
     space = space or SearchSpace()
@@ -276,6 +306,11 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
         resolved = space.resolved(m, topo)
         grids.append(_grid(resolved, m.top_k * m.expert_d_ff if space.keep_active else None))
     offsets = np.cumsum([0] + [math.prod(_shape(g)) for g in grids])
+    bounds.check_int("chunk", chunk, 1, 100_000_000)
+    bounds.check_int("top", top, 1, 1_000_000)
+    if offsets[-1] > bounds.check_int("max_points", max_points, 1, 10**12):
+        raise ValueError(f"space: the grid has {int(offsets[-1]):,} points, more than max_points={max_points:,}; "
+                         "try fewer values per knob, or raise max_points (memory grows with the points kept)")
     pieces = [(no, piece, index + offsets[no]) for no, g in enumerate(grids) for piece, index in _pieces(g, chunk)]
     report = _progress(progress)
 
@@ -295,6 +330,7 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
         shape = _shape(s.grid)
         quality = _quality(law, models[s.model_no], s, tokens, shape)
         loss = quality["loss"].reshape(-1)
+        s.keep &= np.isfinite(loss)  # a loss the law cannot give is no candidate (never a NaN row)
         merged.add(s, quality, np.where(s.keep, _objective(objective, s.values, loss, topo), np.inf))
         report(merged.points, int(offsets[-1]))
     return merged.result(models, topo, objective, {"quality_law": law.name, "time_budget_s": budget_s,

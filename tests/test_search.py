@@ -4,6 +4,7 @@ and the best expert-parallel degree follows the interconnect."""
 from __future__ import annotations
 
 import importlib
+import math
 
 import numpy as np
 import pytest
@@ -222,3 +223,32 @@ def test_shape_and_budget_input_errors():
         mp.search(MODEL, topo, SPACE, global_batch_tokens=GBT, device_hours=-1)
     with pytest.raises(ValueError, match="MLA"):
         mp.load_model("deepseek-v3").reshaped(d_model=1024)
+
+
+def test_pieces_are_bounded_whatever_the_axis_lengths_and_cover_the_grid_once():
+    """Short axes only (no axis long enough to cut alone): pieces still hold at most ``chunk`` points, and
+    their indices partition the grid; no whole-grid index array is needed."""
+    grid = S._grid({k: list(range(1, 4)) if k not in ("capacity_factor", "recompute") else
+                    ([1.0, 1.25, None] if k == "capacity_factor" else ["none", "selective", "full"])
+                    for k in S._KNOBS})  # 3^12 = 531,441 points
+    pieces = S._pieces(grid, chunk=1000)
+    sizes = [idx.size for _, idx in pieces]
+    assert max(sizes) <= 1000 and sum(sizes) == 3**12
+    seen = np.concatenate([idx for _, idx in pieces])
+    assert np.unique(seen).size == 3**12
+    piece, idx = pieces[7]
+    shape = S._shape(piece)
+    assert math.prod(shape) == idx.size
+    full = S._shape(grid)
+    for axis, k in enumerate(S._KNOBS):  # a piece's knob values are the grid's at its indices
+        at = np.unravel_index(idx, full)[axis]
+        values = np.broadcast_to(grid[k], full).reshape(-1)[idx]
+        assert np.array_equal(np.broadcast_to(piece[k], shape).reshape(-1), values) and at.size == idx.size
+
+
+def test_a_grid_past_the_point_budget_is_refused_with_its_size():
+    space = S.SearchSpace(num_experts=list(range(1, 65)), top_k=[1, 2, 4, 8], moe_every=[1, 2, 3, 4],
+                          capacity_factor=[1.0, 1.25, 1.5, 2.0, None], micro_batch_size=[1, 2, 4, 8, 16])
+    with pytest.raises(ValueError, match=r"space: the grid has [\d,]+ points, more than max_points=1,000,000"):
+        mp.search(MODEL, mp.load_topology("tpu-v5p", shape=(4, 4, 8)), space, global_batch_tokens=GBT,
+                  max_points=1_000_000)
