@@ -17,6 +17,7 @@ from dataclasses import asdict
 import numpy as np
 
 import moeplan as mp
+from moeplan.bounds import BYTES_PER_DEVICE
 from moeplan.collectives import OPS, bus_bandwidth_factor, collective_cost
 from moeplan.estimate import MODES, OVERLAPS, estimate
 from moeplan.families import load_family
@@ -102,6 +103,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_CLI_SIZES = 100_000  # sizes one `moeplan collective` prints
+
+
 def parse_sizes(text: str, factor: float = 2.0) -> np.ndarray:
     """'1e6..1e10' (a geometric sweep by ``factor``, both ends included), '1e6,4e6' or '65536'."""
     try:
@@ -110,12 +114,18 @@ def parse_sizes(text: str, factor: float = 2.0) -> np.ndarray:
             if not 0 < lo <= hi or factor <= 1:
                 raise ValueError
             count = int(np.floor(np.log(hi / lo) / np.log(factor) + 1e-9)) + 1
+            if count > MAX_CLI_SIZES:
+                raise ValueError(f"bytes: {text!r} by factor {factor:g} is {count:,} sizes; expected at most "
+                                 f"{MAX_CLI_SIZES:,} (raise --factor)")
             return lo * factor ** np.arange(count)
         sizes = np.array([float(x) for x in text.split(",")])
-    except ValueError:
-        raise ValueError(f"bytes: {text!r} is not a size list; expected e.g. 1e6..1e10, 1e6,4e6 or 65536") from None
-    if np.any(sizes < 0) or not np.all(np.isfinite(sizes)):
-        raise ValueError(f"bytes: {text!r}; expected sizes >= 0")
+    except (ValueError, OverflowError) as exc:
+        if str(exc).startswith("bytes:"):
+            raise
+        raise ValueError(f"bytes: {text[:80]!r} is not a size list; expected e.g. 1e6..1e10, 1e6,4e6 or "
+                         "65536") from None
+    if np.any(sizes < 0) or not np.all(np.isfinite(sizes)) or np.any(sizes > BYTES_PER_DEVICE[1]):
+        raise ValueError(f"bytes: {text[:80]!r}; expected sizes from 0 to {BYTES_PER_DEVICE[1]:g}")
     return sizes
 
 
@@ -463,12 +473,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return handlers[args.command](args)
-    except ValueError as exc:
-        print(f"moeplan {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()
         return 0
+    except (ValueError, OverflowError) as exc:  # bad input: one line, never a traceback
+        return _fail(args.command, str(exc), 2)
+    except OSError as exc:  # a path that cannot be read or written
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return _fail(args.command, f"{where}{exc.strerror or exc}", 1)
+    except ImportError as exc:  # an optional extra that is not installed
+        return _fail(args.command, f"{exc}; install the extra that provides it (see the README)", 1)
+    except MemoryError:
+        return _fail(args.command, "out of memory; try a smaller search space or size", 1)
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted", 130)
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    print(f"moeplan {command}: error: {message[:2000]}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

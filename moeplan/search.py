@@ -86,9 +86,16 @@ class SearchSpace:
                 raise ValueError(f"space.{name}: got an empty list; expected at least one value")
             out[name] = values
         for knob in ("recompute",):
-            bad = [v for v in out[knob] if v not in RECOMPUTE]
+            bad = [v for v in out[knob] if not isinstance(v, str) or v not in RECOMPUTE]
             if bad:
                 raise ValueError(f"space.recompute: got {bad}; expected values from {list(RECOMPUTE)}")
+        for knob, values in out.items():  # the documented ranges (bounds.py), as MoEModel and Layout check them
+            for v in values:
+                if knob == "capacity_factor":
+                    if v is not None:
+                        bounds.check_number("space.capacity_factor (None = dropless)", v, *bounds.CAPACITY_FACTOR)
+                elif knob != "recompute":
+                    bounds.check_int(f"space.{knob}", v, *(bounds.MODEL.get(knob) or bounds.LAYOUT[knob]))
         return out
 
 

@@ -128,3 +128,47 @@ def test_search_bad_lists_are_argparse_errors(capsys):
         main(["search", "--topology", "dgx-h100", "--model", "st-moe-like-8b", "--batch-tokens", "1",
               "--experts", "8,x"])
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+BAD_ARGUMENTS = [  # (argv, what the one-line error names): expected failures, never a traceback
+    (["show", "tpu-v9"], "tpu-v9"), (["show", "/etc/passwd"], "passwd"),
+    (["show", "dgx-h100", "--nodes", "0"], "nodes"),
+    (["show", "dgx-h100", "--nodes", "99999999"], "nodes"), (["show", "tpu-v5p", "--shape", "3x3x3"], "shape"),
+    (["show", "tpu-v5p", "--nodes", "2"], "nodes"), (["collective", "all_reduce", "--topology", "dgx-h100",
+                                                      "--bytes", "1..1e300", "--factor", "1.0000001"], "bytes"),
+    (["collective", "all_reduce", "--topology", "dgx-h100", "--bytes", "nan"], "bytes"),
+    (["collective", "all_reduce", "--topology", "dgx-h100", "--bytes", "1e999"], "bytes"),
+    (["collective", "all_reduce", "--topology", "dgx-h100", "--bytes", "-5"], "bytes"),
+    (["collective", "all_reduce", "--topology", "dgx-h100", "--bytes", "1e20"], "bytes"),
+    (["estimate", "--topology", "dgx-h100", "--model", "nope", "--batch-tokens", "1024"], "nope"),
+    (["estimate", "--topology", "dgx-h100", "--model", "mixtral-8x7b", "--batch-tokens", "0"], "global_batch_tokens"),
+    (["estimate", "--topology", "dgx-h100", "--model", "mixtral-8x7b", "--batch-tokens", str(2**50)],
+     "global_batch_tokens"),
+    (["estimate", "--topology", "dgx-h100", "--model", "mixtral-8x7b", "--batch-tokens", "65536",
+      "--layout", "data=3"], "layout"),
+    (["estimate", "--topology", "dgx-h100", "--model", "mixtral-8x7b", "--batch-tokens", "65536",
+      "--layout", "bogus"], "layout"),
+    (["search", "--topology", "dgx-h100", "--model", "mixtral-8x7b", "--batch-tokens", "65536",
+      "--experts", "1000000000"], "num_experts"),
+    (["search", "--topology", "dgx-h100", "--model", "mixtral-8x7b", "--batch-tokens", "65536", "--quiet",
+      "--experts", "8", "--budget-days", "-1"], "time_budget_s"),
+    (["search", "--topology", "dgx-h100", "--model", "mixtral-8x7b", "--batch-tokens", "65536", "--quiet",
+      "--experts", "8", "--csv", "/proc/no-such-dir/out.csv"], "no-such-dir"),
+    (["search", "--topology", "dgx-h100", "--model", "mixtral-8x7b", "--batch-tokens", "65536", "--quiet",
+      "--d-model", "0"], "d_model"),
+    (["search", "--topology", "dgx-h100", "--model", "deepseek-v3", "--batch-tokens", "65536", "--quiet",
+      "--d-model", "1024"], "MLA"),
+]
+
+
+@pytest.mark.parametrize("argv, names", BAD_ARGUMENTS, ids=[" ".join(a)[:60] for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_give_one_line_and_a_non_zero_status(capsys, argv, names):
+    """Run in-process: an exception other than argparse's exit would fail the test (a traceback)."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: usage line and status 2
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and err and "Traceback" not in err
+    assert names.lower() in err.lower(), err
+    assert len(err.splitlines()) <= 3  # argparse prints usage + error; ours is one line
