@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from moeplan.collectives import bus_bandwidth_factor, collective_cost
 from moeplan.families import load_topology
-from moeplan.schema import read_yaml_mapping
+from moeplan.schema import read_yaml_mapping, short_repr
 from moeplan.units import dtype_bytes
 
 # The team's shared copy when it sits beside the checkout, else the snapshot kept in the repository.
@@ -54,8 +55,42 @@ class ValidationRow:
 
 
 def load_points(path: str | os.PathLike[str] | None = None) -> list[dict]:
-    doc = read_yaml_mapping(path or DEFAULT_PATH, "published validation")
-    return list(doc.get("points") or [])
+    """The points of a validation file: a list of mappings, each with a unique string ``id`` and a ``kind``."""
+    file = os.fspath(path or DEFAULT_PATH)
+    points = read_yaml_mapping(file, "published validation").get("points") or []
+    if not isinstance(points, list):
+        raise ValueError(f"{file}: points: got {short_repr(points)}; expected a list of mappings")
+    seen: set[str] = set()
+    for i, point in enumerate(points):
+        ok = isinstance(point, dict) and isinstance(point.get("id"), str) and isinstance(point.get("kind"), str)
+        if not ok:
+            raise ValueError(f"{file}: points[{i}]: got {short_repr(point)}; expected a mapping with string id "
+                             "and kind")
+        if point["id"] in seen:
+            raise ValueError(f"{file}: points[{i}]: id {point['id']!r} appears twice")
+        seen.add(point["id"])
+    return points
+
+
+@contextmanager
+def _about(point: dict, what: str = ""):
+    """Turn a malformed point's KeyError, TypeError, ... into a ValueError that names the point."""
+    try:
+        yield
+    except _Skip:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError, OverflowError, StopIteration,
+            ValueError) as exc:
+        name = point.get("id", "?") if isinstance(point, dict) else "?"
+        text = short_repr(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)[:300]
+        raise ValueError(f"published validation: point {name!s:.40}{what}: {type(exc).__name__}: {text}") from None
+
+
+def _finite(row: ValidationRow) -> ValidationRow:
+    if not all(math.isfinite(v) for v in (row.measured, row.predicted, row.error)) or row.measured <= 0:
+        raise ValueError(f"published validation: point {row.point_id}: measured {row.measured!r}, predicted "
+                         f"{row.predicted!r}; expected finite values > 0")
+    return row
 
 
 def _family(point: dict, row: dict) -> str | None:
@@ -82,9 +117,12 @@ def collective_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple
             skipped.append((point["id"], "relative figures only (A10, A11: see relative_rows)"))
             continue
         handler = _collective_row if kind == "collective" else _dispatch_row
-        for index, row in enumerate(measurements):
+        with _about(point, ".measurements"):
+            listed = list(enumerate(measurements))
+        for index, row in listed:
             try:
-                result = handler(point, row, index)
+                with _about(point, f".measurements[{index}]"):
+                    result = _finite(handler(point, row, index))
             except _Skip as why:
                 skipped.append((f"{point['id']}[{index}]", str(why)))
                 continue
@@ -187,25 +225,37 @@ def relative_rows(points: list[dict]) -> list[ValidationRow]:
     read off figures or second-hand, see each point's notes). Error = predicted / measured ratio - 1."""
     rows = []
     by_id = {p["id"]: p for p in points}
-    if "A11" in by_id:  # TPU v4 twisted vs regular torus, all-to-all throughput
-        for item in by_id["A11"].get("relative") or []:
-            shape = tuple(item["tpu_shape"])
-            plain = load_topology("tpu-v4", shape=shape)
-            twisted = load_topology("tpu-v4", shape=shape, twisted=True)
-            ratio = float(collective_cost(plain, "all_to_all", 1e9).time_s[0] /
-                          collective_cost(twisted, "all_to_all", 1e9).time_s[0])
-            rows.append(ValidationRow("A11", f"tpu-v4 {'x'.join(map(str, shape))} twisted/regular a2a throughput",
-                                      "ratio", item["value"], ratio, ratio / item["value"] - 1, False, "direct"))
-    if "A10" in by_id:  # GShard: all-to-all time from 16 to 2048 TPU v3 cores (8 MB per core)
-        item = next(r for r in by_id["A10"]["relative"] if r["metric"] == "alltoall_time_ratio")
-        small = load_topology("tpu-v3", shape=(2, 4))  # 16 cores = 8 chips (slice shape not stated)
-        large = load_topology("tpu-v3", shape=(32, 32))  # 2048 cores = the 1024-chip pod
-        per_chip = 2 * 8e6
-        ratio = float(collective_cost(large, "all_to_all", per_chip).time_s[0] /
-                      collective_cost(small, "all_to_all", per_chip).time_s[0])
-        rows.append(ValidationRow("A10", "tpu-v3 a2a time 2048 vs 16 cores, 8 MB per core", "ratio",
-                                  item["value"], ratio, ratio / item["value"] - 1, False, "direct"))
+    for name, rule in (("A11", _twisted_ratio), ("A10", _gshard_ratio)):
+        if name in by_id:
+            with _about(by_id[name], ".relative"):
+                rows += rule(by_id[name])
+    return [_finite(r) for r in rows]
+
+
+def _twisted_ratio(point: dict) -> list[ValidationRow]:
+    """TPU v4 twisted vs regular torus, all-to-all throughput."""
+    rows = []
+    for item in point.get("relative") or []:
+        shape = tuple(item["tpu_shape"])
+        plain = load_topology("tpu-v4", shape=shape)
+        twisted = load_topology("tpu-v4", shape=shape, twisted=True)
+        ratio = float(collective_cost(plain, "all_to_all", 1e9).time_s[0] /
+                      collective_cost(twisted, "all_to_all", 1e9).time_s[0])
+        rows.append(ValidationRow("A11", f"tpu-v4 {'x'.join(map(str, shape))} twisted/regular a2a throughput",
+                                  "ratio", item["value"], ratio, ratio / item["value"] - 1, False, "direct"))
     return rows
+
+
+def _gshard_ratio(point: dict) -> list[ValidationRow]:
+    """GShard: all-to-all time from 16 to 2048 TPU v3 cores (8 MB per core)."""
+    item = next(r for r in point["relative"] if r["metric"] == "alltoall_time_ratio")
+    small = load_topology("tpu-v3", shape=(2, 4))  # 16 cores = 8 chips (slice shape not stated)
+    large = load_topology("tpu-v3", shape=(32, 32))  # 2048 cores = the 1024-chip pod
+    per_chip = 2 * 8e6
+    ratio = float(collective_cost(large, "all_to_all", per_chip).time_s[0] /
+                  collective_cost(small, "all_to_all", per_chip).time_s[0])
+    return [ValidationRow("A10", "tpu-v3 a2a time 2048 vs 16 cores, 8 MB per core", "ratio",
+                          item["value"], ratio, ratio / item["value"] - 1, False, "direct")]
 
 
 def summarize(rows: list[ValidationRow]) -> dict[str, float]:
@@ -234,7 +284,8 @@ def training_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple[s
         if point.get("kind") != "training_step":
             continue
         try:
-            rows.append(_training_row(point))
+            with _about(point):
+                rows.append(_finite(_training_row(point)))
         except _Skip as why:
             skipped.append((point["id"], str(why)))
     return rows, skipped
