@@ -168,9 +168,9 @@ def read_jsonl(path: str | os.PathLike[str], bad: list[int] | None = None) -> li
     """The records (JSON objects) of a measurement log, one a line.
 
     A line that is not UTF-8, not a JSON object, or has a ``time_s`` (or an entry of ``times_s``, a non-empty
-    list) that is not a finite number >= 0 is skipped; a torn last line, left by a run that died mid-write, is
-    one such. The skipped lines' 1-based numbers are appended to ``bad`` when a list is given. Blank lines are
-    skipped silently."""
+    list) that is not a number from 0 to MAX_MEASURED_S is skipped; a torn last line, left by a run that died
+    mid-write, is one such. The skipped lines' 1-based numbers are appended to ``bad`` when a list is given.
+    Blank lines are skipped silently."""
     path = Path(path)
     if not path.exists():
         return []
@@ -202,5 +202,8 @@ def _jsonl_record(line: bytes) -> dict | None:
     return record if all(_valid_time(t) for t in times) else None
 
 
+MAX_MEASURED_S = 3600.0  # one timed call longer than an hour is a corrupted record, not a measurement
+
+
 def _valid_time(t) -> bool:
-    return isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
+    return isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and 0 <= t <= MAX_MEASURED_S

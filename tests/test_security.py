@@ -172,3 +172,20 @@ def test_an_uploaded_profile_may_only_name_a_bundled_topology(tmp_path):
         profile_from_upload("p.yaml", BOMB.encode())
     with pytest.raises(SchemaError, match="measurements"):
         profile_from_upload("p.yaml", yaml.safe_dump({**doc, "measurements": ["x"]}).encode())
+
+
+def test_a_poisoned_measurement_log_resumes_and_reports_the_bad_lines(tmp_path):
+    """Resume keeps the good timings and skips (and says so) undecodable, implausible or malformed lines."""
+    from moeplan.calibrate.run import _resume
+    from moeplan.profiles import read_jsonl
+
+    log = tmp_path / "p.measurements.jsonl"
+    good = {"split": "fit", "spec": {"kind": "matmul", "m": 8}, "pass": 0, "times_s": [0.001, 0.0011]}
+    lines = [json.dumps(good).encode(), b"\xff\xfe not utf-8", json.dumps({**good, "times_s": [-1.0]}).encode(),
+             json.dumps({**good, "pass": 1, "times_s": [1e9]}).encode(), json.dumps({**good, "pass": "x"}).encode(),
+             json.dumps({**good, "spec": [1, 2]}).encode(), b'{"torn": ']
+    log.write_bytes(b"\n".join(lines))
+    said: list[str] = []
+    done = _resume(read_jsonl, log, said.append)
+    assert list(done.values()) == [{0: [0.001, 0.0011]}]
+    assert len(said) == 1 and "skipped 6" in said[0] and "lines 2, 3, 4, 7" in said[0]

@@ -85,6 +85,31 @@ def _identity(spec: dict, devices: int) -> dict:
     return {**spec, "devices": devices}
 
 
+def _resume(read_jsonl, log: Path, say) -> dict[str, dict[int, list[float]]]:
+    """The timings a previous run logged, per benchmark and pass. Lines that cannot be decoded, or hold
+    implausible times or a malformed benchmark, are skipped and reported: they are measured again."""
+    bad: list[int] = []
+    done: dict[str, dict[int, list[float]]] = {}
+    for r in read_jsonl(log, bad):
+        if "times_s" not in r and "pass" not in r:
+            continue  # another kind of record
+        p, spec = r.get("pass"), r.get("spec")
+        if not (isinstance(p, int) and not isinstance(p, bool) and 0 <= p < 1000 and isinstance(spec, dict)
+                and isinstance(r.get("times_s"), list)):
+            bad.append(-1)
+            continue
+        try:
+            done.setdefault(_spec_key(spec), {})[p] = r["times_s"]
+        except (TypeError, ValueError):
+            bad.append(-1)
+    if bad:
+        lines = [n for n in bad if n > 0]
+        say(f"resuming: skipped {len(bad)} unreadable or implausible line(s) of {log}"
+            + (f" (lines {', '.join(map(str, lines[:10]))}{', ...' if len(lines) > 10 else ''})" if lines else "")
+            + "; they are measured again")
+    return done
+
+
 def _spec_key(spec: dict) -> str:
     return "|".join(f"{k}={spec[k]}" for k in sorted(spec))
 
@@ -134,10 +159,7 @@ def calibrate(out: str | os.PathLike[str], quick: bool = False, devices: int | N
     log = out.with_name(out.stem + ".measurements.jsonl")
     plan = plan_measurements(quick, n)
     passes = passes or (PASSES_QUICK if quick else PASSES_FULL)
-    done: dict[str, dict[int, list[float]]] = {}
-    for r in read_jsonl(log):
-        if "times_s" in r and "pass" in r:  # one pass of one benchmark
-            done.setdefault(_spec_key(r["spec"]), {})[int(r["pass"])] = r["times_s"]
+    done = _resume(read_jsonl, log, say)
     taken = sum(p < passes for _, spec in plan for p in done.get(_spec_key(spec), {}))
     if taken:
         say(f"resuming: {taken} of {len(plan) * passes} timings already in {log}")
