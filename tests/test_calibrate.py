@@ -119,7 +119,9 @@ def test_small_calibration_improves_held_out_error_and_resumes(tmp_path, monkeyp
     log.write_text("\n".join(taken[:-2]) + '\n{"split": "train", "spe')
     again = []
     resumed = run.calibrate(out, quick=True, devices=8, say=again.append)
-    assert again[0].startswith(f"resuming: {len(taken) - 2} of {len(taken)} timings")
+    assert again[0] == (f"resuming: skipped 1 unreadable or implausible line(s) of {log} (lines {len(taken) - 1}); "
+                        "they are measured again")  # the torn line, reported
+    assert again[1].startswith(f"resuming: {len(taken) - 2} of {len(taken)} timings")
     assert len(log.read_text().splitlines()) == len(taken) + 1  # the torn line stays, ignored
     assert resumed["errors"]["held_out_layers"] == 6
     est = mp.estimate(mp.load_model("mixtral-8x7b").with_(n_layers=2), mp.load_topology("cpu-host"),
