@@ -372,9 +372,15 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     exe = shutil.which("streamlit") or str(Path(sys.executable).with_name("streamlit"))
     if not Path(exe).exists() or not app.exists():
         raise ValueError("dashboard: needs the 'app' extra (pip install -e '.[app]') and the app/ folder")
-    cmd = [exe, "run", str(app), "--server.port", str(args.port), "--server.headless", "true",
-           "--browser.gatherUsageStats", "false"]
-    return subprocess.call(cmd)
+    return subprocess.call(dashboard_command(exe, app, args.port))
+
+
+def dashboard_command(exe: str, app, port: int) -> list[str]:
+    """The streamlit command line: the server refuses uploads past the size the YAML reader accepts."""
+    from moeplan.schema import MAX_YAML_BYTES
+
+    return [exe, "run", str(app), "--server.port", str(port), "--server.headless", "true",
+            "--browser.gatherUsageStats", "false", "--server.maxUploadSize", str(-(-MAX_YAML_BYTES // 2**20))]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:

@@ -172,3 +172,12 @@ def test_bad_arguments_give_one_line_and_a_non_zero_status(capsys, argv, names):
     assert code != 0 and err and "Traceback" not in err
     assert names.lower() in err.lower(), err
     assert len(err.splitlines()) <= 3  # argparse prints usage + error; ours is one line
+
+
+def test_the_dashboard_server_refuses_uploads_past_the_yaml_readers_limit():
+    from moeplan.cli import dashboard_command
+    from moeplan.schema import MAX_YAML_BYTES
+
+    cmd = dashboard_command("streamlit", "app/dashboard.py", 8501)
+    limit_mb = int(cmd[cmd.index("--server.maxUploadSize") + 1])
+    assert limit_mb * 2**20 >= MAX_YAML_BYTES > (limit_mb - 1) * 2**20
