@@ -79,8 +79,9 @@ def _about(point: dict, what: str = ""):
         yield
     except _Skip:
         raise
-    except (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError, OverflowError, StopIteration,
-            ValueError) as exc:
+    except ValueError as exc:  # the model cannot express a well-formed point: skipped, with the reason
+        raise _Skip(f"not expressible: {str(exc)[:200]}") from None
+    except (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError, OverflowError, StopIteration) as exc:
         name = point.get("id", "?") if isinstance(point, dict) else "?"
         text = short_repr(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)[:300]
         raise ValueError(f"published validation: point {name!s:.40}{what}: {type(exc).__name__}: {text}") from None
@@ -100,7 +101,15 @@ def _family(point: dict, row: dict) -> str | None:
     return FAMILY_ALIASES.get(fam, fam)
 
 
-def _topology(family: str, nodes: int):
+def _topology(family: str, nodes: int, ranks: int = 0):
+    """The family at the point's size: nodes of a switched family, or the most cubic slice of ``ranks`` chips
+    (at least the family's default slice) of a torus family."""
+    from moeplan.families import load_family
+
+    fam = load_family(family)
+    if hasattr(fam.layout, "default_shape"):
+        default = math.prod(fam.layout.default_shape)
+        return load_topology(family) if ranks <= default else _training_topology(family, ranks)
     return load_topology(family, nodes=max(nodes, 1))
 
 
@@ -158,7 +167,9 @@ def _collective_row(point: dict, row: dict, index: int) -> ValidationRow:
     algorithm = row["algorithm"] if "algorithm" in row else point.get("algorithm")
     if row.get("nvls_enabled") is False and op == "all_reduce":
         algorithm = "ring"
-    topo = _topology(family, nodes)
+    topo = _topology(family, nodes, ranks)
+    if ranks > topo.num_devices:
+        raise _Skip(f"{ranks} ranks on a {family} of {topo.num_devices} devices")
     cost = collective_cost(topo, op, float(size), ranks, algorithm=ALGORITHMS.get(algorithm))
     predicted_s = float(cost.time_s[0])
     if row.get("time_s") is not None:
@@ -192,7 +203,9 @@ def _dispatch_row(point: dict, row: dict, index: int) -> ValidationRow:
     dtype = row.get("dtype") or work.get(f"{row['phase']}_dtype") or "bf16"
     # Send buffer per rank: every token to each of its top-k experts (DeepEP counts per destination).
     size = work["tokens_per_rank"] * work["hidden"] * dtype_bytes(dtype) * work["top_k"]
-    topo = _topology(family, nodes)
+    topo = _topology(family, nodes, ranks)
+    if ranks > topo.num_devices:
+        raise _Skip(f"{ranks} ranks on a {family} of {topo.num_devices} devices")
     cost = collective_cost(topo, "all_to_all", float(size), ranks)
     t_pred = float(cost.time_s[0])
     definition = row.get("bw_definition", "")
@@ -227,8 +240,11 @@ def relative_rows(points: list[dict]) -> list[ValidationRow]:
     by_id = {p["id"]: p for p in points}
     for name, rule in (("A11", _twisted_ratio), ("A10", _gshard_ratio)):
         if name in by_id:
-            with _about(by_id[name], ".relative"):
-                rows += rule(by_id[name])
+            try:
+                with _about(by_id[name], ".relative"):
+                    rows += rule(by_id[name])
+            except _Skip:
+                continue  # printed ratios only: a point the model cannot express has none
     return [_finite(r) for r in rows]
 
 

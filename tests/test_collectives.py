@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -231,3 +232,27 @@ def test_relative_points_are_reproduced_as_ratios():
     assert {pid for pid, _ in rows} == {"A10", "A11"}
     for row in rows.values():
         assert np.isfinite(row.predicted) and row.predicted > 1.0  # bigger slices / twisting: the right way
+
+
+def test_validator_expresses_a_tpu_collective_point_and_skips_what_it_cannot(tmp_path):
+    """A collective measured on a TPU slice (nodes: 1, a torus family) is built as a slice of its ranks, not
+    handed `nodes`; a well-formed point the model cannot express is skipped with its reason, never raised."""
+    points = [
+        {"id": "X1", "kind": "collective", "op": "all_reduce", "hardware": {"family": "tpu-v5e", "nodes": 1},
+         "measurements": [{"bytes": 1e8, "ranks": 16, "time_s": 1e-3}, {"bytes": 1e8, "ranks": 64, "time_s": 4e-3}]},
+        {"id": "X2", "kind": "collective", "op": "all_to_all", "hardware": {"family": "dgx-h100", "nodes": 2},
+         "measurements": [{"bytes": 1e6, "ranks": 16, "time_s": 1e-4, "algorithm": "nvls"}]},
+        {"id": "X3", "kind": "collective", "op": "all_reduce", "hardware": {"family": "dgx-h100", "nodes": 1},
+         "measurements": [{"bytes": 1e6, "ranks": 64, "time_s": 1e-4}]},
+    ]
+    path = tmp_path / "points.yaml"
+    path.write_text(yaml.safe_dump({"points": points}))
+    rows, skipped = collective_rows(load_points(path))
+    assert [r.label.split()[0] for r in rows] == ["tpu-v5e", "tpu-v5e"] and all(np.isfinite(r.error) for r in rows)
+    reasons = dict(skipped)
+    assert "not expressible" in reasons["X2[0]"] and "algorithm" in reasons["X2[0]"]
+    assert "64 ranks" in reasons["X3[0]"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"points": [{**points[0], "measurements": [{"bytes": [1e8], "ranks": 16}]}]}))
+    with pytest.raises(ValueError, match=r"point X1\.measurements\[0\]: TypeError"):
+        collective_rows(load_points(bad))
