@@ -60,9 +60,10 @@ class Efficiency:
     def __post_init__(self) -> None:
         if not 0.0 < self.e_max <= 1.0:
             raise ValueError(f"efficiency.e_max: got {self.e_max!r}; expected a number in (0, 1]")
-        if self.s_half_bytes < 0 or self.shape <= 0:
+        if not (0.0 <= self.s_half_bytes <= 1e15 and 0.0 < self.shape <= 10.0):
             raise ValueError(
-                f"efficiency: got s_half_bytes={self.s_half_bytes!r}, shape={self.shape!r}; expected >= 0 and > 0"
+                f"efficiency: got s_half_bytes={self.s_half_bytes!r}, shape={self.shape!r}; expected s_half_bytes in "
+                "[0, 1e15] and shape in (0, 10]"
             )
 
     def __call__(self, size_bytes: np.ndarray) -> np.ndarray:
@@ -92,6 +93,14 @@ class CommParams:
     xla_base_latency_s: float = 0.0  # TPU: per-hop ICI latency only (scaling-book model)
     efficiency: dict[str, Efficiency] = field(default_factory=lambda: dict(DEFAULT_EFFICIENCY))
     source: str = _NCCL
+
+    def __post_init__(self) -> None:
+        for name in ("nccl_base_latency_s", "node_step_latency_s", "net_step_latency_s", "net_tree_step_latency_s",
+                     "nvls_latency_s", "xla_base_latency_s"):
+            bounds.check_number(f"comm.{name}", getattr(self, name), 0.0, 1.0)
+        if not isinstance(self.efficiency, dict) or not all(
+                isinstance(k, str) and isinstance(v, Efficiency) for k, v in self.efficiency.items()):
+            raise ValueError("comm.efficiency: expected a mapping of fabric name to Efficiency")
 
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")

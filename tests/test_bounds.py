@@ -155,3 +155,17 @@ def test_search_never_returns_a_nan_row():
     result = mp.search(MODEL, TOPO, space, global_batch_tokens=8 * 2048, quality=HalfNaN())
     assert result.table and all(np.isfinite(r["loss"]) and r["num_experts"] == 16 for r in result.table)
     assert all(np.isfinite(c.loss) for c in result.pareto + result.configurations)
+
+
+@pytest.mark.parametrize("kwargs", [dict(nccl_base_latency_s=-1e-6), dict(node_step_latency_s=float("nan")),
+                                    dict(nvls_latency_s=5.0), dict(efficiency={"node": 0.8})])
+def test_comm_params_validate(kwargs):
+    with pytest.raises(ValueError, match="comm.(efficiency|.*latency_s)"):
+        mp.CommParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(e_max=float("nan")), dict(e_max=1.5), dict(e_max=0.8, s_half_bytes=-1),
+                                    dict(e_max=0.8, shape=float("nan")), dict(e_max=0.8, s_half_bytes=float("inf"))])
+def test_efficiency_curves_validate(kwargs):
+    with pytest.raises(ValueError, match="efficiency"):
+        mp.Efficiency(**kwargs)
