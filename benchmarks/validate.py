@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import sys
 
-from moeplan.validation import collective_rows, load_points, relative_rows, summarize, training_rows
+from moeplan.collectives import RAMP_FITTED_TO
+from moeplan.validation import (
+    collective_rows,
+    leave_one_source_out,
+    load_points,
+    relative_rows,
+    summarize,
+    training_rows,
+)
 
 
 def main() -> int:
@@ -24,6 +32,10 @@ def main() -> int:
     print(f"\ncollective + moe_dispatch: {s['points']} points, median |error| {s['median_abs_error']:.1%}, "
           f"worst {s['max_abs_error']:.1%}; held out ({s['held_out_points']} points, * = calibration input): "
           f"median {s['held_out_median_abs_error']:.1%}")
+    loso = summarize(leave_one_source_out(points))
+    print(f"leave-one-source-out (the size ramp refitted without each of its points {', '.join(RAMP_FITTED_TO)}): "
+          f"median |error| {loso['median_abs_error']:.1%}, worst {loso['max_abs_error']:.1%}; in-sample "
+          f"{s['median_abs_error']:.1%}")
     print("\nrelative (published ratios; figure-read or second-hand, not asserted):")
     for r in relative_rows(points):
         print(f"  {r.point_id:4} {r.label:58} measured {r.measured:6.3g}  predicted {r.predicted:6.3g}  {r.error:+.0%}")

@@ -125,16 +125,17 @@ class CommParams:
 # The size ramp (s_half, shape) was fitted once, jointly, to the nccl-tests all_reduce sweeps on 8x A100
 # (stas00/ml-engineering, validation point C1) and 8x H200 (C2); the same ramp serves every fabric.
 # Those two points are in-sample for the validation; every other point is held out.
-_RAMP = dict(s_half_bytes=1.7e7, shape=0.76)
+RAMP = dict(s_half_bytes=1.7e7, shape=0.76)
+RAMP_FITTED_TO = ("C1", "C2")  # validation points (validation.fit_ramp refits it; a test checks)
 DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
     # NVLink rings: e_max = 370/450 (NCCL maintainer in nccl-tests issue #212: '~20% protocol overhead',
     # ~370 GB/s effective on the 450 GB/s H100 NVLink).
-    "node": Efficiency(0.82, **_RAMP, source="nccl-tests #212 (e_max); ramp fitted to C1+C2"),
+    "node": Efficiency(0.82, **RAMP, source="nccl-tests #212 (e_max); ramp fitted to C1+C2"),
     # NVLS: algbw ~275 GB/s on 450 GB/s NVLink at large sizes (nccl-tests #212, 8x H100) -> 0.61.
-    "nvls": Efficiency(0.61, **_RAMP, source="nccl-tests #212 (peak NVLS algbw ~275 GB/s on H100); ramp as 'node'"),
+    "nvls": Efficiency(0.61, **RAMP, source="nccl-tests #212 (peak NVLS algbw ~275 GB/s on H100); ramp as 'node'"),
     # InfiniBand / RoCE through the NIC: ~90% of line rate (DeepEP V1 internode kernels reach 43-58 GB/s
     # bottleneck bandwidth on 50 GB/s NICs, validation point A1).
-    "net": Efficiency(0.90, **_RAMP, source="DeepEP V1 README internode rows (~45-50 of 50 GB/s)"),
+    "net": Efficiency(0.90, **RAMP, source="DeepEP V1 README internode rows (~45-50 of 50 GB/s)"),
     # TPU ICI: the scaling-book plans with 9e10 of the 1e11 spec (v5p/v6e) and 4.5e10 of 5e10 (v5e).
     "ici": Efficiency(0.90, 0.0, 0.5, "jax-ml scaling-book (9e10 planning vs 1e11 spec per link)"),
 }

@@ -13,12 +13,19 @@ import itertools
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from moeplan.collectives import bus_bandwidth_factor, collective_cost
+from moeplan.collectives import (
+    DEFAULT_EFFICIENCY,
+    RAMP,
+    RAMP_FITTED_TO,
+    CommParams,
+    bus_bandwidth_factor,
+    collective_cost,
+)
 from moeplan.families import load_topology
 from moeplan.schema import read_yaml_mapping, short_repr
 from moeplan.units import dtype_bytes
@@ -39,7 +46,7 @@ FAMILY_ALIASES = {
 ARCH_FAMILIES = {"SM90": "dgx-h100", "SM100": "dgx-b200"}  # DeepEP rows name only the architecture
 ALGORITHMS = {"ring": "ring", "nvls": "nvls", "nvlstree": "nvls_tree", "tree": "tree"}
 # Calibration inputs: the NVLink efficiency ramp was fitted to this sweep (collectives.DEFAULT_EFFICIENCY).
-IN_SAMPLE = {"C1", "C2"}
+IN_SAMPLE = set(RAMP_FITTED_TO)
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,10 @@ def _topology(family: str, nodes: int, ranks: int = 0):
     return load_topology(family, nodes=max(nodes, 1))
 
 
-def collective_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple[str, str]]]:
-    """Rows for every expressible measurement of the ``collective`` and ``moe_dispatch`` points."""
+def collective_rows(points: list[dict], params: CommParams | None = None
+                    ) -> tuple[list[ValidationRow], list[tuple[str, str]]]:
+    """Rows for every expressible measurement of the ``collective`` and ``moe_dispatch`` points, predicted with
+    ``params`` (the library defaults when None)."""
     rows: list[ValidationRow] = []
     skipped: list[tuple[str, str]] = []
     for point in points:
@@ -131,7 +140,7 @@ def collective_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple
         for index, row in listed:
             try:
                 with _about(point, f".measurements[{index}]"):
-                    result = _finite(handler(point, row, index))
+                    result = _finite(handler(point, row, index, params))
             except _Skip as why:
                 skipped.append((f"{point['id']}[{index}]", str(why)))
                 continue
@@ -155,7 +164,7 @@ def _hardware(point: dict, row: dict) -> tuple[str, int]:
     return family, int(nodes)
 
 
-def _collective_row(point: dict, row: dict, index: int) -> ValidationRow:
+def _collective_row(point: dict, row: dict, index: int, params: CommParams | None = None) -> ValidationRow:
     if point["id"] == "C9":
         raise _Skip("4 HDR NICs per 8-GPU node: the bundled dgx-a100 has one NIC per GPU")
     size = row.get("bytes")
@@ -170,7 +179,7 @@ def _collective_row(point: dict, row: dict, index: int) -> ValidationRow:
     topo = _topology(family, nodes, ranks)
     if ranks > topo.num_devices:
         raise _Skip(f"{ranks} ranks on a {family} of {topo.num_devices} devices")
-    cost = collective_cost(topo, op, float(size), ranks, algorithm=ALGORITHMS.get(algorithm))
+    cost = collective_cost(topo, op, float(size), ranks, algorithm=ALGORITHMS.get(algorithm), params=params)
     predicted_s = float(cost.time_s[0])
     if row.get("time_s") is not None:
         metric, measured_s = "time_s", float(row["time_s"])
@@ -189,7 +198,7 @@ def _collective_row(point: dict, row: dict, index: int) -> ValidationRow:
                          point["id"] in IN_SAMPLE, str(cost.algorithm[0]))
 
 
-def _dispatch_row(point: dict, row: dict, index: int) -> ValidationRow:
+def _dispatch_row(point: dict, row: dict, index: int, params: CommParams | None = None) -> ValidationRow:
     sms = row.get("sms")
     peers = [r for r in point["measurements"] if _same_config(r, row)]
     if sms is not None and sms < max(r.get("sms") or 0 for r in peers):
@@ -206,7 +215,7 @@ def _dispatch_row(point: dict, row: dict, index: int) -> ValidationRow:
     topo = _topology(family, nodes, ranks)
     if ranks > topo.num_devices:
         raise _Skip(f"{ranks} ranks on a {family} of {topo.num_devices} devices")
-    cost = collective_cost(topo, "all_to_all", float(size), ranks)
+    cost = collective_cost(topo, "all_to_all", float(size), ranks, params=params)
     t_pred = float(cost.time_s[0])
     definition = row.get("bw_definition", "")
     per_node = ranks // max(nodes, 1)
@@ -378,3 +387,34 @@ def _torus_shape(fam, chips: int) -> tuple[int, ...]:
     if best is None:
         raise _Skip(f"no slice shape of {chips} chips")
     return best
+
+
+# ------------------------------------------------------------------ the fitted ramp, and leave-one-source-out
+def params_with_ramp(s_half_bytes: float, shape: float) -> CommParams:
+    """The library defaults with every curve that shares the fitted size ramp set to (s_half_bytes, shape)."""
+    curves = {name: replace(eff, s_half_bytes=s_half_bytes, shape=shape) for name, eff in DEFAULT_EFFICIENCY.items()
+              if (eff.s_half_bytes, eff.shape) == (RAMP["s_half_bytes"], RAMP["shape"])}
+    return CommParams().with_efficiency(**curves)
+
+
+def fit_ramp(points: list[dict]) -> tuple[float, float]:
+    """The size ramp (s_half_bytes, shape) that minimises the squared log time error over ``points``' rows."""
+    from scipy import optimize
+
+    def residuals(theta):
+        rows, _ = collective_rows(points, params_with_ramp(math.exp(theta[0]), theta[1]))
+        return np.log1p(np.array([r.error for r in rows]))
+
+    start = [math.log(RAMP["s_half_bytes"]), RAMP["shape"]]
+    sol = optimize.least_squares(residuals, start, bounds=([math.log(1e3), 0.1], [math.log(1e10), 3.0]))
+    return float(math.exp(sol.x[0])), float(sol.x[1])
+
+
+def leave_one_source_out(points: list[dict]) -> list[ValidationRow]:
+    """Every collective and dispatch row, each predicted by a ramp fitted without its own point: the points
+    the ramp was fitted to are refitted on the others; every other point is held out already."""
+    fitted = [p for p in points if p["id"] in RAMP_FITTED_TO]
+    rows, _ = collective_rows([p for p in points if p["id"] not in RAMP_FITTED_TO])
+    for point in fitted:
+        rows += collective_rows([point], params_with_ramp(*fit_ramp([p for p in fitted if p is not point])))[0]
+    return rows

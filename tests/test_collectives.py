@@ -256,3 +256,17 @@ def test_validator_expresses_a_tpu_collective_point_and_skips_what_it_cannot(tmp
     bad.write_text(yaml.safe_dump({"points": [{**points[0], "measurements": [{"bytes": [1e8], "ranks": 16}]}]}))
     with pytest.raises(ValueError, match=r"point X1\.measurements\[0\]: TypeError"):
         collective_rows(load_points(bad))
+
+
+def test_the_committed_size_ramp_is_the_fit_to_its_named_points_and_held_out_error_is_reported():
+    """collectives.RAMP is what validation.fit_ramp gives on RAMP_FITTED_TO (no hand-set constant), and the
+    leave-one-source-out rows (each fitted point predicted by a ramp fitted without it) stay within bounds."""
+    from moeplan.collectives import RAMP, RAMP_FITTED_TO
+    from moeplan.validation import fit_ramp, leave_one_source_out
+
+    points = load_points()
+    s_half, shape = fit_ramp([p for p in points if p["id"] in RAMP_FITTED_TO])
+    assert s_half == pytest.approx(RAMP["s_half_bytes"], rel=0.05) and shape == pytest.approx(RAMP["shape"], abs=0.02)
+    loso = summarize(leave_one_source_out(points))
+    assert loso["points"] == summarize(collective_rows(points)[0])["points"]
+    assert loso["median_abs_error"] <= 0.10
