@@ -21,7 +21,10 @@ from moeplan.schema import SchemaError, Section, read_yaml_mapping, resolve_bund
 from moeplan.topology import NodeSpec, ScaleOut, Topology, switched_cluster, torus
 
 SCHEMA_VERSION = 1
-BUNDLED_DIR = Path(os.environ.get("MOEPLAN_TOPOLOGIES", Path(__file__).resolve().parent.parent / "topologies"))
+_HERE = Path(__file__).resolve().parent
+# An installed wheel carries the families in moeplan/_topologies; a checkout keeps them in topologies/.
+BUNDLED_DIR = Path(os.environ.get("MOEPLAN_TOPOLOGIES") or next(
+    (p for p in (_HERE / "_topologies", _HERE.parent / "topologies") if p.is_dir()), _HERE.parent / "topologies"))
 
 
 @dataclass(frozen=True)

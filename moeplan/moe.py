@@ -28,7 +28,9 @@ from moeplan.arrays import maximum
 from moeplan.schema import Section, read_yaml_mapping, resolve_bundled
 
 ATTENTION_KINDS = ("mha", "gqa", "mla")
-PRESET_DIR = Path(__file__).resolve().parent.parent / "models"
+_HERE = Path(__file__).resolve().parent
+# An installed wheel carries the presets in moeplan/_models; a checkout keeps them in models/.
+PRESET_DIR = next((p for p in (_HERE / "_models", _HERE.parent / "models") if p.is_dir()), _HERE.parent / "models")
 
 
 @dataclass(frozen=True)

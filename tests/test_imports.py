@@ -13,7 +13,7 @@ ORDER = [
     "units", "bounds", "arrays", "schema", "hardware", "topology", "families", "collectives", "linksim", "moe",
     "routing",
     "layout", "compute", "plan", "estimate", "quality", "search", "validation", "profiles", "calibrate",
-    "report", "cli",
+    "report", "cli", "__main__",
 ]
 
 
