@@ -9,7 +9,6 @@ objective. The Pareto front is over (predicted loss, step time). Pure: no I/O he
 
 from __future__ import annotations
 
-import itertools
 import math
 import sys
 from collections.abc import Callable
@@ -19,18 +18,15 @@ from functools import lru_cache
 import numpy as np
 
 from moeplan import bounds
+from moeplan import grid as G
 from moeplan import moe as M
 from moeplan.estimate import check_inputs, plan_costs
 from moeplan.layout import RECOMPUTE, Layout
-from moeplan.plan import Plan
 from moeplan.quality import QualityLaw, default_law, law_loss
 from moeplan.routing import Routing
 from moeplan.topology import SWITCHED, Topology
 
 OBJECTIVES = ("step_time", "tokens_per_s", "cost_per_token", "quality", "quality_per_time")
-_MODEL_KNOBS = ("num_experts", "top_k", "capacity_factor", "moe_every", "expert_d_ff")
-_LAYOUT_KNOBS = ("expert", "tensor", "pipeline", "fsdp", "virtual_pipeline", "micro_batch_size", "recompute")
-_KNOBS = _MODEL_KNOBS + _LAYOUT_KNOBS  # the axes of the search grid, in order
 
 
 @dataclass
@@ -79,7 +75,7 @@ class SearchSpace:
         if self.keep_active and self.expert_d_ff is not None:
             raise ValueError("space.expert_d_ff: give either expert widths or keep_active=True, not both")
         out = {}
-        for name in _KNOBS:
+        for name in G.KNOBS:
             values = getattr(self, name)
             values = defaults[name] if values is None else list(values)
             if not values:
@@ -125,8 +121,8 @@ class Candidate:
 
     def row(self) -> dict:
         """One flat row (model knobs and shape, layout, scores): the ranked table's, the CLI's and the CSV's."""
-        row = {k: getattr(self.model, k) for k in (*_MODEL_KNOBS, "d_model", "n_layers")}
-        row.update({k: getattr(self.layout, k) for k in ("data",) + _LAYOUT_KNOBS})
+        row = {k: getattr(self.model, k) for k in (*G.MODEL_KNOBS, "d_model", "n_layers")}
+        row.update({k: getattr(self.layout, k) for k in ("data",) + G.LAYOUT_KNOBS})
         row.update(step_time_s=self.step_time_s, tokens_per_s=self.tokens_per_s, loss=self.loss, mfu=self.mfu,
                    memory_per_device_bytes=self.memory_per_device_bytes, fits=self.fits, drop_rate=self.drop_rate,
                    cost_per_token_device_s=self.cost_per_token_device_s, loss_low=self.loss_low,
@@ -147,96 +143,6 @@ class SearchResult:
     # with its best layout
 
 
-def _grid(space: dict[str, list], active_width: int | None = None) -> dict[str, np.ndarray]:
-    """One axis per knob, in ``_KNOBS`` order: each knob's values lie along its own axis (capacity factor
-    None -> NaN, recompute -> index), so the knobs broadcast to the Cartesian product. With ``active_width``
-    (top_k x expert width to keep), the expert width follows the top_k axis instead of having its own."""
-    grid = {}
-    for axis, k in enumerate(_KNOBS):
-        values = space[k]
-        if k == "capacity_factor":
-            values = [np.nan if v is None else float(v) for v in values]
-        elif k == "recompute":
-            values = [RECOMPUTE.index(v) for v in values]
-        shape = [1] * len(_KNOBS)
-        shape[axis] = len(values)
-        grid[k] = np.asarray(values).reshape(shape)
-    if active_width is not None:
-        grid["expert_d_ff"] = np.maximum(64, 64 * np.round(active_width / grid["top_k"] / 64)).astype(np.int64)
-    return grid
-
-
-def _shape(grid: dict[str, np.ndarray]) -> tuple[int, ...]:
-    return tuple(max(grid[k].shape[axis] for k in _KNOBS) for axis in range(len(_KNOBS)))
-
-
-def _valid(g: dict[str, np.ndarray], model: M.MoEModel, topo: Topology, gbt: int) -> np.ndarray:
-    """Vectorised layout.check_layout plus batch divisibility, over the grid; sets ``g["data"]``."""
-    n = topo.num_devices
-    rest = g["fsdp"] * g["tensor"] * g["pipeline"]
-    data = np.where(n % rest == 0, n // np.maximum(rest, 1), 0)
-    g["data"] = data
-    block = data * g["fsdp"] * g["tensor"]
-    seqs = gbt // model.seq_len
-    shards = np.maximum(data * g["fsdp"], 1)
-    ok = (data >= 1) & (g["num_experts"] % g["expert"] == 0) & (block % g["expert"] == 0)
-    ok = ok & (g["top_k"] <= g["num_experts"]) & (model.n_heads % g["tensor"] == 0)
-    ok = ok & ((model.n_kv_heads % g["tensor"] == 0) | (g["tensor"] % model.n_kv_heads == 0))
-    ok = ok & (g["expert_d_ff"] % g["tensor"] == 0) & ((model.d_ff % g["tensor"] == 0) | (model.d_ff == 0))
-    ok = ok & (g["pipeline"] * g["virtual_pipeline"] <= model.n_layers)
-    ok = ok & ((g["virtual_pipeline"] == 1) | (g["pipeline"] > 1))
-    moe_layers = M.layer_census(model.n_layers, g["moe_every"], model.first_dense_layers, model.encoder_decoder)
-    ok = ok & ((model.d_ff > 0) | (moe_layers == model.n_layers))  # dense blocks need a dense FFN width
-    ok = ok & (gbt % model.seq_len == 0) & (seqs % shards == 0)
-    ok = ok & ((seqs // shards) % g["micro_batch_size"] == 0) & (seqs // shards >= g["micro_batch_size"])
-    return np.broadcast_to(ok, _shape(g))
-
-
-def _plan(g: dict[str, np.ndarray], model: M.MoEModel) -> Plan:
-    view = M.ModelView(model, **{k: g[k] for k in _MODEL_KNOBS})
-    return Plan(view, **{k: g[k] for k in ("data",) + _LAYOUT_KNOBS})
-
-
-def _pieces(grid: dict[str, np.ndarray], chunk: int) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """The grid cut into pieces of at most ``chunk`` points (memory stays bounded whatever the axis lengths),
-    each with the global flat index of its points (for ties and the merge). The axis with the most points
-    per part is split further until a piece fits; no array spans the whole grid."""
-    shape = _shape(grid)
-    parts = [1] * len(shape)
-    while math.prod(-(-n // p) for n, p in zip(shape, parts, strict=True)) > chunk:
-        axis = max(range(len(shape)), key=lambda a: -(-shape[a] // parts[a]))
-        if -(-shape[axis] // parts[axis]) == 1:
-            break  # every axis already cut to single values
-        parts[axis] += 1
-    ranges = [np.array_split(np.arange(n), p) for n, p in zip(shape, parts, strict=True)]
-    pieces = []
-    for combo in itertools.product(*ranges):
-        piece = {k: _take_axes(v, combo) for k, v in grid.items()}
-        pieces.append((piece, _flat_index(combo, shape)))
-    return pieces
-
-
-def _flat_index(combo, shape: tuple[int, ...]) -> np.ndarray:
-    """Global C-order flat indices of the points of the sub-grid ``combo`` (one index range per axis), built
-    axis by axis: memory and time in the piece's size, not the grid's."""
-    whole = len(shape)  # the trailing axes a piece covers completely form one contiguous block of indices
-    while whole > 0 and combo[whole - 1].size == shape[whole - 1]:
-        whole -= 1
-    index = np.zeros(1, dtype=np.int64)
-    for idx, n in zip(combo[:whole], shape[:whole], strict=True):
-        index = (index[:, None] * n + idx[None, :]).reshape(-1)
-    block = math.prod(shape[whole:])
-    return (index[:, None] * block + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
-
-
-def _take_axes(values: np.ndarray, combo) -> np.ndarray:
-    """``values`` restricted to the index ranges ``combo`` on the axes along which it varies."""
-    for axis, idx in enumerate(combo):
-        if values.shape[axis] > 1 and idx.size < values.shape[axis]:
-            values = np.take(values, idx, axis=axis)
-    return values
-
-
 @dataclass
 class _Scored:
     """One piece of the grid, scored: full-grid arrays flattened, and the piece's knobs."""
@@ -253,7 +159,7 @@ class _Scored:
     def pick(self, i: np.ndarray, quality: dict[str, np.ndarray], score: np.ndarray) -> list[dict]:
         """Records (knobs, scores, quality, global index) of the points ``i`` of this piece; ``quality``
         holds arrays that broadcast to the piece's grid."""
-        shape = _shape(self.grid)
+        shape = G.shape_of(self.grid)
         where = np.unravel_index(i, shape)
         at = {k: np.broadcast_to(v, shape)[where] for k, v in (*self.grid.items(), *quality.items())
               if k != "in_range"}
@@ -262,7 +168,7 @@ class _Scored:
         return [{"index": int(self.index[j]), "model_no": self.model_no, "score": float(score[j]),
                  "loss": float(at["loss"][n]),
                  "loss_low": float(at["loss"][n] - half[n]), "loss_high": float(at["loss"][n] + half[n]),
-                 "in_range": bool(at["in_range"][n]), **{k: at[k][n] for k in ("data",) + _KNOBS},
+                 "in_range": bool(at["in_range"][n]), **{k: at[k][n] for k in ("data",) + G.KNOBS},
                  **{k: v[j] for k, v in self.values.items()}}
                 for n, j in enumerate(i.tolist())]
 
@@ -270,9 +176,9 @@ class _Scored:
 def _score_piece(piece, index, model, topo, gbt, constraints, dtype, routing, overlap, budget_s,
                  model_no: int = 0) -> _Scored:
     grid = dict(piece)
-    ok = _valid(grid, model, topo, gbt)
+    ok = G.valid(grid, model, topo, gbt)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        costs = plan_costs(_plan(grid, model), topo, gbt, dtype, None, routing, overlap, breakdown=False)
+        costs = plan_costs(G.plan_of(grid, model), topo, gbt, dtype, None, routing, overlap, breakdown=False)
     shape = ok.shape
     values = {k: np.broadcast_to(costs[k], shape).reshape(-1) for k in _SCORES}
     ok = (ok & costs["valid"]).reshape(-1)
@@ -311,14 +217,14 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     grids = []
     for m in models:
         resolved = space.resolved(m, topo)
-        grids.append(_grid(resolved, m.top_k * m.expert_d_ff if space.keep_active else None))
-    offsets = np.cumsum([0] + [math.prod(_shape(g)) for g in grids])
+        grids.append(G.build(resolved, m.top_k * m.expert_d_ff if space.keep_active else None))
+    offsets = np.cumsum([0] + [math.prod(G.shape_of(g)) for g in grids])
     bounds.check_int("chunk", chunk, 1, 100_000_000)
     bounds.check_int("top", top, 1, 1_000_000)
     if offsets[-1] > bounds.check_int("max_points", max_points, 1, 10**12):
         raise ValueError(f"space: the grid has {int(offsets[-1]):,} points, more than max_points={max_points:,}; "
                          "try fewer values per knob, or raise max_points (memory grows with the points kept)")
-    pieces = [(no, piece, index + offsets[no]) for no, g in enumerate(grids) for piece, index in _pieces(g, chunk)]
+    pieces = [(no, piece, index + offsets[no]) for no, g in enumerate(grids) for piece, index in G.pieces(g, chunk)]
     report = _progress(progress)
 
     def score(no, piece, index) -> _Scored:
@@ -334,7 +240,7 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     for piece in pieces:
         s = only[0] if only else score(*piece)
         tokens = s.tokens_trained if fixed is None else np.full(s.tokens_trained.shape, fixed)
-        shape = _shape(s.grid)
+        shape = G.shape_of(s.grid)
         quality = _quality(law, models[s.model_no], s, tokens, shape)
         loss = quality["loss"].reshape(-1)
         s.keep &= np.isfinite(loss)  # a loss the law cannot give is no candidate (never a NaN row)
@@ -358,13 +264,13 @@ def _budget_s(time_budget_s: float, device_hours: float | None, topo: Topology) 
 def _quality(law, model: M.MoEModel, s: _Scored, tokens: np.ndarray, shape) -> dict:
     """Loss (full grid) and its interval's half-width (on the axes it depends on), with the candidate's own
     training drop rate; ``in_range`` is a function checking the law's ranges at picked points only."""
-    view = M.ModelView(model, **{k: s.grid[k] for k in _MODEL_KNOBS})
+    view = M.ModelView(model, **{k: s.grid[k] for k in G.MODEL_KNOBS})
     loss, half = law_loss(law, view, tokens.reshape(shape), s.drop_rate)
 
     def in_range(at: dict[str, np.ndarray], points: np.ndarray) -> np.ndarray:
         if not hasattr(law, "in_range"):
             return np.zeros(points.size, dtype=bool)
-        picked = M.ModelView(model, **{k: at[k] for k in _MODEL_KNOBS})
+        picked = M.ModelView(model, **{k: at[k] for k in G.MODEL_KNOBS})
         return np.broadcast_to(np.asarray(law.in_range(picked, tokens[points]), dtype=bool), points.shape)
 
     return {"loss": np.broadcast_to(loss, shape), "half_width": np.asarray(half, dtype=float), "in_range": in_range}
@@ -390,8 +296,8 @@ class _Merged:
         front = np.asarray(pareto_front(quality["loss"].reshape(-1), s.values["step_time_s"], s.keep),
                            dtype=np.int64)
         self.front += s.pick(front, quality, score)
-        for r in s.pick(_best_per_configuration(score, _shape(s.grid), self.top), quality, score):
-            key = (r["model_no"],) + tuple(-1.0 if r[k] != r[k] else float(r[k]) for k in _MODEL_KNOBS)  # NaN: -1
+        for r in s.pick(_best_per_configuration(score, G.shape_of(s.grid), self.top), quality, score):
+            key = (r["model_no"],) + tuple(-1.0 if r[k] != r[k] else float(r[k]) for k in G.MODEL_KNOBS)  # NaN: -1
             old = self.configs.get(key)
             if old is None or (r["score"], r["index"]) < (old["score"], old["index"]):
                 self.configs[key] = r
@@ -428,7 +334,7 @@ def _best_per_configuration(score: np.ndarray, shape: tuple[int, ...], top: int)
     """Flat indices of the best point of each MoE configuration (the leading model axes) of a piece, for the
     ``top`` configurations whose best is best. A configuration outside a piece's ``top`` has ``top`` others
     beating it there, so it cannot be among the ``top`` of the merge: the merge stays exact."""
-    n_models = math.prod(shape[:len(_MODEL_KNOBS)])
+    n_models = math.prod(shape[:len(G.MODEL_KNOBS)])
     per = score.reshape(n_models, -1)
     best = per.argmin(axis=1)
     chosen = _smallest(per[np.arange(n_models), best], top)
@@ -461,9 +367,9 @@ def _smallest(score: np.ndarray, top: int) -> np.ndarray:
 
 def _heat_cells(s: _Scored, experts: list, cfs: list, heat: np.ndarray) -> None:
     """Lower ``heat`` [capacity factor, experts] to the fastest kept step time of each cell of this piece."""
-    shape = _shape(s.grid)
+    shape = G.shape_of(s.grid)
     step = np.where(s.keep, s.values["step_time_s"], np.inf).reshape(shape)
-    best = step.min(axis=tuple(a for a in range(len(shape)) if _KNOBS[a] not in ("num_experts", "capacity_factor")))
+    best = step.min(axis=tuple(a for a in range(len(shape)) if G.KNOBS[a] not in ("num_experts", "capacity_factor")))
     e_at = np.searchsorted(experts, s.grid["num_experts"].reshape(-1))
     c_at = np.searchsorted(cfs, np.nan_to_num(s.grid["capacity_factor"].reshape(-1), nan=0.0))
     np.fmin.at(heat, (c_at[None, :], e_at[:, None]), best)
@@ -535,7 +441,7 @@ def _candidate(model: M.MoEModel, r: dict, topo: Topology) -> Candidate:
     cf = float(r["capacity_factor"])
     m = _configured(model, int(r["num_experts"]), int(r["top_k"]), int(r["moe_every"]), int(r["expert_d_ff"]),
                     None if np.isnan(cf) else cf)
-    layout = Layout(**{k: int(r[k]) for k in ("data",) + _LAYOUT_KNOBS[:-1]}, recompute=RECOMPUTE[int(r["recompute"])])
+    layout = Layout(**{k: int(r[k]) for k in ("data",) + G.LAYOUT_KNOBS[:-1]}, recompute=RECOMPUTE[int(r["recompute"])])
     tps = float(r["tokens_per_s"])
     return Candidate(m, layout, float(r["step_time_s"]), tps, r["loss"], float(r["memory_per_device_bytes"]),
                      bool(r["fits"]), float(r["drop_rate"]), float(r["mfu"]), topo.num_devices / tps,

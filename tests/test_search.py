@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import moeplan as mp
+from moeplan import grid as G
 from moeplan.estimate import plan_costs
 from moeplan.quality import FineGrainedMoELaw, granularity, non_embedding_params
 
@@ -26,16 +27,16 @@ GBT = 64 * 2048
 def test_vectorised_scores_equal_scalar_estimate_on_200_random_layouts(topo):
     """The search's grid evaluation (every knob on its own axis) equals estimate() point by point,
     summary and per-part breakdown."""
-    grid = S._grid(SPACE.resolved(MODEL, topo))
-    valid = np.flatnonzero(S._valid(grid, MODEL, topo, GBT))
+    grid = G.build(SPACE.resolved(MODEL, topo))
+    valid = np.flatnonzero(G.valid(grid, MODEL, topo, GBT))
     with np.errstate(divide="ignore", invalid="ignore"):
-        costs = plan_costs(S._plan(grid, MODEL), topo, GBT)
-    shape = S._shape(grid)
+        costs = plan_costs(G.plan_of(grid, MODEL), topo, GBT)
+    shape = G.shape_of(grid)
     pick = np.random.default_rng(0).choice(valid, size=min(200, valid.size), replace=False)
     assert pick.size == 200
     for j in pick:
         at = np.unravel_index(j, shape)
-        record = {k: np.broadcast_to(grid[k], shape)[at] for k in ("data",) + S._KNOBS}
+        record = {k: np.broadcast_to(grid[k], shape)[at] for k in ("data",) + G.KNOBS}
         record.update({k: np.broadcast_to(costs[k], shape)[at] for k in S._SCORES}, loss=0.0)
         c = S._candidate(MODEL, record, topo)
         est = mp.estimate(c.model, topo, c.layout, GBT)
@@ -228,19 +229,19 @@ def test_shape_and_budget_input_errors():
 def test_pieces_are_bounded_whatever_the_axis_lengths_and_cover_the_grid_once():
     """Short axes only (no axis long enough to cut alone): pieces still hold at most ``chunk`` points, and
     their indices partition the grid; no whole-grid index array is needed."""
-    grid = S._grid({k: list(range(1, 4)) if k not in ("capacity_factor", "recompute") else
+    grid = G.build({k: list(range(1, 4)) if k not in ("capacity_factor", "recompute") else
                     ([1.0, 1.25, None] if k == "capacity_factor" else ["none", "selective", "full"])
-                    for k in S._KNOBS})  # 3^12 = 531,441 points
-    pieces = S._pieces(grid, chunk=1000)
+                    for k in G.KNOBS})  # 3^12 = 531,441 points
+    pieces = G.pieces(grid, chunk=1000)
     sizes = [idx.size for _, idx in pieces]
     assert max(sizes) <= 1000 and sum(sizes) == 3**12
     seen = np.concatenate([idx for _, idx in pieces])
     assert np.unique(seen).size == 3**12
     piece, idx = pieces[7]
-    shape = S._shape(piece)
+    shape = G.shape_of(piece)
     assert math.prod(shape) == idx.size
-    full = S._shape(grid)
-    for axis, k in enumerate(S._KNOBS):  # a piece's knob values are the grid's at its indices
+    full = G.shape_of(grid)
+    for axis, k in enumerate(G.KNOBS):  # a piece's knob values are the grid's at its indices
         at = np.unravel_index(idx, full)[axis]
         values = np.broadcast_to(grid[k], full).reshape(-1)[idx]
         assert np.array_equal(np.broadcast_to(piece[k], shape).reshape(-1), values) and at.size == idx.size
