@@ -11,6 +11,9 @@ import sys
 
 from moeplan.collectives import RAMP_FITTED_TO
 from moeplan.validation import (
+    COLLECTED_PATH,
+    STEP_LATENCY_FITTED_TO,
+    collected_leave_one_source_out,
     collective_rows,
     leave_one_source_out,
     load_points,
@@ -36,6 +39,21 @@ def main() -> int:
     print(f"leave-one-source-out (the size ramp refitted without each of its points {', '.join(RAMP_FITTED_TO)}): "
           f"median |error| {loso['median_abs_error']:.1%}, worst {loso['max_abs_error']:.1%}; in-sample "
           f"{s['median_abs_error']:.1%}")
+    collected = load_points(COLLECTED_PATH)
+    c_rows, c_skipped = collective_rows(collected)
+    print(f"\ncollected by the project ({COLLECTED_PATH.name}: cloud fabrics, newer NVLink generations):")
+    for r in c_rows:
+        print(f"{r.point_id:16} {r.label:52} {r.metric:18} {r.measured:10.3g} {r.predicted:10.3g} {r.error:+7.1%}  "
+              f"{r.algorithm}")
+    c, c_loso = summarize(c_rows), summarize(collected_leave_one_source_out(collected))
+    fits = "; ".join(f"{family} from {' and '.join(ids)}" for family, ids in STEP_LATENCY_FITTED_TO.items())
+    print(f"collected: {c['points']} points, median |error| {c['median_abs_error']:.1%} in-sample, "
+          f"{c_loso['median_abs_error']:.1%} leave-one-source-out (fitted step latencies: {fits}); "
+          f"worst {c_loso['max_abs_error']:.1%}")
+    both = summarize(leave_one_source_out(points) + collected_leave_one_source_out(collected))
+    print(f"public + collected, leave-one-source-out: {both['points']} points, median |error| "
+          f"{both['median_abs_error']:.1%}")
+    skipped = skipped + c_skipped
     print("\nrelative (published ratios; figure-read or second-hand, not asserted):")
     for r in relative_rows(points):
         print(f"  {r.point_id:4} {r.label:58} measured {r.measured:6.3g}  predicted {r.predicted:6.3g}  {r.error:+.0%}")

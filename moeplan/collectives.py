@@ -329,7 +329,23 @@ def _ring_latency_s(group: SwitchedGroup, steps_per_round: int, params: CommPara
     return params.node_step_latency_s * (steps_per_round - net_steps) + params.net_step_latency_s * net_steps
 
 
+def fabric_params(topo: Topology, params: CommParams) -> CommParams:
+    """``params`` with the network step latencies of this topology's fabric where it states them (a cloud
+    fabric's plugin pays far more per step than InfiniBand: EFA, TCPXO); the library's own are a floor."""
+    so = topo.scale_out
+    if so is None or so.step_latency_s is None:
+        return params
+    return _with_fabric(params, so.step_latency_s)
+
+
+@lru_cache(maxsize=256)
+def _with_fabric(params: CommParams, step_latency_s: float) -> CommParams:
+    return replace(params, net_step_latency_s=max(params.net_step_latency_s, step_latency_s),
+                   net_tree_step_latency_s=max(params.net_tree_step_latency_s, step_latency_s))
+
+
 def switched_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.ndarray, params: CommParams):
+    params = fabric_params(topo, params)
     group = switched_group(topo, devices)
     n = group.n
     base = params.nccl_base_latency_s
@@ -356,18 +372,39 @@ def switched_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.n
         depth = math.ceil(math.log2(group.nodes))
         up_and_down = depth * params.net_tree_step_latency_s + (group.per_node - 1) * params.node_step_latency_s
         latency = base + 2 * up_and_down
-        net = 2.0 * size / (group.per_node * _nic_bw(topo) * params.eff("net")(size))
-        out["tree"] = latency + np.maximum(net, size / (node_bw * params.eff("node")(size)))
+        net = _tree_net_s(topo, group, size, params)
+        # inside a node the tree is a chain: each GPU sends the partial sum up and the result down, 2 S
+        out["tree"] = latency + np.maximum(net, 2.0 * size / (node_bw * params.eff("node")(size)))
     if topo.node.in_switch_reduction and group.per_node > 1:
-        nvls = params.nvls_latency_s + size / (node_bw * params.eff("nvls")(size))
+        nvls = params.nvls_latency_s + size / (node_bw * _nvls_eff(topo, params, size))
         if group.nodes == 1:
             out["nvls"] = nvls
         else:  # NVLS inside nodes, a tree between them, pipelined: latencies add, bandwidths bound
             depth = math.ceil(math.log2(group.nodes))
-            net = 2.0 * size / (group.per_node * _nic_bw(topo) * params.eff("net")(size))
             latency = base + params.nvls_latency_s + 2 * depth * params.net_tree_step_latency_s
+            net = _tree_net_s(topo, group, size, params)
             out["nvls_tree"] = latency + np.maximum(nvls - params.nvls_latency_s, net)
     return out
+
+
+HOPPER_NVLS_EFFICIENCY = 0.85  # NCCL src/graph/tuning.cc nvlsEfficiency for sm90, where the "nvls" curve was measured
+
+
+def _nvls_eff(topo: Topology, params: CommParams, size: np.ndarray) -> np.ndarray:
+    """The NVLS curve scaled to the switch generation (NCCL's nvlsEfficiency: Blackwell 0.74 of Hopper's 0.85)."""
+    generation = topo.node.nvls_efficiency or HOPPER_NVLS_EFFICIENCY
+    return params.eff("nvls")(size) * (generation / HOPPER_NVLS_EFFICIENCY)
+
+
+def _tree_net_s(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams) -> np.ndarray:
+    """Network time of NCCL's double binary tree all-reduce, spread over a node's rails (one channel each).
+
+    Each tree carries half the data up (reduce) and down (broadcast). With two nodes, each is the root of one
+    tree and the only child in the other: it sends S/2 down one and S/2 up the other, S in all. With more, a
+    node interior in one tree (two children) sends S/2 up and 2 x S/2 down there, and S/2 up the other: 2 S.
+    Links are full duplex, so the time is what the busiest node sends over its per_node NICs."""
+    sent = size * (1.0 if group.nodes == 2 else 2.0)
+    return sent / (group.per_node * _nic_bw(topo) * params.eff("net")(size))
 
 
 def _switched_p2p_s(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams) -> np.ndarray:

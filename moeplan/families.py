@@ -157,6 +157,7 @@ def _switched_family(sec: Section) -> SwitchedFamily:
         devices_per_node=node_sec.integer("devices_per_node"),
         link=_link(node_sec.section("link")),
         in_switch_reduction=node_sec.boolean("in_switch_reduction"),
+        nvls_efficiency=node_sec.number("nvls_efficiency", optional=True),
     )
     _sourced(node_sec)
     node_sec.finish()
@@ -168,6 +169,7 @@ def _switched_family(sec: Section) -> SwitchedFamily:
             nic=_link(so_sec.section("nic")),
             nodes_per_leaf=so_sec.integer("nodes_per_leaf"),
             oversubscription=so_sec.number("oversubscription", minimum=1.0, strict=False),
+            step_latency_s=so_sec.number("step_latency_s", optional=True),
         )
         _sourced(so_sec)
         so_sec.finish()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moeplan.collectives import CommParams, switched_group, torus_group
+from moeplan.collectives import HOPPER_NVLS_EFFICIENCY, CommParams, fabric_params, switched_group, torus_group
 from moeplan.topology import TORUS, Topology
 
 Route = list[tuple[object, object, float]]  # (u, v, fraction of the flow on this directed link)
@@ -60,7 +60,10 @@ def simulate(
         for (u, v), load in phase.load.items():
             total[(u, v)] += load
             edge = topo.graph[u][v]
-            eff = params.eff(_fabric(edge["tier"], algorithm))(np.array([size_bytes]))[0]
+            fabric = _fabric(edge["tier"], algorithm)
+            eff = params.eff(fabric)(np.array([size_bytes]))[0]
+            if fabric == "nvls":  # the switch generation's NVLS efficiency, as collectives applies it
+                eff *= (topo.node.nvls_efficiency or HOPPER_NVLS_EFFICIENCY) / HOPPER_NVLS_EFFICIENCY
             worst = max(worst, load / (edge["bw_bytes_per_s"] * eff))
         time += worst + phase.latency_s
     time += _library_latency_s(topo, op, ids, algorithm, params)
@@ -243,6 +246,7 @@ def _library_latency_s(topo: Topology, op: str, ids: np.ndarray, algorithm: str,
     """NCCL's per-collective and per-step latencies (the torus phases carry their own hop latency)."""
     if topo.kind == TORUS or ids.size < 2:
         return params.xla_base_latency_s if topo.kind == TORUS else 0.0
+    params = fabric_params(topo, params)
     group = switched_group(topo, ids)
     if op == "p2p":
         return params.node_step_latency_s if group.nodes == 1 else params.net_step_latency_s

@@ -51,6 +51,9 @@ class ScaleOut:
     nic: LinkSpec  # NIC <-> leaf switch (the NIC's line rate)
     nodes_per_leaf: int  # downlinks of one leaf (one rail)
     oversubscription: float  # leaf downlink capacity / uplink capacity (1.0 = non-blocking)
+    # What the collective library pays per network step on this fabric (NCCL's NET hwLat plus the net plugin's
+    # own latency: EFA, TCPXO). None = the library's InfiniBand figures (collectives.CommParams).
+    step_latency_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.nodes_per_leaf < 1:
@@ -66,6 +69,9 @@ class NodeSpec:
     devices_per_node: int
     link: LinkSpec  # device <-> node switch, one direction (e.g. 450 GB/s NVLink4 per H100)
     in_switch_reduction: bool  # NVLS / SHARP-style reduction inside the switch
+    # NCCL's NVLS efficiency for the switch generation (src/graph/tuning.cc nvlsEfficiency: Hopper 0.85,
+    # Blackwell 0.74); None = Hopper's, on which the library's NVLS curve was measured.
+    nvls_efficiency: float | None = None
 
 
 class Topology:

@@ -9,6 +9,7 @@ which the model has no term for) is listed in ``skipped`` with the reason, never
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -37,6 +38,8 @@ _CANDIDATES = [
 ]
 _FOUND = next((p for p in _CANDIDATES if p.is_file()), _CANDIDATES[-1])
 DEFAULT_PATH = Path(os.environ.get("MOEPLAN_PUBLISHED") or _FOUND)
+# Measurements the project collected itself (cloud fabrics, newer NVLink generations), each with its source.
+COLLECTED_PATH = Path(__file__).resolve().parents[1] / "validation" / "collected.yaml"
 
 # Published hardware that a bundled family describes at the level the model sees it.
 FAMILY_ALIASES = {
@@ -108,22 +111,27 @@ def _family(point: dict, row: dict) -> str | None:
     return FAMILY_ALIASES.get(fam, fam)
 
 
-def _topology(family: str, nodes: int, ranks: int = 0):
+def _topology(family: str, nodes: int, ranks: int = 0, step_latency_s: float | None = None):
     """The family at the point's size: nodes of a switched family, or the most cubic slice of ``ranks`` chips
-    (at least the family's default slice) of a torus family."""
+    (at least the family's default slice) of a torus family. ``step_latency_s`` replaces the fabric's."""
     from moeplan.families import load_family
 
     fam = load_family(family)
     if hasattr(fam.layout, "default_shape"):
         default = math.prod(fam.layout.default_shape)
         return load_topology(family) if ranks <= default else _training_topology(family, ranks)
-    return load_topology(family, nodes=max(nodes, 1))
+    topo = load_topology(family, nodes=max(nodes, 1))
+    if step_latency_s is not None and topo.scale_out is not None:
+        topo = copy.copy(topo)  # a private copy: collectives memoise per topology object
+        topo.scale_out = replace(topo.scale_out, step_latency_s=step_latency_s)
+    return topo
 
 
-def collective_rows(points: list[dict], params: CommParams | None = None
+def collective_rows(points: list[dict], params: CommParams | None = None, step_latency_s: float | None = None
                     ) -> tuple[list[ValidationRow], list[tuple[str, str]]]:
     """Rows for every expressible measurement of the ``collective`` and ``moe_dispatch`` points, predicted with
-    ``params`` (the library defaults when None)."""
+    ``params`` (the library defaults when None) and, when given, ``step_latency_s`` as every scale-out fabric's
+    per-step latency in place of its family file's (for fitting it)."""
     rows: list[ValidationRow] = []
     skipped: list[tuple[str, str]] = []
     for point in points:
@@ -140,7 +148,7 @@ def collective_rows(points: list[dict], params: CommParams | None = None
         for index, row in listed:
             try:
                 with _about(point, f".measurements[{index}]"):
-                    result = _finite(handler(point, row, index, params))
+                    result = _finite(handler(point, row, index, params, step_latency_s))
             except _Skip as why:
                 skipped.append((f"{point['id']}[{index}]", str(why)))
                 continue
@@ -164,7 +172,8 @@ def _hardware(point: dict, row: dict) -> tuple[str, int]:
     return family, int(nodes)
 
 
-def _collective_row(point: dict, row: dict, index: int, params: CommParams | None = None) -> ValidationRow:
+def _collective_row(point: dict, row: dict, index: int, params: CommParams | None = None,
+                    step_latency_s: float | None = None) -> ValidationRow:
     if point["id"] == "C9":
         raise _Skip("4 HDR NICs per 8-GPU node: the bundled dgx-a100 has one NIC per GPU")
     size = row.get("bytes")
@@ -176,7 +185,7 @@ def _collective_row(point: dict, row: dict, index: int, params: CommParams | Non
     algorithm = row["algorithm"] if "algorithm" in row else point.get("algorithm")
     if row.get("nvls_enabled") is False and op == "all_reduce":
         algorithm = "ring"
-    topo = _topology(family, nodes, ranks)
+    topo = _topology(family, nodes, ranks, step_latency_s)
     if ranks > topo.num_devices:
         raise _Skip(f"{ranks} ranks on a {family} of {topo.num_devices} devices")
     cost = collective_cost(topo, op, float(size), ranks, algorithm=ALGORITHMS.get(algorithm), params=params)
@@ -198,7 +207,8 @@ def _collective_row(point: dict, row: dict, index: int, params: CommParams | Non
                          point["id"] in IN_SAMPLE, str(cost.algorithm[0]))
 
 
-def _dispatch_row(point: dict, row: dict, index: int, params: CommParams | None = None) -> ValidationRow:
+def _dispatch_row(point: dict, row: dict, index: int, params: CommParams | None = None,
+                  step_latency_s: float | None = None) -> ValidationRow:
     sms = row.get("sms")
     peers = [r for r in point["measurements"] if _same_config(r, row)]
     if sms is not None and sms < max(r.get("sms") or 0 for r in peers):
@@ -212,7 +222,7 @@ def _dispatch_row(point: dict, row: dict, index: int, params: CommParams | None 
     dtype = row.get("dtype") or work.get(f"{row['phase']}_dtype") or "bf16"
     # Send buffer per rank: every token to each of its top-k experts (DeepEP counts per destination).
     size = work["tokens_per_rank"] * work["hidden"] * dtype_bytes(dtype) * work["top_k"]
-    topo = _topology(family, nodes, ranks)
+    topo = _topology(family, nodes, ranks, step_latency_s)
     if ranks > topo.num_devices:
         raise _Skip(f"{ranks} ranks on a {family} of {topo.num_devices} devices")
     cost = collective_cost(topo, "all_to_all", float(size), ranks, params=params)
@@ -417,4 +427,41 @@ def leave_one_source_out(points: list[dict]) -> list[ValidationRow]:
     rows, _ = collective_rows([p for p in points if p["id"] not in RAMP_FITTED_TO])
     for point in fitted:
         rows += collective_rows([point], params_with_ramp(*fit_ramp([p for p in fitted if p is not point])))[0]
+    return rows
+
+
+# ------------------------------------------------------------------ a fabric's per-step latency
+SMALL_MESSAGE_BYTES = 64 * 1024  # rows up to this size are latency-bound: what a step latency is fitted to
+
+
+def fit_step_latency(points: list[dict]) -> float:
+    """The scale-out step latency that minimises the squared log time error of ``points``' small-message rows
+    (one fabric's points; larger rows are bandwidth-bound and say nothing about it)."""
+    from scipy import optimize
+
+    small = [{**p, "measurements": [r for r in p["measurements"] if r.get("bytes", 0) <= SMALL_MESSAGE_BYTES]}
+             for p in points]
+
+    def cost(log_s: float) -> float:
+        rows, _ = collective_rows(small, step_latency_s=math.exp(log_s))
+        return float(np.sum(np.log1p(np.array([r.error for r in rows])) ** 2))
+
+    sol = optimize.minimize_scalar(cost, bounds=(math.log(1e-7), math.log(1e-3)), method="bounded")
+    return float(math.exp(sol.x))
+
+
+# Fabric step latencies fitted to collected points (family -> the points); every other fabric's is published.
+STEP_LATENCY_FITTED_TO = {"gcp-a3-mega": ("GCP-A3M-AG", "GCP-A3M-AR")}
+
+
+def collected_leave_one_source_out(points: list[dict]) -> list[ValidationRow]:
+    """Rows of the collected points, each fitted point predicted with its fabric's step latency refitted
+    without it; points of fabrics with a published step latency are held out already."""
+    fitted = {pid for ids in STEP_LATENCY_FITTED_TO.values() for pid in ids}
+    rows, _ = collective_rows([p for p in points if p["id"] not in fitted])
+    for ids in STEP_LATENCY_FITTED_TO.values():
+        group = [p for p in points if p["id"] in ids]
+        for point in group:
+            rest = [p for p in group if p is not point]
+            rows += collective_rows([point], step_latency_s=fit_step_latency(rest) if rest else None)[0]
     return rows

@@ -66,6 +66,7 @@ def test_switched_closed_forms_match_linksim(nodes, op):
 
 def test_nvls_and_p2p_match_linksim():
     _agree(mp.load_topology("dgx-h200"), "all_reduce", 1e9, algorithm="nvls")
+    _agree(mp.load_topology("dgx-b200"), "all_reduce", 1e9, algorithm="nvls")  # Blackwell's NVLS efficiency
     cluster = mp.load_topology("dgx-a100", nodes=2)
     for pair in ([0, 1], [0, 8], [2, 13]):
         _agree(cluster, "p2p", 1e8, pair, algorithm="direct")
@@ -270,3 +271,40 @@ def test_the_committed_size_ramp_is_the_fit_to_its_named_points_and_held_out_err
     loso = summarize(leave_one_source_out(points))
     assert loso["points"] == summarize(collective_rows(points)[0])["points"]
     assert loso["median_abs_error"] <= 0.10
+
+
+@pytest.mark.parametrize("family", ["aws-p5", "gcp-a3-mega"])
+@pytest.mark.parametrize("op", OPS)
+def test_cloud_fabric_closed_forms_match_linksim(family, op):
+    """A fabric's own per-step latency (EFA, TCPXO) enters the closed forms and the twin alike."""
+    topo = mp.load_topology(family, nodes=2)
+    for size in (8.0, 1e6, 1e9):
+        _agree(topo, op, size)
+
+
+def test_cloud_fabrics_reproduce_published_small_message_floors_within_30_percent():
+    """EFA (aws-p5: the plugin's own 20 us per step, published, not fitted) and TCPXO (gcp-a3-mega: fitted to
+    its two 2-node sweeps; each is predicted here with the latency fitted to the other) against nccl-tests."""
+    from moeplan.validation import COLLECTED_PATH, collected_leave_one_source_out
+
+    rows = collected_leave_one_source_out(load_points(COLLECTED_PATH))
+    floors = [r for r in rows if r.point_id in ("AWS-P5-AR-2N", "GCP-A3M-AG", "GCP-A3M-AR") and r.label.split()[-2]
+              in ("8B", "16B", "128B", "256B")]
+    assert {r.point_id for r in floors} == {"AWS-P5-AR-2N", "GCP-A3M-AG", "GCP-A3M-AR"}
+    for r in floors:
+        assert abs(r.error) <= 0.30, (r.point_id, r.label, r.error)
+
+
+def test_the_fitted_fabric_latency_is_the_fit_and_collected_points_hold_out():
+    from moeplan.validation import (
+        COLLECTED_PATH,
+        STEP_LATENCY_FITTED_TO,
+        collected_leave_one_source_out,
+        fit_step_latency,
+    )
+
+    points = load_points(COLLECTED_PATH)
+    for family, ids in STEP_LATENCY_FITTED_TO.items():
+        fitted = fit_step_latency([p for p in points if p["id"] in ids])
+        assert mp.load_topology(family, nodes=2).scale_out.step_latency_s == pytest.approx(fitted, rel=0.03)
+    assert summarize(collected_leave_one_source_out(points))["median_abs_error"] <= 0.15
