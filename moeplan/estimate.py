@@ -333,8 +333,22 @@ def _train_memory(ctx: Context, counts: dict, tokens, mb, send) -> dict[str, np.
                    tokens / t * per_token_layer * layers * in_flight)
     mem["mem:activations"] = stored + tokens * m.vocab_size / t * 4.0  # fp32 logits of the last stage
     mem["mem:a2a_buffers"] = 4.0 * send
+    mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, 2.0 if mixed else 4.0)
     mem["memory_per_device_bytes"] = sum(mem.values())
     return mem
+
+
+def _fsdp_gathered_bytes(ctx: Context, weight_bytes: float):
+    """Weights FSDP (ZeRO-3) gathers for compute: the largest block's, twice (the one computing and the next one
+    prefetched), as each device holds them for its tensor shard and its expert group's experts. Zero without
+    FSDP sharding (fsdp = 1, and experts not split beyond their expert group)."""
+    m, p = ctx.m, ctx.plan
+    attn = M.attention_params(m)
+    dense_block = where(m.n_dense_layers > 0, (attn + M.ffn_params(m, m.d_ff)) * (p.fsdp > 1) / p.tensor, 0.0)
+    experts_sharded = p.expert_weight_shards > p.expert
+    moe_block = where(m.n_moe_layers > 0, M.dense_params_per_moe_layer(m) * (p.fsdp > 1) / p.tensor
+                      + M.expert_params_per_layer(m) * experts_sharded / p.expert, 0.0)
+    return 2.0 * maximum(dense_block, moe_block) * weight_bytes
 
 
 # ------------------------------------------------------------------ the scalar API

@@ -162,3 +162,19 @@ def test_published_training_steps():
     assert len(rows) >= 10, skipped
     errors = np.abs([r.error for r in rows])
     assert np.median(errors) <= 0.20, [(r.point_id, round(r.error, 2)) for r in rows]
+
+
+def test_fsdp_holds_the_largest_blocks_gathered_weights_twice():
+    """ZeRO-3: the block computing and the one prefetched are held whole (per tensor shard and expert group);
+    pure FSDP of a large MoE gathers every expert of a layer, and that alone can overflow HBM."""
+    model = mp.load_model("deepseek-v3")
+    topo = mp.load_topology("tpu-v5p", shape=(8, 8, 16))
+    pure = mp.estimate(model, topo, mp.Layout(fsdp=1024, expert=1, recompute="full"), 1024 * 4096)
+    moe = (mp.moe.dense_params_per_moe_layer(model) + mp.moe.expert_params_per_layer(model)) * 2.0  # bf16 weights
+    assert pure.memory["fsdp_gathered"] == pytest.approx(2 * moe, rel=1e-12)
+    split = mp.estimate(model, topo, mp.Layout(fsdp=1024, expert=256, recompute="full"), 1024 * 4096)
+    assert split.memory["fsdp_gathered"] < pure.memory["fsdp_gathered"] / 10  # experts stay in their group
+    no_fsdp = mp.estimate(mp.load_model("mixtral-8x7b").with_(n_layers=4), mp.load_topology("dgx-h100"),
+                          mp.Layout(data=8), 8 * 4096)
+    assert no_fsdp.memory["fsdp_gathered"] == 0.0
+    assert pure.memory_per_device_bytes == pytest.approx(sum(pure.memory.values()))  # it counts toward the fit
