@@ -474,14 +474,15 @@ def _inference(ctx: Context, mode: str, gbt: int) -> Estimate:
     params = float(counts["non_expert"] / (pp * p.dense_weight_shards)
                    + counts["expert"] / (pp * p.expert_weight_shards))
     sequences = tokens if decode else tokens / m.seq_len
-    memory = {"weights": params * ctx.b,
+    weight_bytes = dtype_bytes(ctx.dtype)  # served weights are stored at the dtype's width (fp8/int8: 1 byte)
+    memory = {"weights": params * weight_bytes,
               "kv_cache": sequences * m.seq_len * M.kv_cache_bytes_per_token(m, ctx.b) / (pp * int(p.tensor)),
               "activations": float(tokens * _activation_bytes_per_token_layer(ctx) / p.tensor),
               "a2a_buffers": 2.0 * send}
     flops = M.model_flops_per_token(m.base, training=False) * gbt
     est = _finish(topo, mode, step, flops, gbt, memory, rows, drop, 1)
     est.details.update({
-        "min_devices_to_hold_weights": float(np.ceil(counts["total"] * ctx.b / topo.chip.hbm_capacity_bytes)),
+        "min_devices_to_hold_weights": float(np.ceil(counts["total"] * weight_bytes / topo.chip.hbm_capacity_bytes)),
         "batch_for_busy_experts": float(np.ceil(m.num_experts / m.top_k)),
         "time_per_token_s": step if decode else step / max(tokens, 1.0),
     })

@@ -178,3 +178,14 @@ def test_fsdp_holds_the_largest_blocks_gathered_weights_twice():
                           mp.Layout(data=8), 8 * 4096)
     assert no_fsdp.memory["fsdp_gathered"] == 0.0
     assert pure.memory_per_device_bytes == pytest.approx(sum(pure.memory.values()))  # it counts toward the fit
+
+
+def test_served_fp8_weights_take_one_byte_each():
+    """Inference memory and devices-to-hold-weights count fp8 weights at 1 byte (activations stay bf16)."""
+    model, topo = mp.load_model("deepseek-v3"), mp.load_topology("dgx-h100", nodes=4)
+    layout = mp.Layout(data=4, tensor=8, expert=32)
+    bf16, fp8 = (mp.estimate(model, topo, layout, 64, mode="decode", dtype=d) for d in ("bf16", "fp8"))
+    assert fp8.memory["weights"] == pytest.approx(bf16.memory["weights"] / 2)
+    total = mp.param_counts(model)["total"]
+    assert fp8.details["min_devices_to_hold_weights"] == np.ceil(total * 1.0 / topo.chip.hbm_capacity_bytes)
+    assert fp8.memory["kv_cache"] == pytest.approx(bf16.memory["kv_cache"])  # the cache stays at bf16
