@@ -14,8 +14,9 @@ intermediate spans only the knobs it depends on (``plan`` module).
 Overlap policy (``overlap``): "none" exposes every communication; "dp" (default, what Megatron-Core
 and MaxText do out of the box) hides the gradient sync behind the last micro-batch's backward, FSDP
 gathers behind each micro-batch's compute and pipeline sends behind other micro-batches, while
-tensor-parallel collectives and the MoE all-to-alls stay on the critical path; "full" also hides
-all-to-all and tensor-parallel traffic behind compute layer by layer (DualPipe-style).
+tensor-parallel collectives and the MoE all-to-alls stay on the critical path; "full" is DualPipe's
+schedule: two micro-batches interleave, so a layer's all-to-all and tensor-parallel traffic runs under the
+other micro-batch's compute of the whole layer, and the layer takes max(compute, communication).
 With an 8-bit ``dtype`` the linear layers run at the fp8 rate while attention, the output layer,
 activations and communication stay in bf16, as in Transformer Engine's recipes.
 
@@ -232,22 +233,10 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     out: dict = {}
     stage_s = 0.0
     for count, parts in kinds:
-        layer_s = 0.0  # one layer of this kind, every pass: summed before the count spans the grid
-        for name, kind, compute, comm, flops, comm_bytes in parts:
-            c, k = compute * compute_passes, comm * comm_passes
-            t = maximum(c, k) if overlap == "full" else c + k
-            layer_s = layer_s + t
-            if not breakdown:
-                continue
-            if kind == "a2a":
-                out[name] = t * count * mb
-            else:
-                out[name] = (t if overlap == "full" else c) * count * mb
-                out[f"{name}_tp"] = (0.0 * k if overlap == "full" else k) * count * mb
-            out[f"{name}:flops"] = flops * 3.0 * count * mb
-            out[f"{name}:bytes"] = comm_bytes * comm_passes * count * mb
-            out[f"{name}:count"] = count * mb
+        layer_s, exposed = _layer_time_s(parts, compute_passes, comm_passes, overlap)
         stage_s = stage_s + layer_s * count
+        if breakdown:
+            _layer_rows(out, parts, compute_passes, comm_passes, exposed, count * mb)
     act = tokens * m.d_model * ctx.b / p.tensor
     p2p = 2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline")
     p2p = p2p if overlap == "none" else 0.0  # interleaved 1F1B overlaps sends with other micro-batches
@@ -281,6 +270,34 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     out["valid"] = valid
     out["fits"] = out["memory_per_device_bytes"] <= topo.chip.hbm_capacity_bytes
     return out
+
+
+def _layer_time_s(parts, compute_passes, comm_passes, overlap: str):
+    """One layer of a kind, every pass, and the fraction of its communication left exposed.
+
+    "full" is DualPipe's schedule: two micro-batches interleave, so the layer's communication (all-to-alls,
+    tensor-parallel collectives) runs under the other micro-batch's compute of the whole layer; the layer
+    takes max(compute, communication). The other policies expose it: compute + communication."""
+    compute = sum(c * compute_passes for _, _, c, _, _, _ in parts)
+    comm = sum(k * comm_passes for _, _, _, k, _, _ in parts)
+    if overlap != "full":
+        return compute + comm, 1.0
+    layer_s = maximum(compute, comm)
+    return layer_s, where(comm > 0, (layer_s - compute) / maximum(comm, 1e-300), 0.0)
+
+
+def _layer_rows(out: dict, parts, compute_passes, comm_passes, exposed, times) -> None:
+    """Breakdown rows of one layer kind: compute as it runs, communication as much as stays exposed."""
+    for name, kind, compute, comm, flops, comm_bytes in parts:
+        c, k = compute * compute_passes, comm * comm_passes * exposed
+        if kind == "a2a":
+            out[name] = (c + k) * times
+        else:
+            out[name] = c * times
+            out[f"{name}_tp"] = k * times
+        out[f"{name}:flops"] = flops * 3.0 * times
+        out[f"{name}:bytes"] = comm_bytes * comm_passes * times
+        out[f"{name}:count"] = times
 
 
 def _data_parallel(ctx: Context, counts: dict, mb) -> dict[str, np.ndarray]:
