@@ -3,17 +3,16 @@
 An MoE layer is worth a dense FFN ``leverage`` times the size of what a token activates in it:
 
     N_eq = N_base + n_moe * (k + s) * P_e * leverage
-    leverage = rho_hat**p * gran(G) * (1 - drop_train)**kappa_train * (1 - drop_eval)**kappa_eval
+    leverage = 1 + (rho_hat**p * gran(G) - 1) * (1 - drop_train)**kappa_train * (1 - drop_eval)**kappa_eval
     loss = L_dense(N_eq, D)
 
 with one term per knob:
 
 * **experts and top-k** through the activation ratio rho = (E + s) / (k + s) (Tian et al. 2025, arXiv
   2507.17702, §2.1: A = 1 / rho, shared experts included), saturated with Clark et al. 2022's transform
-  (Eq. 1; start 2.0732 and saturation 290.45 from Ludziejewski et al. 2025, Table 3, not refitted) so more
-  experts help with
-  diminishing returns; top-k also multiplies the activated width (k + s) P_e, its compute, so a higher k
-  buys (k + s)^(1 - p) at fixed E: a gain *beyond* nothing, but less than the compute it costs;
+  (Eq. 1; start 2.0732 and saturation 290.45 from Ludziejewski et al. 2025, Table 3, not refitted), so
+  more experts help with diminishing returns; top-k also multiplies the activated width (k + s) P_e, its
+  compute, so a higher k buys (k + s)^(1 - p) at fixed E: a gain, but less than the compute it costs;
 * **granularity** G = 8 d_model^2 / P_e (Krajewski et al. 2024's d_ff / d_expert with d_ff = 4 d_model,
   counted in weights so a gated expert of width f is 1.5 f wide), through ln gran = g1 ln G - g2 (ln G)^2:
   finer experts help, then stop helping past G* = exp(g1 / 2 g2) (Tian et al. 2025 §3.2: U-shaped);
@@ -22,8 +21,8 @@ with one term per knob:
   independently of how many others do. No controlled ablation is published; this additivity is an
   assumption, checked only across Switch (every 2nd block) and ST-MoE (every 4th) in the fit data;
 * **capacity factor**, in training and in evaluation, through the fraction of token-expert assignments
-  dropped (``routing.py``): a dropped token skips the layer's experts, so the layer keeps
-  (1 - drop)**kappa of its worth (ST-MoE Table 8's retention of the MoE gain against capacity);
+  dropped (``routing.py``): the layer retains (1 - drop)**kappa of its MoE gain (ST-MoE Table 8's
+  retention of the gain against capacity);
 * **encoder-decoder**: both stacks' parameters count in N (the dense law is a decoder-only fit; only
   differences within one architecture are fitted);
 * **training tokens** through the dense law's D term.
@@ -31,9 +30,9 @@ with one term per knob:
 The free coefficients (p, g1, g2, kappa_train, kappa_eval) are fitted with scipy by
 ``moeplan.quality.fit`` to ``validation/quality.yaml``; ``fitted.yaml`` beside this file holds the
 result (``FITTED``), and a test refits and checks it. The interval half-width is ``rel_error`` times the
-predicted MoE gain (the loss of the
-same model with every MoE layer's leverage at 1), ``rel_error`` being the 80th percentile of the fit's
-leave-one-source-out relative errors on within-table differences.
+predicted MoE gain (the loss of the same model with every MoE layer's leverage at 1, less the loss),
+``rel_error`` being the 80th percentile of the fit's leave-one-source-out relative errors on within-table
+differences.
 """
 
 from __future__ import annotations
