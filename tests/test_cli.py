@@ -13,7 +13,7 @@ from moeplan.cli import main
 def test_topologies_lists_every_family(capsys):
     assert main(["topologies"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == len(mp.list_topologies()) == 16 and out[0].startswith("aws-p5")
+    assert len(out) == len(mp.list_topologies()) == 19 and out[0].startswith("aws-p5")
 
 
 def test_show_torus_prints_the_figures(capsys):

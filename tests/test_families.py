@@ -17,6 +17,7 @@ from tests.conftest import TOPOLOGIES, bundled_doc
 REQUIRED_FAMILIES = {
     "tpu-v3", "tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "dgx-a100", "dgx-h100", "dgx-h200",
     "hgx-h800", "dgx-b200", "gb200-nvl72", "cpu-host", "aws-p5", "aws-p5en", "gcp-a3-mega", "gcp-a4",
+    "gb300-nvl72", "hgx-b300", "tpu7x",
 }
 
 

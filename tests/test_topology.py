@@ -30,6 +30,8 @@ def test_every_bundled_family_loads_at_three_sizes(name):
         "tpu-v6e": [None, (2, 4), (16, 16)],
         "cpu-host": [None, 1, 1],
         "gb200-nvl72": [None, 2, 4],
+        "gb300-nvl72": [None, 2, 4],
+        "tpu7x": [None, (4, 8, 8), (8, 8, 12)],
     }
     for size in fam_sizes.get(name, [None, 2, 16]):
         if name.startswith("tpu"):
