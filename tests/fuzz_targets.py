@@ -204,6 +204,12 @@ def _run_search(value):
         assert all(math.isfinite(row[k]) and row[k] >= 0 for k in ("step_time_s", "tokens_per_s", "loss"))
 
 
+def _run_predict_loss(value):
+    model_kw, tokens, group, eval_cf = value
+    q = mp.predict_loss(_MODEL.with_(**model_kw), tokens, group_tokens=group, eval_capacity_factor=eval_cf)
+    assert math.isfinite(q.loss) and q.low <= q.loss <= q.high
+
+
 SMALL_LISTS = st.lists(MOSTLY_PLAUSIBLE, min_size=0, max_size=3)
 
 # ------------------------------------------------------------------ CLI
@@ -244,5 +250,8 @@ TARGETS = [
                       "expert": SMALL_LISTS, "micro_batch_size": SMALL_LISTS}),
         st.sampled_from([2048, 8 * 2048, 64 * 2048, 0, 3, -1]),
         st.sampled_from(["quality_per_time", "step_time", "quality", "fastest"])), _run_search),
+    Target("predict_loss", st.tuples(_model_kwargs(), st.one_of(st.sampled_from([1e9, 1e11, 3e12]), SIZES),
+                                     st.one_of(st.none(), MOSTLY_PLAUSIBLE),
+                                     st.one_of(st.just("train"), st.none(), SIZES)), _run_predict_loss),
     Target("CLI", st.lists(st.sampled_from(WORDS), min_size=1, max_size=7), _run_cli),
 ]

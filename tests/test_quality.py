@@ -112,6 +112,12 @@ def test_bad_input_is_named():
         mp.predict_loss(BASE, -1.0)
     with pytest.raises(ValueError, match="group_tokens"):
         mp.predict_loss(BASE, D, group_tokens=0)
+    with pytest.raises(ValueError, match="model: got a dict"):
+        mp.predict_loss({"d_model": 512}, D)
+    with pytest.raises(ValueError, match="law: got a int"):
+        mp.predict_loss(BASE, D, law=3)
+    with pytest.raises(ValueError, match="training_tokens: got a str"):
+        mp.predict_loss(BASE, "many")
 
 
 def test_leave_one_source_out_error_within_bound_and_committed_fit_is_the_fit(sources):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy import special
 
+import moeplan as mp
 from moeplan import routing as R
-from moeplan.routing import Routing, routing_stats, simulate_routing
+from moeplan.routing import Routing, expected_excess, routing_stats, simulate_routing
 
 CASES = [
     (2048, 64, 2, 64.0, 1, Routing()),  # capacity factor 1.0: real drops
@@ -81,3 +82,22 @@ def test_max_device_load_matches_monte_carlo(routing, per_device):
     simulated = simulate_routing(2048, 32, 2, None, per_device, routing, trials=400, seed=1).max_device_load
     tolerance = 0.05 if routing.kind == "zipf" else 0.02
     assert R.max_device_load(2048, 32, 2, per_device, routing) == pytest.approx(simulated, rel=tolerance)
+
+
+def test_a_capacity_past_the_groups_tokens_drops_nothing():
+    """The binomial tail of a capacity above the trials was NaN; nothing can be dropped there."""
+    assert routing_stats(2048, 64, 2, 4096.0, 1, loads=False).drop_rate == 0.0
+    assert float(expected_excess(16, 0.5, 40.0)) == 0.0
+    model = mp.load_model("st-moe-like-8b").with_(n_layers=4, capacity_factor=64.0)
+    assert mp.predict_loss(model, 1e9).loss == mp.predict_loss(model.with_(capacity_factor=None), 1e9).loss
+
+
+def test_large_groups_stay_exact_enough_and_finite():
+    """At capacity factor 1 under uniform routing the drop rate falls as 1/sqrt(tokens); the exact binomial
+    form cancelled in floating point past ~2^22 tokens (2^27 gave 10x the drop rate, 2^34 NaN)."""
+    sizes = [2**20, 2**24, 2**28, 2**32, 2**36]
+    drops = [routing_stats(t, 64, 2, float(t * 2 // 64), 1, loads=False).drop_rate for t in sizes]
+    ratios = np.array(drops[:-1]) / np.array(drops[1:])
+    assert np.all(np.isfinite(drops)) and np.allclose(ratios, 4.0, rtol=0.02)  # x16 tokens, /4 drop rate
+    big = routing_stats(2**40, 64, 2, None, 8)
+    assert np.isfinite(big.max_device_load) and 1.0 < big.max_device_load / big.mean_device_load < 1.0001

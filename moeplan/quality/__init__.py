@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from moeplan import bounds
 from moeplan import moe as M
 from moeplan.quality.leverage import FITTED, Coefficients, LeverageLaw
 from moeplan.quality.published import (
@@ -94,15 +95,31 @@ def predict_loss(model, training_tokens, *, group_tokens=None, law=None, eval_ca
     sequence, ``model.seq_len``); with ``model.capacity_factor`` it gives the training drop rate.
     ``eval_capacity_factor``: the capacity at evaluation (a number, None for dropless, or the default
     "train": the training one). Fields and ``training_tokens`` may be arrays (a ``ModelView``)."""
+    if not isinstance(model, M.MoEModel | M.ModelView):
+        raise ValueError(f"model: got a {type(model).__name__}; expected a moeplan.MoEModel (or a ModelView)")
+    if law is not None and not callable(getattr(law, "loss", None)):
+        raise ValueError(f"law: got a {type(law).__name__}; expected an object with loss(model, tokens)")
     law = law or default_law()
-    tokens = np.asarray(training_tokens, dtype=float)
-    if not np.all(np.isfinite(tokens)) or np.any(tokens <= 0):
-        raise ValueError(f"training_tokens: got {training_tokens!r}; expected finite numbers > 0")
+    try:
+        tokens = np.asarray(training_tokens, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"training_tokens: got a {type(training_tokens).__name__}; expected a number or an array "
+                         "of numbers") from None
+    if tokens.size > 10**7 or not np.all(np.isfinite(tokens)) or np.any(tokens <= 0) or np.any(tokens > 1e16):
+        raise ValueError(f"training_tokens: got {_short(training_tokens)}; expected finite numbers in (0, 1e16]")
     group = model.seq_len if group_tokens is None else group_tokens
-    if np.any(np.asarray(group) < 1):
-        raise ValueError(f"group_tokens: got {group_tokens!r}; expected integers >= 1")
+    if np.ndim(group) == 0:
+        bounds.check_int("group_tokens", group, 1, bounds.GLOBAL_BATCH_TOKENS[1])
+    elif not (np.issubdtype(np.asarray(group).dtype, np.integer) and np.all(np.asarray(group) >= 1)):
+        raise ValueError(f"group_tokens: got {_short(group_tokens)}; expected integers >= 1")
     cf_train = getattr(model, "capacity_factor_array", model.capacity_factor)
-    cf_eval = cf_train if eval_capacity_factor == SAME_AS_TRAINING else eval_capacity_factor
+    if isinstance(eval_capacity_factor, str) and eval_capacity_factor == SAME_AS_TRAINING:
+        cf_eval = cf_train
+    elif eval_capacity_factor is None:
+        cf_eval = None
+    else:
+        cf_eval = bounds.check_number("eval_capacity_factor ('train', None for dropless, or a number)",
+                                      eval_capacity_factor, *bounds.CAPACITY_FACTOR)
     d_train = drop_rate(model, group, cf_train, routing)
     d_eval = drop_rate(model, group, cf_eval, routing)
     loss, half = law_loss(law, model, tokens, d_train, d_eval)
@@ -134,3 +151,8 @@ def _plain(x):
 
 
 
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
