@@ -18,6 +18,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+import networkx as nx
 import numpy as np
 
 from moeplan.collectives import HOPPER_NVLS_EFFICIENCY, CommParams, fabric_params, switched_group, torus_group
@@ -106,7 +107,7 @@ def _torus_route(topo: Topology, src: int, dst: int) -> Route:
 
 
 def _torus_phases(topo: Topology, op: str, size: float, ids: np.ndarray, algorithm: str) -> list[_Phase]:
-    group = torus_group(topo, ids)
+    torus_group(topo, ids)  # raises unless the group is a sub-grid, as the closed form requires
     n = ids.size
     if op == "p2p":
         return [_unicast_phase(topo, [(ids[0], ids[1], size)], _torus_route, topo.axes[0].link.latency_s)]
@@ -114,7 +115,7 @@ def _torus_phases(topo: Topology, op: str, size: float, ids: np.ndarray, algorit
         flows = [(int(a), int(b), size / n) for a in ids for b in ids if a != b]
         phase = _unicast_phase(topo, flows, _torus_route, topo.axes[0].link.latency_s)
         return [phase]
-    stages = _axis_stages(topo, ids, group)
+    stages = _axis_stages(topo, ids)
     gather = []
     shard = size / n
     for lines, wrap in stages:
@@ -125,19 +126,40 @@ def _torus_phases(topo: Topology, op: str, size: float, ids: np.ndarray, algorit
     return gather + gather  # all_reduce = reduce_scatter (mirror of all_gather) + all_gather
 
 
-def _axis_stages(topo: Topology, ids: np.ndarray, group) -> list[tuple[list[list[int]], bool]]:
-    """For each axis the group spans: its lines of members (sorted along the axis) and ring closure."""
+def _axis_stages(topo: Topology, ids: np.ndarray) -> list[tuple[list[list[int]], bool]]:
+    """For each axis the group spans: its lines of members (sorted along the axis) and whether the graph
+    closes them into rings (decided from the links, not borrowed from ``collectives``)."""
     coords = topo.coordinates[ids]
     used = [a for a in range(len(topo.axes)) if np.unique(coords[:, a]).size > 1]
     stages = []
-    for k, axis in enumerate(used):
+    for axis in used:
         others = [a for a in range(len(topo.axes)) if a != axis]
         lines: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
         for dev, c in zip(ids, coords, strict=True):
             lines[tuple(c[others])].append((int(c[axis]), int(dev)))
         ordered = [[d for _, d in sorted(members)] for members in lines.values()]
-        stages.append((ordered, group.wraps[k]))
+        stages.append((ordered, _closes_ring(topo, ordered[0], axis)))
     return stages
+
+
+def _closes_ring(topo: Topology, line: list[int], axis: int) -> bool:
+    """Whether the graph closes a line of members into a ring: once the chain member to member has used
+    its links along the axis, a path as short as one chain step still leads from the last member back to
+    the first over the axis' remaining links (a doubled link of a 2-ring counts twice)."""
+    tier = f"ici{axis}"
+    axis_graph = nx.Graph()
+    for u, v, d in topo.graph.edges(data=True):
+        if d["tier"] == tier:
+            axis_graph.add_edge(u, v, links=d["links"])
+    step = nx.shortest_path_length(axis_graph, line[0], line[1])
+    for a, b in zip(line, line[1:], strict=False):
+        path = nx.shortest_path(axis_graph, a, b)
+        for u, v in zip(path, path[1:], strict=False):
+            axis_graph[u][v]["links"] -= 1
+    free = nx.Graph((u, v) for u, v, d in axis_graph.edges(data=True) if d["links"] > 0)
+    if line[-1] not in free or line[0] not in free or not nx.has_path(free, line[-1], line[0]):
+        return False
+    return nx.shortest_path_length(free, line[-1], line[0]) == step
 
 
 def _gather_phase(topo: Topology, lines: list[list[int]], wrap: bool, shard: float) -> _Phase:

@@ -44,6 +44,21 @@ def test_torus_closed_forms_match_linksim(shape, wrap, op):
         _agree(topo, op, size)
 
 
+def test_twin_decides_ring_closure_from_the_graph():
+    """Remove a ring's wraparound links from the graph but not from the axis description: the closed form
+    still assumes a ring, the twin must route a line (twice the time of a bidirectional ring, nearly)."""
+    topo = torus("t", CHIP, (8, 4), ICI, (True, True))
+    full = linksim.simulate(topo, "all_gather", 1e8, algorithm="ring").time_s
+    for dev in range(0, 32, 4):  # the axis-1 wraparound of every row: (r, 3) -- (r, 0)
+        topo.graph.remove_edge(dev, dev + 3)
+    cut = linksim.simulate(topo, "all_gather", 1e8, algorithm="ring").time_s
+    closed = collective_cost(topo, "all_gather", 1e8, algorithm="ring").time_s[0]
+    assert closed == pytest.approx(full, rel=0.01)
+    assert cut > 1.3 * closed
+    two = torus("t", CHIP, (2, 4), ICI, (True, True))  # a 2-ring's doubled link closes it
+    _agree(two, "all_gather", 1e8)
+
+
 @pytest.mark.parametrize("axis", ["data", "expert"])
 @pytest.mark.parametrize("op", OPS)
 def test_torus_mesh_groups_match_linksim(axis, op):
