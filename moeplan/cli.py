@@ -45,10 +45,12 @@ def _add_topology_args(parser: argparse.ArgumentParser, positional: bool = True)
     size.add_argument("--shape", type=_shape_arg, help="torus slice shape, e.g. 4x4x8")
     size.add_argument("--nodes", type=int, help="number of nodes (GPU clusters)")
     parser.add_argument("--twisted", action="store_true", help="twisted torus (TPU v4/v5p k x k x 2k slices)")
+    parser.add_argument("--slices", type=int, help="TPU multi-slice: slices of --shape joined over DCN")
 
 
 def topology_from_args(args: argparse.Namespace) -> mp.Topology:
-    return mp.load_topology(args.topology, shape=args.shape, nodes=args.nodes, twisted=args.twisted)
+    return mp.load_topology(args.topology, shape=args.shape, nodes=args.nodes, twisted=args.twisted,
+                            slices=args.slices)
 
 
 def topology_summary(topo: mp.Topology) -> dict:
@@ -59,6 +61,7 @@ def topology_summary(topo: mp.Topology) -> dict:
         "family": topo.family,
         "kind": topo.kind,
         "shape": list(topo.shape),
+        "slices": topo.slices,
         "num_devices": topo.num_devices,
         "chip": chip.name,
         "peak_bf16_flop_per_s": chip.peak_bf16_flop_per_s,
@@ -87,7 +90,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['name']}: {info['num_devices']} x {info['chip']} ({info['kind']}, shape {info['shape']})")
+    many = f", {info['slices']} slices over DCN" if info["slices"] > 1 else ""
+    print(f"{info['name']}: {info['num_devices']} x {info['chip']} ({info['kind']}, shape {info['shape']}{many})")
     print(f"  peak bf16      {fmt_flops(info['peak_bf16_flop_per_s'])} per chip")
     if info["peak_fp8_flop_per_s"]:
         print(f"  peak fp8       {fmt_flops(info['peak_fp8_flop_per_s'])} per chip")

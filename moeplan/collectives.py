@@ -14,6 +14,13 @@ alpha a per-step latency. Every algorithm is ``time = latency terms + wire bytes
   growing stage by stage. all_reduce = reduce_scatter + all_gather. all_to_all is bisection-bound
   under dimension-order routing: ``max_a n_a * S / (8B)`` on rings, ``n_a * S / (4B)`` on lines,
   which is all_gather / 4 on a bidirectional ring for the same shard.
+* **TPU multi-slice (ICI inside a slice, DCN between).** A group spanning slices holds the same
+  in-slice members L in each of its m slices, as a data-parallel mesh axis over DCN does (MaxText's
+  ``dcn_*_parallelism``). XLA reduces hierarchically: all_reduce = reduce_scatter over L (ICI), a
+  ring all_reduce of the S/|L| shard over DCN among the m peers of each chip, all_gather over L
+  (``2 (m-1)/m * S/|L| / B_dcn`` on the DCN); all_gather gathers the shards over DCN first, then over
+  ICI; all_to_all sends the remote part ``(n - |L|)/n * S`` through each chip's own DCN share while
+  the in-slice part moves over ICI (scaling-book, "Scaling Across Pods"; MaxText sharding guide).
 * **GPU node (NCCL over NVSwitch).** Ring all_gather/reduce_scatter ``(n-1)/n * S / B``, ring
   all_reduce twice that; NVLS (in-switch reduction) all_reduce ``S / B`` with its own efficiency;
   all_to_all direct, each GPU limited by its own NVLink: ``(n-1)/n * S / B``.
@@ -91,12 +98,15 @@ class CommParams:
     net_tree_step_latency_s: float = 5.0e-6  # network tree LL hwLat, per tree level
     nvls_latency_s: float = 23.0e-6  # NVLS hwLat (Simple, its only protocol), per collective
     xla_base_latency_s: float = 0.0  # TPU: per-hop ICI latency only (scaling-book model)
+    # TPU DCN: per DCN ring step (host-mediated: HBM, PCIe, host, NIC). No published figure: an assumption of
+    # the order of an Ethernet RDMA round trip through two hosts; a calibration profile replaces it.
+    dcn_step_latency_s: float = 25.0e-6
     efficiency: dict[str, Efficiency] = field(default_factory=lambda: dict(DEFAULT_EFFICIENCY))
     source: str = _NCCL
 
     def __post_init__(self) -> None:
         for name in ("nccl_base_latency_s", "node_step_latency_s", "net_step_latency_s", "net_tree_step_latency_s",
-                     "nvls_latency_s", "xla_base_latency_s"):
+                     "nvls_latency_s", "xla_base_latency_s", "dcn_step_latency_s"):
             bounds.check_number(f"comm.{name}", getattr(self, name), 0.0, 1.0)
         if not isinstance(self.efficiency, dict) or not all(
                 isinstance(k, str) and isinstance(v, Efficiency) for k, v in self.efficiency.items()):
@@ -107,7 +117,7 @@ class CommParams:
         if cached is None:
             cached = hash((self.nccl_base_latency_s, self.node_step_latency_s, self.net_step_latency_s,
                            self.net_tree_step_latency_s, self.nvls_latency_s, self.xla_base_latency_s,
-                           tuple(sorted(self.efficiency.items()))))
+                           self.dcn_step_latency_s, tuple(sorted(self.efficiency.items()))))
             object.__setattr__(self, "_hash", cached)
         return cached
 
@@ -138,6 +148,8 @@ DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
     "net": Efficiency(0.90, **RAMP, source="DeepEP V1 README internode rows (~45-50 of 50 GB/s)"),
     # TPU ICI: the scaling-book plans with 9e10 of the 1e11 spec (v5p/v6e) and 4.5e10 of 5e10 (v5e).
     "ici": Efficiency(0.90, 0.0, 0.5, "jax-ml scaling-book (9e10 planning vs 1e11 spec per link)"),
+    # TPU DCN: no published sweep; the network curve of the GPU NICs (same Ethernet/RDMA line-rate overhead).
+    "dcn": Efficiency(0.90, **RAMP, source="as 'net' (no published TPU DCN sweep)"),
 }
 
 
@@ -146,13 +158,37 @@ DEFAULT_PARAMS = CommParams()
 # ------------------------------------------------------------------ group analysis
 @dataclass(frozen=True)
 class TorusGroup:
-    """A sub-grid group of a torus: per used axis its member count, stride and ring closure."""
+    """A sub-grid group of a torus: per level (an evenly spaced run of members along one physical axis; an
+    axis holds two levels when a mesh axis sits between two of the group's, e.g. positions 0, 1, 4, 5) its
+    member count, stride and ring closure, innermost level first on each axis."""
 
     sizes: tuple[int, ...]
     wraps: tuple[bool, ...]
     strides: tuple[int, ...]
     link_bw_bytes_per_s: tuple[float, ...]
     hop_latency_s: float
+    axes: tuple[int, ...] = ()  # the physical axis of each level
+
+
+def axis_levels(values: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted distinct positions on one axis as nested evenly spaced runs, innermost first, as
+    (count, stride): [0, 2, 4, 6] -> [(4, 2)]; [0, 1, 4, 5] -> [(2, 1), (2, 4)]. Raises otherwise."""
+    levels = []
+    v = np.asarray(values, dtype=np.int64)
+    while v.size > 1:
+        stride = int(v[1] - v[0])
+        run = 1
+        while run < v.size and v[run] - v[run - 1] == stride:
+            run += 1
+        blocks = v.reshape(-1, run) if v.size % run == 0 else None
+        if blocks is None or not np.array_equal(blocks - blocks[:, :1], np.broadcast_to(blocks[0] - blocks[0, 0],
+                                                                                        blocks.shape)):
+            raise ValueError(
+                f"devices: the group's positions on a torus axis ({np.asarray(values).tolist()}) are not evenly "
+                "spaced runs; expected a sub-grid of the torus (a mesh axis placement)")
+        levels.append((run, stride))
+        v = blocks[:, 0]
+    return levels
 
 
 @dataclass(frozen=True)
@@ -171,32 +207,24 @@ def torus_group(topo: Topology, devices: np.ndarray) -> TorusGroup:
 def _torus_group(topo: Topology, key: bytes) -> TorusGroup:
     devices = np.frombuffer(key, dtype=np.int64)
     coords = topo.coordinates[devices]
-    sizes, wraps, strides, bws = [], [], [], []
+    sizes, wraps, strides, bws, axes = [], [], [], [], []
     long_size = max(a.size for a in topo.axes)
     for axis, ax in enumerate(topo.axes):
-        values = np.unique(coords[:, axis])
-        if values.size == 1:
-            continue
-        steps = np.diff(values)
-        if np.unique(steps).size != 1:
-            raise ValueError(
-                f"devices: the group's coordinates on torus axis {axis} ({values.tolist()}) are not evenly spaced; "
-                "expected a sub-grid of the torus (a mesh axis placement)"
-            )
-        stride = int(steps[0])
-        sizes.append(int(values.size))
-        strides.append(stride)
-        closes = ax.wraparound and values.size * stride == ax.size
-        # On a twisted torus a short axis' wraparound lands on another line: its members form a line.
-        wraps.append(bool(closes and not (topo.twisted and ax.size < long_size)))
-        bws.append(ax.link.bw_bytes_per_s)
+        for count, stride in axis_levels(np.unique(coords[:, axis])):
+            sizes.append(count)
+            strides.append(stride)
+            closes = ax.wraparound and count * stride == ax.size
+            # On a twisted torus a short axis' wraparound lands on another line: its members form a line.
+            wraps.append(bool(closes and not (topo.twisted and ax.size < long_size)))
+            bws.append(ax.link.bw_bytes_per_s)
+            axes.append(axis)
     if math.prod(sizes or [1]) != devices.size:
         raise ValueError(
             f"devices: {devices.size} devices do not fill the sub-grid {sizes} they span; "
             "expected a sub-grid of the torus (a mesh axis placement)"
         )
     latency = topo.axes[0].link.latency_s if topo.axes else 0.0
-    return TorusGroup(tuple(sizes), tuple(wraps), tuple(strides), tuple(bws), latency)
+    return TorusGroup(tuple(sizes), tuple(wraps), tuple(strides), tuple(bws), latency, tuple(axes))
 
 
 def switched_group(topo: Topology, devices: np.ndarray) -> SwitchedGroup:
@@ -218,13 +246,15 @@ def _axis_bw(group: TorusGroup, k: int) -> float:
 
 
 def torus_all_gather_s(group: TorusGroup, size: np.ndarray, params: CommParams) -> np.ndarray:
-    """Axis by axis, innermost shard first: stage k moves ``(n_k - 1) * shard_k`` per rank."""
+    """Level by level, innermost shard first: stage k moves ``(n_k - 1) * shard_k`` per rank. The lines of
+    an outer level on an axis interleave with the inner levels' members there and share their links."""
     n = math.prod(group.sizes)
     e = params.eff("ici")(size)
     shard = size / n
     time = np.full_like(size, params.xla_base_latency_s)
     for k, n_k in enumerate(group.sizes):
-        time = time + (n_k - 1) * shard / (_axis_bw(group, k) * e)
+        sharing = math.prod(c for c, a in zip(group.sizes[:k], group.axes[:k], strict=True) if a == group.axes[k])
+        time = time + sharing * (n_k - 1) * shard / (_axis_bw(group, k) * e)
         time = time + (n_k - 1) * group.strides[k] * group.hop_latency_s
         shard = shard * n_k
     return time
@@ -237,9 +267,11 @@ def torus_all_to_all_s(group: TorusGroup, size: np.ndarray, params: CommParams) 
     if not group.sizes:
         return np.zeros_like(size)
     e = params.eff("ici")(size)
-    per_axis = [
-        (n_k * n_k - n_k % 2) / n_k * size / (4.0 * _axis_bw(group, k) * e) for k, n_k in enumerate(group.sizes)
-    ]
+    per_axis = []
+    for axis in sorted(set(group.axes)):  # an axis of several levels counts as one run of all their members
+        on_axis = [k for k, a in enumerate(group.axes) if a == axis]
+        n_k = math.prod(group.sizes[k] for k in on_axis)
+        per_axis.append((n_k * n_k - n_k % 2) / n_k * size / (4.0 * _axis_bw(group, on_axis[-1]) * e))
     hops = sum(_max_hops(group, k) for k in range(len(group.sizes)))
     return params.xla_base_latency_s + hops * group.hop_latency_s + np.max(per_axis, axis=0)
 
@@ -257,6 +289,9 @@ def _max_hops(group: TorusGroup, k: int) -> int:
 
 
 def torus_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.ndarray, params: CommParams):
+    if topo.slices > 1 and np.unique(topo.slice_of(devices)).size > 1:
+        name = "direct" if op in ("all_to_all", "p2p") else "ring"  # rings in each slice and across slices
+        return {name: multislice_time_s(topo, op, devices, size, params)}
     if op == "p2p":
         return {"direct": _torus_p2p_s(topo, devices, size, params)}
     group = torus_group(topo, devices)
@@ -267,6 +302,52 @@ def torus_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.ndar
     if op == "all_reduce":  # reduce_scatter then all_gather
         return {"ring": 2.0 * torus_all_gather_s(group, size, params)}
     return {"direct": torus_all_to_all_s(group, size, params)}
+
+
+def multislice_split(topo: Topology, devices: np.ndarray) -> tuple[np.ndarray, int]:
+    """A group spanning slices as (its members in the first slice it touches, slices spanned), or raise
+    unless every slice it touches holds the same in-slice members."""
+    slices = topo.slice_of(devices)
+    local = np.asarray(devices) - slices * topo.devices_per_slice
+    spanned = np.unique(slices)
+    first = np.sort(local[slices == spanned[0]])
+    for s in spanned[1:]:
+        if not np.array_equal(np.sort(local[slices == s]), first):
+            raise ValueError(
+                f"devices: the group holds different members in slice {int(spanned[0])} and slice {int(s)}; expected "
+                "the same in-slice members in every slice it spans (a mesh axis over DCN)"
+            )
+    return first + int(spanned[0]) * topo.devices_per_slice, int(spanned.size)
+
+
+def _dcn_ring_s(topo: Topology, m: int, shard: np.ndarray, rounds: int, size: np.ndarray,
+                params: CommParams) -> np.ndarray:
+    """A ring of each chip's m peers across slices: rounds x (m-1) steps of shard/m over its DCN share."""
+    bw = topo.dcn.bw_bytes_per_s * params.eff("dcn")(size)
+    return rounds * (m - 1) * (params.dcn_step_latency_s + shard / m / bw)
+
+
+def multislice_time_s(topo: Topology, op: str, devices: np.ndarray, size: np.ndarray,
+                      params: CommParams) -> np.ndarray:
+    """Hierarchical collectives over ICI and DCN (module docstring)."""
+    if op == "p2p":
+        bw = topo.dcn.bw_bytes_per_s * params.eff("dcn")(size)
+        return params.xla_base_latency_s + params.dcn_step_latency_s + size / bw
+    inner, m = multislice_split(topo, devices)
+    k = inner.size
+    n = k * m
+    ici = torus_group(topo, inner) if k > 1 else None
+    if op == "all_to_all":  # one concurrent exchange: the busiest link, then the slowest route's latency
+        remote = (n - k) / n * size / (topo.dcn.bw_bytes_per_s * params.eff("dcn")(size))
+        if ici is None:
+            return params.xla_base_latency_s + params.dcn_step_latency_s + remote
+        hops_s = sum(_max_hops(ici, a) for a in range(len(ici.sizes))) * ici.hop_latency_s
+        local = torus_all_to_all_s(ici, size * k / n, replace(params, xla_base_latency_s=0.0)) - hops_s
+        return params.xla_base_latency_s + max(hops_s, params.dcn_step_latency_s) + np.maximum(local, remote)
+    inside = np.zeros_like(size) if ici is None else torus_all_gather_s(ici, size, params)
+    if op == "all_reduce":  # reduce_scatter in the slice, all_reduce of the shard over DCN, all_gather
+        return 2.0 * inside + _dcn_ring_s(topo, m, size / k, 2, size, params)
+    return inside + _dcn_ring_s(topo, m, size / k, 1, size, params)  # all_gather / reduce_scatter
 
 
 def _torus_p2p_s(topo: Topology, devices: np.ndarray, size: np.ndarray, params: CommParams) -> np.ndarray:

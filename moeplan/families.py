@@ -36,6 +36,7 @@ class TorusFamily:
     wraparound_scope: str  # ... per "axis" (v5e/v6e), or only when every axis is ("slice": whole OCS cubes)
     twisted: bool  # the family offers twisted slices
     link: LinkSpec
+    dcn: LinkSpec | None = None  # one chip's share of its host's data-center NICs (multi-slice), one direction
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,10 @@ def _link(sec: Section) -> LinkSpec:
     return link
 
 
+def _optional_link(sec: Section | None) -> LinkSpec | None:
+    return None if sec is None else _link(sec)
+
+
 def _torus_family(sec: Section) -> TorusFamily:
     default_shape = sec.int_list("default_shape")
     fam = TorusFamily(
@@ -141,6 +146,7 @@ def _torus_family(sec: Section) -> TorusFamily:
         wraparound_scope=sec.string("wraparound_scope", choices=("axis", "slice")),
         twisted=sec.boolean("twisted"),
         link=_link(sec.section("link")),
+        dcn=_optional_link(sec.section("dcn", optional=True)),
     )
     _sourced(sec)
     sec.finish()
@@ -221,11 +227,13 @@ def load_topology(
     twisted: bool = False,
     wraparound: bool | tuple[bool, ...] | None = None,
     devices_per_node: int | None = None,
+    slices: int | None = None,
 ) -> Topology:
     """Build a topology of a bundled family (or a family file) at a size.
 
-    Torus families take ``shape`` (tuple or ``"4x4x8"``), ``twisted`` and an optional explicit
-    ``wraparound`` (one flag, or one per axis) that overrides the family's rule; switched families
+    Torus families take ``shape`` (tuple or ``"4x4x8"``), ``twisted``, an optional explicit
+    ``wraparound`` (one flag, or one per axis) that overrides the family's rule, and ``slices``
+    (multi-slice: that many slices of the shape joined over the family's DCN); switched families
     take ``nodes`` and, to use part of each node (64 of an NVL72 rack's 72 GPUs), ``devices_per_node``.
     Sizes default to the family's default.
     """
@@ -236,9 +244,9 @@ def load_topology(
             raise ValueError(f"{where}: devices_per_node: a torus family takes shape=..., not devices_per_node")
         if nodes is not None:
             raise ValueError(f"{where}: nodes: got {nodes!r}; a torus family takes shape=..., not nodes")
-        return _build_torus(fam, shape, twisted, wraparound)
-    if shape is not None or twisted or wraparound is not None:
-        raise ValueError(f"{where}: shape/twisted/wraparound given; a switched family takes nodes=... only")
+        return _build_torus(fam, shape, twisted, wraparound, 1 if slices is None else slices)
+    if shape is not None or twisted or wraparound is not None or slices is not None:
+        raise ValueError(f"{where}: shape/twisted/wraparound/slices given; a switched family takes nodes=... only")
     node = fam.layout.node
     if devices_per_node is not None:
         full = node.devices_per_node
@@ -252,7 +260,7 @@ def load_topology(
     return switched_cluster(fam.name, fam.chip, nodes, node, fam.layout.scale_out)
 
 
-def _build_torus(fam: Family, shape, twisted: bool, wraparound) -> Topology:
+def _build_torus(fam: Family, shape, twisted: bool, wraparound, slices: int) -> Topology:
     from moeplan.units import parse_shape
 
     layout = fam.layout
@@ -269,10 +277,17 @@ def _build_torus(fam: Family, shape, twisted: bool, wraparound) -> Topology:
         raise ValueError(f"topology {fam.name!r}: {exc}") from None
     if twisted and not layout.twisted:
         raise ValueError(f"topology {fam.name!r}: twisted: this family offers no twisted slices")
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+        raise ValueError(f"topology {fam.name!r}: slices: got {slices!r}; expected an integer >= 1")
+    if slices > 1 and layout.dcn is None:
+        raise ValueError(f"topology {fam.name!r}: slices: got {slices}; this family states no DCN, expected 1")
+    if slices * math.prod(shape) > TOPOLOGY_DEVICES[1]:
+        raise ValueError(f"topology {fam.name!r}: slices: {slices} x {math.prod(shape)} chips; expected at most "
+                         f"{TOPOLOGY_DEVICES[1]:,} devices in one topology")
     if wraparound is None:
         wraps = default_wraparound(layout, shape)
     elif isinstance(wraparound, bool):
         wraps = tuple(wraparound and s > 1 for s in shape)
     else:
         wraps = tuple(bool(w) for w in wraparound)
-    return torus(fam.name, fam.chip, shape, layout.link, wraps, twisted=twisted)
+    return torus(fam.name, fam.chip, shape, layout.link, wraps, twisted=twisted, slices=slices, dcn=layout.dcn)

@@ -2,12 +2,14 @@
 
 devices = data x fsdp x tensor x pipeline. Expert parallelism folds into the other axes, as in
 Megatron-Core's parallel folding and MaxText's expert axis: ``expert`` divides data x fsdp x
-tensor and takes the innermost devices of that block (tensor first, then data, then fsdp), so an
+tensor and takes the innermost devices of that block (tensor first, then fsdp, then data), so an
 expert group sits on the fastest links. Non-expert layers shard the batch over data x fsdp and
 their weights over fsdp x tensor x pipeline; expert weights are sharded over the expert group,
 then over whatever part of fsdp the expert group does not already cover.
 
-The logical mesh, outermost axis first, is (pipeline, fsdp, data, tensor).
+The logical mesh, outermost axis first, is (pipeline, data, fsdp, tensor): weights shard inside the
+replicas, as MaxText's mesh (data outermost, with its DCN part across slices) and PyTorch's hybrid
+sharding (shard inside a node, replicate across) place them.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class Layout:
     @property
     def expert_weight_shards(self) -> int:
         """Ways one MoE layer's expert weights are split (pipeline stages aside)."""
-        return int(expert_weight_shards(self.expert, self.tensor, self.data, self.fsdp))
+        return int(expert_weight_shards(self.expert, self.tensor, self.fsdp))
 
     @property
     def dense_weight_shards(self) -> int:
@@ -118,9 +120,8 @@ def check_layout(model: MoEModel, topo: Topology, layout: Layout) -> None:
             raise ValueError(f"layout.tensor: got {layout.tensor}; expected a divisor of {name} ({width})")
 
 
-def expert_weight_shards(expert, tensor, data, fsdp):
+def expert_weight_shards(expert, tensor, fsdp):
     """Ways expert weights are split: over the expert group, then over the part of fsdp the group does
-    not already cover (it fills tensor and data first). Integers or integer arrays."""
-    inner = tensor * data
-    cover = where(expert > inner, expert // gcd(expert, inner), 1)
+    not already cover (it fills tensor first, then fsdp). Integers or integer arrays."""
+    cover = where(expert > tensor, expert // gcd(expert, tensor), 1)
     return expert * (fsdp // gcd(fsdp, maximum(cover, 1)))

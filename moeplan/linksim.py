@@ -7,9 +7,9 @@ A phase takes ``max over links of load / (bandwidth * efficiency)`` plus its lat
 collective is the sum of its phases. Tests hold the closed forms of ``collectives`` against it.
 
 Routing: on a torus, dimension-order (axis 0 first), the short way round a ring, a tie split half
-each way; in a switched cluster, inside a node through its switch, across nodes from the sender's
-own NIC on its rail to the same rail of the receiving node, then over NVLink to the receiver
-(PXN) when it sits on another rail.
+each way; between TPU slices, through the chips' DCN links; in a switched cluster, inside a node
+through its switch, across nodes from the sender's own NIC on its rail to the same rail of the
+receiving node, then over NVLink to the receiver (PXN) when it sits on another rail.
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
-from moeplan.collectives import HOPPER_NVLS_EFFICIENCY, CommParams, fabric_params, switched_group, torus_group
+from moeplan.collectives import (
+    HOPPER_NVLS_EFFICIENCY,
+    CommParams,
+    axis_levels,
+    fabric_params,
+    multislice_split,
+    switched_group,
+    torus_group,
+)
 from moeplan.topology import TORUS, Topology
 
 Route = list[tuple[object, object, float]]  # (u, v, fraction of the flow on this directed link)
@@ -52,8 +60,11 @@ def simulate(
     if topo.twisted:
         raise ValueError("linksim: twisted tori have no dimension-order routing here; use the closed form")
     ids = topo.device_ids(topo.num_devices if devices is None else devices)
-    builder = _torus_phases if topo.kind == TORUS else _switched_phases
-    phases = builder(topo, op, float(size_bytes), ids, algorithm)
+    if topo.slices > 1 and np.unique(topo.slice_of(ids)).size > 1:
+        phases = _multislice_phases(topo, op, float(size_bytes), ids, params)
+    else:
+        builder = _torus_phases if topo.kind == TORUS else _switched_phases
+        phases = builder(topo, op, float(size_bytes), ids, algorithm)
     total: dict[tuple[object, object], float] = defaultdict(float)
     time = 0.0
     for phase in phases:
@@ -72,8 +83,8 @@ def simulate(
 
 
 def _fabric(tier: str, algorithm: str) -> str:
-    if tier.startswith("ici"):
-        return "ici"
+    if tier.startswith("ici") or tier == "dcn":
+        return tier[:3]
     if tier == "nvlink":
         return "nvls" if algorithm == "nvls" else "node"
     return "net"
@@ -82,6 +93,9 @@ def _fabric(tier: str, algorithm: str) -> str:
 # ------------------------------------------------------------------ torus
 def _torus_route(topo: Topology, src: int, dst: int) -> Route:
     """Dimension-order route; on a ring with the two ways equally short, half the bytes each way."""
+    base = src - src % topo.devices_per_slice  # the slice's first id (multi-slice: a copy of the slice)
+    if dst - dst % topo.devices_per_slice != base:
+        return [(src, "dcn", 1.0), ("dcn", dst, 1.0)]
     routes: list[tuple[list[int], float]] = [([src], 1.0)]
     shape = topo.shape
     for axis, ax in enumerate(topo.axes):
@@ -100,7 +114,7 @@ def _torus_route(topo: Topology, src: int, dst: int) -> Route:
                 coord = here.copy()
                 for _ in range(steps):
                     coord[axis] = (coord[axis] + direction) % ax.size
-                    walk.append(int(np.ravel_multi_index(tuple(coord), shape)))
+                    walk.append(base + int(np.ravel_multi_index(tuple(coord), shape)))
                 new_routes.append((walk, frac / len(options)))
         routes = new_routes
     return [(u, v, frac) for path, frac in routes for u, v in zip(path, path[1:], strict=False)]
@@ -130,15 +144,21 @@ def _axis_stages(topo: Topology, ids: np.ndarray) -> list[tuple[list[list[int]],
     """For each axis the group spans: its lines of members (sorted along the axis) and whether the graph
     closes them into rings (decided from the links, not borrowed from ``collectives``)."""
     coords = topo.coordinates[ids]
-    used = [a for a in range(len(topo.axes)) if np.unique(coords[:, a]).size > 1]
     stages = []
-    for axis in used:
+    for axis in range(len(topo.axes)):
+        positions = np.unique(coords[:, axis])
+        levels = axis_levels(positions)
+        # each member's digit per level: its index among the positions, unravelled innermost level fastest
+        digits = np.array(np.unravel_index(np.searchsorted(positions, coords[:, axis]),
+                                           [c for c, _ in reversed(levels)]))[::-1] if levels else None
         others = [a for a in range(len(topo.axes)) if a != axis]
-        lines: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
-        for dev, c in zip(ids, coords, strict=True):
-            lines[tuple(c[others])].append((int(c[axis]), int(dev)))
-        ordered = [[d for _, d in sorted(members)] for members in lines.values()]
-        stages.append((ordered, _closes_ring(topo, ordered[0], axis)))
+        for j in range(len(levels)):
+            lines: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+            for i, (dev, c) in enumerate(zip(ids, coords, strict=True)):
+                key = tuple(c[others]) + tuple(np.delete(digits[:, i], j))
+                lines[key].append((int(c[axis]), int(dev)))
+            ordered = [[d for _, d in sorted(members)] for members in lines.values()]
+            stages.append((ordered, _closes_ring(topo, ordered[0], axis)))
     return stages
 
 
@@ -199,6 +219,43 @@ def _longest(route: Route, src: int) -> int:
     """Hop count of the longest path in a (possibly split) route."""
     starts = sum(1 for u, _, _ in route if u == src)
     return round(len(route) / max(starts, 1)) if route else 0
+
+
+def _multislice_phases(topo: Topology, op: str, size: float, ids: np.ndarray, params: CommParams) -> list[_Phase]:
+    """A group across slices: all_to_all and p2p as flows routed through DCN where they leave a slice; the
+    others as XLA runs them, the slices' ICI stages concurrently and a ring of each chip's peers over DCN."""
+    hop = topo.axes[0].link.latency_s
+    if op in ("p2p", "all_to_all"):
+        pairs = [(ids[0], ids[1], size)] if op == "p2p" else [
+            (int(a), int(b), size / ids.size) for a in ids for b in ids if a != b]
+        phase = _unicast_phase(topo, pairs, _torus_route, hop)
+        if any(topo.slice_of(a) != topo.slice_of(b) for a, b, _ in pairs):
+            phase.latency_s = max(phase.latency_s - 2 * hop, params.dcn_step_latency_s)
+        return [phase]
+    inner, m = multislice_split(topo, ids)
+    slices = np.unique(topo.slice_of(ids))
+    k = inner.size
+    stages = [_axis_stages(topo, inner + (s - slices[0]) * topo.devices_per_slice) for s in slices] if k > 1 else []
+    inside = []
+    shard = size / k
+    for per_slice in zip(*stages, strict=True):  # stage by stage (the shard growing), every slice at once
+        phase = _Phase()
+        for lines, wrap in per_slice:
+            part = _gather_phase(topo, lines, wrap, shard)
+            for edge, load in part.load.items():
+                phase.load[edge] += load
+            phase.latency_s = max(phase.latency_s, part.latency_s)
+        inside.append(phase)
+        shard *= len(per_slice[0][0][0])
+    rounds = 2 if op == "all_reduce" else 1
+    dcn = _Phase()
+    for member in inner:
+        ring = [int(member) + (s - slices[0]) * topo.devices_per_slice for s in slices]
+        for a, b in zip(ring, ring[1:] + ring[:1], strict=True):
+            for u, v, frac in _torus_route(topo, a, b):
+                dcn.load[(u, v)] += rounds * (m - 1) / m * size / k * frac
+    dcn.latency_s = rounds * (m - 1) * params.dcn_step_latency_s
+    return inside + [dcn] + inside if op == "all_reduce" else inside + [dcn]
 
 
 # ------------------------------------------------------------------ switched

@@ -74,7 +74,7 @@ class Plan:
 
     @cached_property
     def expert_weight_shards(self) -> np.ndarray:
-        return expert_weight_shards(self.expert, self.tensor, self.data, self.fsdp)
+        return expert_weight_shards(self.expert, self.tensor, self.fsdp)
 
     @property
     def dense_weight_shards(self) -> np.ndarray:
@@ -94,8 +94,11 @@ def _ids_pipeline(stages, stride):
     return np.array([0, stride]) if stages > 1 else np.array([0])
 
 
-def _ids_expert_data(block, expert, replicas):
-    return np.arange(0, block, expert)[:replicas]
+def _ids_expert_data(block, expert, tensor, fsdp, covered_fsdp):
+    """Devices of the batch block holding device 0's expert shard: the first member of an expert group
+    (ids multiples of ``expert``) whose fsdp coordinate falls in the part of fsdp the group covers."""
+    ids = np.arange(0, block, expert)
+    return ids[(ids // tensor) % fsdp < covered_fsdp]
 
 
 _GROUP_IDS = {"tensor": _ids_range, "expert": _ids_range, "data": _ids_strided, "fsdp": _ids_strided,
@@ -128,13 +131,13 @@ class Context:
         if kind in ("tensor", "expert"):
             return (getattr(p, kind),)
         if kind == "data":
-            return p.data, p.tensor
+            return p.data, p.fsdp * p.tensor
         if kind == "fsdp":
-            return p.fsdp, p.data * p.tensor
+            return p.fsdp, p.tensor
         if kind == "pipeline":
             return p.pipeline, p.batch_block
-        block = p.batch_block  # expert_data: the replicas of one expert shard
-        return block, p.expert, block // np.maximum(p.expert_weight_shards, 1)
+        covered = p.fsdp * p.expert // np.maximum(p.expert_weight_shards, 1)  # expert_data: replicas of a shard
+        return p.batch_block, p.expert, p.tensor, p.fsdp, covered
 
     def coll(self, op: str, nbytes, kind: str):
         """Collective time per candidate (the broadcast shape of ``nbytes`` and the group's degrees)."""

@@ -3,13 +3,16 @@
 Vertices: devices are the integers ``0 .. num_devices-1``; switches and NICs are strings
 (``"n0/nvswitch"``, ``"n3/nic5"``, ``"rail5/leaf0"``, ``"spine"``). Every edge carries
 ``bw_bytes_per_s`` (one direction; links are full duplex, so the same figure holds each way),
-``latency_s`` and ``tier`` (``"ici0"``.. per torus axis, ``"nvlink"``, ``"pcie"``, ``"nic"``,
+``latency_s`` and ``tier`` (``"ici0"``.. per torus axis, ``"dcn"``, ``"nvlink"``, ``"pcie"``, ``"nic"``,
 ``"fabric"``).
 
 Two families of builders:
 
-* ``torus(shape, link, wraparound, twisted)``: TPU slices. Device id = row-major index of its
-  coordinate (last axis fastest), so contiguous ids run along the last axis.
+* ``torus(shape, link, wraparound, twisted, slices, dcn)``: TPU slices. Device id = row-major index of
+  its coordinate (last axis fastest), so contiguous ids run along the last axis. Several slices
+  (multi-slice) are copies of the slice, slice s holding ids ``s * chips .. (s + 1) * chips - 1``
+  with the same coordinates, every chip joined to the data-center network (one ``"dcn"`` switch
+  vertex, non-blocking) by its share of its host's NICs.
 * ``switched_cluster(...)``: GPU nodes (NVSwitch, NVL72 rack, a CPU host) of ``devices_per_node``
   devices around one switch vertex, and optionally one NIC per device on rail-optimised leaves
   of a fat-tree (rail r joins NIC r of every node; a spine joins the leaves when a rail needs more
@@ -88,6 +91,8 @@ class Topology:
         twisted: bool = False,
         node: NodeSpec | None = None,
         scale_out: ScaleOut | None = None,
+        slices: int = 1,
+        dcn: LinkSpec | None = None,
     ) -> None:
         self.family = family
         self.chip = chip
@@ -98,6 +103,8 @@ class Topology:
         self.twisted = twisted
         self.node = node
         self.scale_out = scale_out
+        self.slices = slices  # torus: slices joined over the data-center network (multi-slice)
+        self.dcn = dcn  # one chip's share of its host's DCN NICs, one direction
 
     # ----------------------------------------------------------------- shape
     @property
@@ -112,13 +119,22 @@ class Topology:
         return (self.num_nodes, self.node.devices_per_node)
 
     @property
+    def devices_per_slice(self) -> int:
+        return self.num_devices // self.slices
+
+    def slice_of(self, devices: np.ndarray) -> np.ndarray:
+        """Torus: the slice of each device (0 on a single slice)."""
+        return np.asarray(devices) // self.devices_per_slice
+
+    @property
     def num_nodes(self) -> int:
         return 1 if self.kind == TORUS else self.num_devices // self.node.devices_per_node
 
     @property
     def name(self) -> str:
         if self.kind == TORUS:
-            return f"{self.family}:{'x'.join(map(str, self.shape))}{'-twisted' if self.twisted else ''}"
+            shape = f"{'x'.join(map(str, self.shape))}{'-twisted' if self.twisted else ''}"
+            return f"{self.family}:{self.slices}x[{shape}]" if self.slices > 1 else f"{self.family}:{shape}"
         return f"{self.family}:{self.num_nodes}x{self.node.devices_per_node}"
 
     def __repr__(self) -> str:
@@ -182,6 +198,8 @@ class Topology:
         """
         coords = self.coordinates
         masks = []
+        if self.slices > 1:  # the slices are joined by the DCN only: half the slices against the rest
+            return [self.slice_of(np.arange(self.num_devices)) < self.slices // 2]
         if self.kind == TORUS:
             for axis, ax in enumerate(self.axes):
                 if ax.size >= 2:
@@ -226,6 +244,8 @@ class Topology:
         two-level tree (``_rail_cut_bytes_per_s``) times the rails.
         """
         n = self.num_devices
+        if self.slices > 1:  # every chip of the smaller half sends through its own DCN share
+            return self.slices // 2 * self.devices_per_slice * self.dcn.bw_bytes_per_s
         if self.kind == TORUS:
             cuts = []
             for ax in self.axes:
@@ -279,6 +299,8 @@ class Topology:
         if self.kind == TORUS:
             if self.twisted:
                 raise ValueError("diameter_closed_form_hops: no closed form implemented for twisted tori")
+            if self.slices > 1:
+                return 2  # chip - dcn - chip reaches every chip; no in-slice route is shorter than 1
             return sum(a.size // 2 if a.wraparound else a.size - 1 for a in self.axes)
         if self.num_nodes == 1:
             return 2 if self.node.devices_per_node > 1 else 0
@@ -293,10 +315,10 @@ class Topology:
         return int(np.unique(self.coordinates[devices, 0]).size) if self.kind == SWITCHED else 1
 
     def group_tier(self, devices: int | list[int] | np.ndarray) -> str:
-        """The slowest tier a group's traffic needs: "node" or "scale_out"; "ici" on a torus."""
+        """The slowest tier a group's traffic needs: "node" or "scale_out"; "ici" or "dcn" on a torus."""
         ids = self.device_ids(devices)
         if self.kind == TORUS:
-            return "ici"
+            return "dcn" if np.unique(self.slice_of(ids)).size > 1 else "ici"
         return "node" if self.nodes_spanned(ids) == 1 else "scale_out"
 
     def place_mesh(self, axes: dict[str, int], devices: np.ndarray | list | None = None) -> DeviceMesh:
@@ -354,8 +376,11 @@ def torus(
     link: LinkSpec,
     wraparound: tuple[bool, ...],
     twisted: bool = False,
+    slices: int = 1,
+    dcn: LinkSpec | None = None,
 ) -> Topology:
-    """A 1D/2D/3D torus; ``wraparound[a]`` closes axis a into a ring.
+    """A 1D/2D/3D torus; ``wraparound[a]`` closes axis a into a ring; ``slices`` copies of it joined
+    by ``dcn`` (each chip's link to the data-center network) for multi-slice.
 
     ``twisted`` (an n x .. x 2n shape with wraparound everywhere): the wraparound link of every
     short axis (length n) lands n positions further along each long axis (length 2n), the
@@ -384,7 +409,23 @@ def torus(
                         nxt[other] = (coord[other] + ax.size) % oax.size
             other_dev = int(np.ravel_multi_index(tuple(nxt), shape))
             _add_link(graph, dev, other_dev, link, f"ici{axis}")
-    return Topology(family, chip, graph, coords, TORUS, axes=axes, twisted=twisted)
+    if slices > 1:
+        graph, coords = _join_slices(graph, coords, slices, dcn)
+    return Topology(family, chip, graph, coords, TORUS, axes=axes, twisted=twisted, slices=slices, dcn=dcn)
+
+
+def _join_slices(graph: nx.Graph, coords: np.ndarray, slices: int, dcn: LinkSpec | None):
+    """``slices`` copies of a slice's graph (ids offset by the chip count), every chip linked to "dcn"."""
+    if dcn is None:
+        raise ValueError(f"slices: got {slices}; this family states no data-center network, expected slices = 1")
+    chips = coords.shape[0]
+    joined = nx.Graph()
+    for s in range(slices):
+        joined.update(nx.relabel_nodes(graph, {d: d + s * chips for d in range(chips)}))
+    joined.add_node("dcn", kind="switch")
+    for dev in range(slices * chips):
+        _add_link(joined, dev, "dcn", dcn, "dcn")
+    return joined, np.tile(coords, (slices, 1))
 
 
 def _check_twistable(shape: tuple[int, ...], wraparound: tuple[bool, ...]) -> None:

@@ -355,7 +355,7 @@ def _training_row(point: dict) -> ValidationRow:
     layout = Layout(data=data, fsdp=fsdp, tensor=tensor, pipeline=pipeline, expert=int(lay.get("expert") or 1),
                     virtual_pipeline=int(lay.get("virtual_pipeline") or 1),
                     micro_batch_size=int(lay.get("micro_batch_per_device") or 1), recompute=recompute)
-    topo = _training_topology(family, chips)
+    topo = _training_topology(family, chips, int(lay.get("dcn_data") or 0) or None)
     balanced = "force-balance" in point.get("notes", "")
     try:
         est = estimate(model, topo, layout, int(point["global_batch_tokens"]), dtype=point.get("dtype") or "bf16",
@@ -375,15 +375,32 @@ def _training_row(point: dict) -> ValidationRow:
     raise _Skip("no step time, throughput or MFU published")
 
 
-def _training_topology(family: str, chips: int):
+def _training_topology(family: str, chips: int, slices: int | None = None):
+    """The family with ``chips`` devices; a torus family as one slice when one can hold them, else as the
+    fewest equal slices over DCN (``slices`` when the source states it, as MaxText's dcn_data_parallelism)."""
     from moeplan.families import load_family
 
     fam = load_family(family)
     if hasattr(fam.layout, "default_shape"):
-        return load_topology(family, shape=_torus_shape(fam.layout, chips))
+        if slices is None:
+            slices = next((s for s in range(1, chips + 1) if chips % s == 0 and _has_shape(fam.layout, chips // s)),
+                          1)
+        if chips % slices:
+            raise _Skip(f"{chips} chips do not split into {slices} slices")
+        if slices > 1 and fam.layout.dcn is None:
+            raise _Skip(f"{family} states no DCN for {slices} slices")
+        return load_topology(family, shape=_torus_shape(fam.layout, chips // slices), slices=slices)
     per_node = fam.layout.node.devices_per_node
     nodes = math.ceil(chips / per_node)
     return load_topology(family, nodes=nodes, devices_per_node=chips // nodes)
+
+
+def _has_shape(fam, chips: int) -> bool:
+    try:
+        _torus_shape(fam, chips)
+    except _Skip:
+        return False
+    return True
 
 
 def _torus_shape(fam, chips: int) -> tuple[int, ...]:

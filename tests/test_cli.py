@@ -182,3 +182,18 @@ def test_the_dashboard_server_refuses_uploads_past_the_yaml_readers_limit():
     cmd = dashboard_command("streamlit", "app/dashboard.py", 8501)
     limit_mb = int(cmd[cmd.index("--server.maxUploadSize") + 1])
     assert limit_mb * 2**20 >= MAX_YAML_BYTES > (limit_mb - 1) * 2**20
+
+
+def test_collective_and_topology_across_tpu_slices(capsys):
+    argv = ["collective", "all_reduce", "--topology", "tpu-v5e", "--shape", "4x4", "--slices", "2", "--bytes", "1e8",
+            "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["topology"] == "tpu-v5e:2x[4x4]" and out["ranks"] == 32
+    one = ["collective", "all_reduce", "--topology", "tpu-v5e", "--shape", "4x4", "--bytes", "1e8", "--json"]
+    assert main(one) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["time_s"] < out["rows"][0]["time_s"]
+    assert main(["show", "tpu-v5e", "--shape", "4x4", "--slices", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["slices"] == 2
+    assert main(["show", "dgx-h100", "--slices", "2"]) == 2
+    assert "slices" in capsys.readouterr().err

@@ -59,6 +59,41 @@ def test_twin_decides_ring_closure_from_the_graph():
     _agree(two, "all_gather", 1e8)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_groups_of_interleaved_runs_match_linksim(op):
+    """A mesh axis between two of a group's (positions 0, 1, 4, 5 on an 8-ring): two levels on one axis, the
+    outer level's lines sharing the ring's links; the twin routes them and sees the sharing."""
+    topo = mp.load_topology("tpu-v5p", shape=(4, 4, 8))
+    for devices in ([0, 1, 4, 5], [0, 1, 4, 5, 16, 17, 20, 21], [0, 1, 2, 3, 8, 9, 10, 11]):
+        for size in SIZES if op != "all_to_all" else [3e8]:  # all_to_all: its latency bound is one hop loose
+            _agree(topo, op, size, devices)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_multislice_collectives_match_linksim(op):
+    """Groups across TPU slices: hierarchical ICI + DCN collectives against flows routed over the graph."""
+    topo = torus("t", CHIP, (4, 4), ICI, (True, True), slices=3, dcn=LinkSpec("dcn", 6.25e9, 0.0))
+    for devices in (None, [0, 16, 32], [0, 1, 2, 3, 16, 17, 18, 19], list(range(0, 48, 4)), [5, 37]):
+        for size in SIZES:
+            _agree(topo, op, size, devices)
+    _agree(topo, "p2p", 1e7, [3, 40], algorithm="direct")
+
+
+def test_multislice_all_reduce_sends_one_shard_per_chip_over_dcn():
+    """XLA's hierarchical all_reduce: 2 (m-1)/m of S/|slice| leaves each chip over DCN (hand computed)."""
+    topo = mp.load_topology("tpu-v5p", shape=(4, 4, 4), slices=2)
+    params = CommParams(efficiency={**CommParams().efficiency, "dcn": Efficiency(1.0), "ici": Efficiency(1.0)},
+                        dcn_step_latency_s=0.0)
+    size = 1e9
+    both = collective_time_s(topo, "all_reduce", size, params=params)
+    inside = collective_time_s(topo, "all_reduce", size, 64, params=params)  # one slice
+    assert both - inside == pytest.approx(2 * (1 / 2) * size / 64 / 6.25e9, rel=1e-9)
+    flat = collective_time_s(topo, "all_reduce", size, [0, 64], params=params)  # one chip per slice: no shard
+    assert flat == pytest.approx(size / 6.25e9, rel=1e-9)
+    with pytest.raises(ValueError, match="same in-slice members"):
+        collective_time_s(topo, "all_reduce", size, [0, 1, 64, 66])
+
+
 @pytest.mark.parametrize("axis", ["data", "expert"])
 @pytest.mark.parametrize("op", OPS)
 def test_torus_mesh_groups_match_linksim(axis, op):

@@ -210,3 +210,44 @@ def test_full_overlap_hides_a_dispatch_that_fits_under_the_other_micro_batchs_co
     full, dp = (mp.estimate(model, topo, layout, 16 * 4096, overlap=o) for o in ("full", "dp"))
     assert full.step_time_s < dp.step_time_s
     assert full.step_time_s == pytest.approx(sum(r.time_s for r in full.layers))  # rows add up to the step
+
+
+def test_multislice_data_parallelism_crosses_dcn_and_fsdp_stays_in_the_slice():
+    """The mesh is (pipeline, data, fsdp, tensor): on two slices, data=2 puts the replicas across DCN and
+    the weight gathers inside a slice, as MaxText's dcn_data_parallelism does; fsdp over DCN is slower."""
+    model = mp.load_model("st-moe-32b")
+    topo = mp.load_topology("tpu-v5p", shape=(4, 4, 4), slices=2)
+    over_dcn = mp.estimate(model, topo, mp.Layout(data=2, fsdp=64, expert=8), 2**21)
+    gathers_over_dcn = mp.estimate(model, topo, mp.Layout(fsdp=128, expert=8), 2**21)
+    one = mp.estimate(model, mp.load_topology("tpu-v5p", shape=(4, 4, 4)), mp.Layout(fsdp=64, expert=8), 2**20)
+
+    def part(est, name):
+        return sum(r.time_s for r in est.layers if r.name == name)
+
+    assert part(over_dcn, "fsdp_gather") == pytest.approx(part(one, "fsdp_gather"), rel=1e-9)
+    assert part(gathers_over_dcn, "fsdp_gather") > 1.3 * part(over_dcn, "fsdp_gather")  # a DCN step per gather
+    assert part(over_dcn, "grad_sync") > part(one, "grad_sync")  # the gradient shards' all_reduce over DCN
+
+
+@pytest.mark.parametrize("tensor,fsdp,data,expert", [(1, 4, 2, 2), (2, 4, 2, 4), (2, 2, 4, 16), (4, 2, 2, 2),
+                                                     (1, 8, 1, 8), (2, 8, 2, 4)])
+def test_expert_data_group_holds_the_replicas_of_one_expert_shard(tensor, fsdp, data, expert):
+    """Brute force over the (data, fsdp, tensor) block: the devices holding device 0's expert shard are the
+    first of their expert group and sit in the part of fsdp the group covers; the group placement agrees."""
+    from moeplan.plan import Context, Plan
+
+    layout = mp.Layout(data=data, fsdp=fsdp, tensor=tensor, expert=expert)
+    block = layout.batch_block
+    shards = layout.expert_weight_shards
+    rest = shards // expert  # fsdp shards of the expert weights beyond the group
+    shard_of = {}
+    for dev in range(block):
+        f = (dev // tensor) % fsdp
+        shard_of[dev] = (dev % expert, f // (fsdp // rest))
+    replicas = sorted(d for d in range(block) if shard_of[d] == shard_of[0])
+    plan = Plan.from_layout(mp.load_model("st-moe-like-8b"), layout)
+    ctx = Context(plan, mp.load_topology("cpu-host"), "bf16", None, None, None)
+    from moeplan.plan import _GROUP_IDS
+    ids = _GROUP_IDS["expert_data"](*ctx._group("expert_data"))
+    assert ids.tolist() == replicas
+    assert len(replicas) == block // shards

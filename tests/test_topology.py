@@ -192,3 +192,25 @@ def test_device_ids_count_and_list():
     for bad in (0, 17, [16], [1, 1], [], True):
         with pytest.raises(ValueError, match="devices"):
             topo.device_ids(bad)
+
+
+def test_multislice_joins_copies_of_the_slice_over_dcn():
+    topo = mp.load_topology("tpu-v5p", shape=(4, 4, 4), slices=3)
+    assert topo.num_devices == 192 and topo.slices == 3 and topo.name == "tpu-v5p:3x[4x4x4]"
+    single = mp.load_topology("tpu-v5p", shape=(4, 4, 4))
+    assert sum(1 for *_, d in topo.graph.edges(data=True) if d["tier"].startswith("ici")) == 3 * \
+        single.graph.number_of_edges()
+    assert topo.graph.degree(70) == 7  # six ICI links and one DCN link
+    assert topo.bisection_bw_bytes_per_s() == pytest.approx(topo.bisection_bw_closed_form_bytes_per_s())
+    assert topo.bisection_bw_closed_form_bytes_per_s() == 64 * 6.25e9  # one slice's chips, each at 50 Gb/s
+    assert topo.diameter_hops() == topo.diameter_closed_form_hops() == 2
+    assert topo.group_tier([0, 64]) == "dcn" and topo.group_tier([0, 1]) == "ici"
+
+
+def test_multislice_errors_name_the_field():
+    with pytest.raises(ValueError, match="slices"):
+        mp.load_topology("dgx-h100", slices=2)
+    with pytest.raises(ValueError, match="slices: got 0"):
+        mp.load_topology("tpu-v5p", slices=0)
+    with pytest.raises(ValueError, match="no DCN"):
+        mp.load_topology("tpu-v3", slices=2)
