@@ -32,9 +32,15 @@ alpha a per-step latency. Every algorithm is ``time = latency terms + wire bytes
   ``(n - g)/n * S`` leaves through its own NIC (NCCL cannot aggregate NICs for all-to-all), its
   local traffic over NVLink, concurrently.
 
+* **Expert dispatch kernels** (``experts=ExpertRouting(...)``, ``algorithm="deepep_normal"`` or
+  ``"deepep_ll"``; see ``dispatch``): the all_to_all's send buffer is one copy per (token, expert).
+  DeepEP's normal kernels send a token once per remote node through the NIC and fan it out over
+  NVLink, ``max(network copies / B_nic, NVLink copies / B_nvlink)`` per copy's bytes; its low-latency
+  kernels move the all_to_all's bytes without NCCL's launch latency.
+
 Without an explicit ``algorithm`` the fastest candidate is taken per size, as NCCL's tuner does
-with its own cost model. Latencies and efficiencies are ``CommParams`` with cited defaults; a
-calibration profile passes its own.
+with its own cost model (a dispatch kernel is a software choice: it is taken only when named).
+Latencies and efficiencies are ``CommParams`` with cited defaults; a calibration profile passes its own.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from functools import lru_cache
 import numpy as np
 
 from moeplan import bounds
+from moeplan.dispatch import ExpertRouting, normal_copies
 from moeplan.topology import SWITCHED, TORUS, Topology
 
 OPS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", "p2p")
@@ -488,6 +495,28 @@ def _tree_net_s(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: 
     return sent / (group.per_node * _nic_bw(topo) * params.eff("net")(size))
 
 
+def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, params: CommParams,
+                        experts: ExpertRouting) -> dict[str, np.ndarray]:
+    """DeepEP's kernels for a send buffer of ``size`` bytes (one copy per token and expert) per rank."""
+    if topo.kind != SWITCHED:
+        raise ValueError("algorithm: DeepEP kernels run on GPU clusters; expected a switched topology")
+    params = fabric_params(topo, params)
+    group = switched_group(topo, devices)
+    if group.n != group.nodes * group.per_node:
+        raise ValueError(f"devices: {group.n} ranks unevenly spread over {group.nodes} nodes; expected the same "
+                         "count on every node for a dispatch kernel")
+    per_copy = size / experts.top_k  # one token's bytes
+    copies = normal_copies(experts, group.nodes, group.per_node)
+    nvlink = copies.nvlink * per_copy / (topo.node.link.bw_bytes_per_s * params.eff("node")(size))
+    if group.nodes == 1:
+        normal = params.node_step_latency_s + nvlink
+    else:
+        net = copies.network * per_copy / (_nic_bw(topo) * params.eff("net")(size))
+        normal = params.net_step_latency_s + np.maximum(net, nvlink)
+    direct = switched_candidates(topo, "all_to_all", devices, size, params)["direct"]
+    return {"deepep_normal": normal, "deepep_ll": direct - params.nccl_base_latency_s}
+
+
 def _switched_p2p_s(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams) -> np.ndarray:
     if group.nodes == 1:
         return params.node_step_latency_s + size / (topo.node.link.bw_bytes_per_s * params.eff("node")(size))
@@ -511,8 +540,10 @@ def collective_cost(
     *,
     algorithm: str | None = None,
     params: CommParams | None = None,
+    experts: ExpertRouting | None = None,
 ) -> CollectiveCost:
-    """Time and algorithm of a collective for each size (see the module docstring for the model)."""
+    """Time and algorithm of a collective for each size (see the module docstring for the model);
+    ``experts`` makes the dispatch kernels available to an all_to_all."""
     if op not in OPS:
         raise ValueError(f"op: got {op!r}; expected one of {list(OPS)}")
     size = np.atleast_1d(np.asarray(bytes_per_device, dtype=float))
@@ -528,6 +559,11 @@ def collective_cost(
     assert topo.kind in (TORUS, SWITCHED)
     candidates = build(topo, op, ids, size, params)
     names = list(candidates)
+    if experts is not None and op == "all_to_all" and algorithm in ("deepep_normal", "deepep_ll"):
+        candidates.update(dispatch_candidates(topo, ids, size, params, experts))
+    elif algorithm in ("deepep_normal", "deepep_ll"):
+        raise ValueError(f"algorithm: {algorithm!r} is an expert dispatch kernel; expected op='all_to_all' and "
+                         "experts=ExpertRouting(num_experts, top_k)")
     if algorithm is not None:
         if algorithm not in candidates:
             raise ValueError(f"algorithm: {algorithm!r} not available for {op} on this group; expected one of {names}")
@@ -575,8 +611,10 @@ def collective_time_s(
     *,
     algorithm: str | None = None,
     params: CommParams | None = None,
+    experts: ExpertRouting | None = None,
 ):
-    """Seconds for ``op`` on ``devices`` (a count = the first N devices, or a list of ids).
+    """Seconds for ``op`` on ``devices`` (a count = the first N devices, or a list of ids); with
+    ``experts``, an all_to_all may name a dispatch kernel as its ``algorithm`` (module docstring).
 
     A scalar size gives a float; an array (at most MAX_SIZES sizes) gives an array of the same shape.
     """
@@ -585,7 +623,8 @@ def collective_time_s(
         ids = _group_ids(topo, devices)
         time_s = _scalar_time_s(topo, op, float(bytes_per_device), ids.tobytes(), params or DEFAULT_PARAMS)
     else:
-        cost = collective_cost(topo, op, bytes_per_device, devices, algorithm=algorithm, params=params)
+        cost = collective_cost(topo, op, bytes_per_device, devices, algorithm=algorithm, params=params,
+                               experts=experts)
         time_s = float(cost.time_s[0]) if np.ndim(bytes_per_device) == 0 else \
             cost.time_s.reshape(np.shape(bytes_per_device))
     bounds.check_finite_outputs(f"collective_time_s({op!r})", {"time_s": time_s})

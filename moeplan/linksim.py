@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from itertools import combinations
 
 import networkx as nx
 import numpy as np
@@ -30,6 +31,7 @@ from moeplan.collectives import (
     switched_group,
     torus_group,
 )
+from moeplan.dispatch import ExpertRouting
 from moeplan.topology import TORUS, Topology
 
 Route = list[tuple[object, object, float]]  # (u, v, fraction of the flow on this directed link)
@@ -298,6 +300,67 @@ def _switched_phases(topo: Topology, op: str, size: float, ids: np.ndarray, algo
             for u, v, frac in _switched_route(topo, a, b):
                 phase.load[(u, v)] += per_edge * frac
     return [phase]
+
+
+def simulate_dispatch(
+    topo: Topology,
+    devices: int | list[int] | np.ndarray,
+    bytes_per_token: float,
+    experts: ExpertRouting,
+    kernel: str = "deepep_normal",
+    params: CommParams | None = None,
+) -> LinkSimResult:
+    """Every rank sends one token along every routing the model deems equally likely (each reachable node set,
+    then each k-subset of its experts), copy by copy over the graph: ``deepep_normal`` once per remote node to
+    the GPU on the sender's rail there, which forwards it over NVLink to the other selected GPUs of its node;
+    ``deepep_ll`` once per (token, expert) straight to the expert's rank."""
+    params = fabric_params(topo, params or CommParams())
+    ids = topo.device_ids(devices)
+    owner = np.repeat(ids, experts.num_experts // ids.size)
+    node_of = {int(d): int(topo.coordinates[d, 0]) for d in ids}
+    nodes = sorted(set(node_of.values()))
+    tokens = _all_routings(experts, nodes, {n: [e for e in range(experts.num_experts) if node_of[int(owner[e])] == n]
+                                            for n in nodes})
+    phase = _Phase()
+    for src in (int(d) for d in ids):
+        for token in tokens:
+            for a, b in _token_hops(topo, src, sorted({int(owner[e]) for e in token}), node_of, kernel, token, owner):
+                for u, v, frac in _switched_route(topo, a, b):
+                    phase.load[(u, v)] += bytes_per_token * frac
+    size = len(tokens) * experts.top_k * bytes_per_token  # the send buffer one rank would hand an all_to_all
+    worst = 0.0
+    for (u, v), load in phase.load.items():
+        edge = topo.graph[u][v]
+        worst = max(worst, load / (edge["bw_bytes_per_s"] * params.eff(_fabric(edge["tier"], "direct"))(
+            np.array([size]))[0]))
+    step = params.node_step_latency_s if len(nodes) == 1 else params.net_step_latency_s
+    return LinkSimResult(worst + step, dict(phase.load))
+
+
+def _all_routings(experts: ExpertRouting, nodes: list[int], experts_on: dict[int, list[int]]) -> list[tuple]:
+    reach = len(nodes) if experts.max_nodes is None else min(experts.max_nodes, len(nodes))
+    out = []
+    for chosen in combinations(nodes, reach):
+        pool = [e for n in chosen for e in experts_on[n]]
+        out.extend(combinations(pool, experts.top_k))
+    return out
+
+
+def _token_hops(topo: Topology, src: int, targets: list[int], node_of: dict, kernel: str, token, owner):
+    """(from, to) device pairs one token's copies take."""
+    if kernel == "deepep_ll":
+        return [(src, int(owner[e])) for e in token if int(owner[e]) != src]
+    if kernel != "deepep_normal":
+        raise ValueError(f"kernel: got {kernel!r}; expected 'deepep_normal' or 'deepep_ll'")
+    g = topo.node.devices_per_node
+    hops = []
+    for node in sorted({node_of[d] for d in targets}):
+        here = [d for d in targets if node_of[d] == node]
+        relay = src if node == node_of[src] else node * g + src % g  # the GPU on the sender's rail there
+        if relay != src:
+            hops.append((src, relay))
+        hops.extend((relay, d) for d in here if d != relay)
+    return hops
 
 
 def _ring_channels(topo: Topology, ids: np.ndarray) -> list[list[int]]:

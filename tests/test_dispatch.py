@@ -1,0 +1,86 @@
+"""Expert dispatch kernels: exact expected copies against an enumeration of every routing, routed link by link."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import moeplan as mp
+from moeplan import linksim
+from moeplan.collectives import collective_cost, collective_time_s
+from moeplan.dispatch import ExpertRouting, normal_copies
+from moeplan.hardware import LinkSpec
+from moeplan.topology import NodeSpec, ScaleOut, switched_cluster
+
+CHIP = mp.load_topology("dgx-h100").chip
+HIDDEN_BYTES = 7168.0  # one fp8 DeepSeek-V3 token
+
+
+def _cluster(nodes: int, per_node: int = 4):
+    node = NodeSpec(per_node, LinkSpec("nvl", 4.5e11, 3e-7), in_switch_reduction=False)
+    scale = ScaleOut(LinkSpec("pcie", 6.4e10, 5e-7), LinkSpec("nic", 5e10, 8.5e-7), 8, 1.0)
+    return switched_cluster("c", CHIP, nodes, node, scale)
+
+
+def _tokens(routing: ExpertRouting, nodes: int) -> int:
+    reach = nodes if routing.max_nodes is None else min(routing.max_nodes, nodes)
+    return math.comb(nodes, reach) * math.comb(routing.num_experts * reach // nodes, routing.top_k)
+
+
+@pytest.mark.parametrize("kernel", ["deepep_normal", "deepep_ll"])
+@pytest.mark.parametrize("nodes,experts,top_k,max_nodes", [(1, 8, 3, None), (2, 8, 2, None), (3, 12, 3, None),
+                                                           (4, 16, 4, 2), (2, 16, 4, 1)])
+def test_dispatch_kernels_match_the_routed_twin(kernel, nodes, experts, top_k, max_nodes):
+    topo = _cluster(nodes)
+    routing = ExpertRouting(experts, top_k, max_nodes)
+    sim = linksim.simulate_dispatch(topo, topo.num_devices, HIDDEN_BYTES, routing, kernel)
+    tokens = _tokens(routing, nodes)
+    size = tokens * top_k * HIDDEN_BYTES  # the send buffer: one copy per (token, expert)
+    closed = collective_cost(topo, "all_to_all", size, topo.num_devices, algorithm=kernel, experts=routing)
+    assert closed.time_s[0] == pytest.approx(sim.time_s, rel=1e-9)
+    network = sum(load for (u, v), load in sim.link_bytes.items() if str(u).endswith(tuple(
+        f"/nic{r}" for r in range(4))) and "leaf" in str(v))
+    per_token = normal_copies(routing, nodes, 4).network if kernel == "deepep_normal" else \
+        top_k * (nodes - 1) / nodes  # one copy per remote expert
+    assert network == pytest.approx(topo.num_devices * tokens * HIDDEN_BYTES * per_token, rel=1e-9)
+
+
+def test_normal_copies_by_hand():
+    # two nodes of one GPU, both experts chosen: the token always reaches the other node, once
+    assert normal_copies(ExpertRouting(2, 2), 2, 1).network == 1.0
+    # 2 nodes x 4 GPUs, 8 experts, top-2: a given node is missed with C(4,2)/C(8,2) = 6/28
+    c = normal_copies(ExpertRouting(8, 2), 2, 4)
+    assert c.network == pytest.approx(1 - 6 / 28)
+    assert c.nvlink == pytest.approx(2 * 3 * (1 - math.comb(7, 2) / 28))  # 2 nodes x 3 other GPUs x P(GPU)
+    # node-limited to one node: never a remote node more often than the limit allows
+    assert normal_copies(ExpertRouting(16, 4, max_nodes=1), 2, 4).network == pytest.approx(0.5)
+
+
+def test_deepep_normal_sends_fewer_network_bytes_than_an_all_to_all():
+    """DeepSeek-V3's routing (256 experts, top-8, at most 4 nodes) over 8 nodes of 8 H100: the normal kernels
+    send 3.6 remote copies per token where the all_to_all sends 7 (k x (n - g) / n)."""
+    topo = mp.load_topology("dgx-h100", nodes=8)
+    routing = ExpertRouting(256, 8, max_nodes=4)
+    copies = normal_copies(routing, 8, 8)
+    assert 3.0 < copies.network < 4.0
+    size = 4096 * 8 * HIDDEN_BYTES
+    nccl = collective_time_s(topo, "all_to_all", size, 64)
+    normal = collective_time_s(topo, "all_to_all", size, 64, algorithm="deepep_normal", experts=routing)
+    assert normal < 0.6 * nccl
+    assert collective_time_s(topo, "all_to_all", size, 64, experts=routing) == nccl  # never picked unasked
+
+
+def test_dispatch_kernel_errors_name_the_field():
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    with pytest.raises(ValueError, match="experts=ExpertRouting"):
+        collective_time_s(topo, "all_to_all", 1e6, algorithm="deepep_normal")
+    with pytest.raises(ValueError, match="switched topology"):
+        collective_time_s(mp.load_topology("tpu-v5p"), "all_to_all", 1e6, algorithm="deepep_normal",
+                          experts=ExpertRouting(64, 2))
+    with pytest.raises(ValueError, match="num_experts"):
+        collective_time_s(topo, "all_to_all", 1e6, algorithm="deepep_normal", experts=ExpertRouting(24, 2))
+    with pytest.raises(ValueError, match="top_k"):
+        ExpertRouting(4, 8)
+    with pytest.raises(ValueError, match="max_nodes"):
+        collective_time_s(topo, "all_to_all", 1e6, algorithm="deepep_normal", experts=ExpertRouting(16, 12, 1))
