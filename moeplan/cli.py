@@ -19,6 +19,7 @@ import numpy as np
 import moeplan as mp
 from moeplan.bounds import BYTES_PER_DEVICE
 from moeplan.collectives import OPS, bus_bandwidth_factor, collective_cost
+from moeplan.dispatch import KERNELS
 from moeplan.estimate import MODES, OVERLAPS, estimate
 from moeplan.families import load_family
 from moeplan.layout import Layout
@@ -171,7 +172,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     layout = Layout.parse(args.layout) if args.layout else Layout(data=topo.num_devices)
     routing = Routing(args.routing) if args.routing else None
     est = estimate(model, topo, layout, global_batch_tokens=args.batch_tokens, dtype=args.dtype, mode=args.mode,
-                   routing=routing, overlap=args.overlap)
+                   routing=routing, overlap=args.overlap, dispatch=args.dispatch)
     if args.json:
         print(json.dumps({"topology": topo.name, "model": model.name, "layout": asdict(layout), "mode": est.mode,
                           "step_time_s": est.step_time_s, "tokens_per_s": est.tokens_per_s, "mfu": est.mfu,
@@ -264,7 +265,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     result = search(model, topo, _space_from_args(args), global_batch_tokens=args.batch_tokens,
                     objective=args.objective, dtype=args.dtype, progress=not args.quiet,
                     constraints=Constraints(max_drop_rate=args.max_drop_rate),
-                    time_budget_s=args.budget_days * 86400.0, device_hours=args.budget_device_hours)
+                    time_budget_s=args.budget_days * 86400.0, device_hours=args.budget_device_hours,
+                    dispatch=args.dispatch)
     seconds = time.perf_counter() - start
     print(f"{model.name} on {topo.name}: {result.evaluated:,} configurations scored in {seconds:.2f} s "
           f"({result.evaluated / max(seconds, 1e-9):,.0f}/s), {result.details['kept']:,} meet the constraints; "
@@ -423,6 +425,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     est.add_argument("--dtype", default="bf16", help="bf16, fp8, mxfp8 or fp32")
     est.add_argument("--routing", choices=["balanced", "uniform"], help="routing distribution (default uniform)")
     est.add_argument("--overlap", choices=OVERLAPS, default="dp", help="communication overlap policy")
+    est.add_argument("--dispatch", choices=KERNELS, default="nccl",
+                     help="expert dispatch kernel: nccl all-to-all, DeepEP normal or low-latency")
     est.add_argument("--json", action="store_true")
     handlers["estimate"] = cmd_estimate
 
@@ -432,6 +436,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     srch.add_argument("--batch-tokens", type=int, required=True, help="global batch in tokens")
     srch.add_argument("--objective", choices=OBJECTIVES, default="quality_per_time")
     srch.add_argument("--dtype", default="bf16")
+    srch.add_argument("--dispatch", choices=KERNELS, default="nccl", help="expert dispatch kernel")
     knobs = [("--experts", "experts", _int_list), ("--top-k", "top_k", _int_list),
              ("--capacity-factor", "capacity_factor", _cf_list), ("--moe-every", "moe_every", _int_list),
              ("--expert-d-ff", "expert_d_ff", _int_list), ("--expert-degree", "expert_degree", _int_list),

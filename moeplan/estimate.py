@@ -20,6 +20,11 @@ other micro-batch's compute of the whole layer, and the layer takes max(compute,
 With an 8-bit ``dtype`` the linear layers run at the fp8 rate while attention, the output layer,
 activations and communication stay in bf16, as in Transformer Engine's recipes.
 
+Dispatch kernel (``dispatch``, ``dispatch.KERNELS``): "nccl" (default) is an all-to-all of one copy per
+(token, expert); "deepep_normal" sends a token once per remote node and fans it out over NVLink;
+"deepep_ll" sends per expert without NCCL's launch latency. With an 8-bit ``dtype`` DeepEP dispatches
+in fp8 with a 4-byte scale per 128 channels and combines in bf16, as DeepSeek-V3 trains.
+
 Backward = 2x forward compute and the same collectives again (two more all-to-alls per MoE
 layer). Recompute: "selective" recomputes attention scores, "full" the whole forward with its
 collectives. MFU = model FLOPs (moe.model_flops_per_token) / (step time x devices x dense bf16 peak).
@@ -39,6 +44,7 @@ from moeplan import moe as M
 from moeplan.arrays import maximum, minimum, where
 from moeplan.collectives import CommParams
 from moeplan.compute import attention_time_s
+from moeplan.dispatch import KERNELS
 from moeplan.hardware import ComputeEfficiency
 from moeplan.layout import RECOMPUTE, Layout, check_layout
 from moeplan.plan import Context, Plan, distinct_rows, make_context
@@ -166,6 +172,8 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
         "router_flops": 2.0 * group * m.num_experts * m.d_model}
     drop, per_expert, straggle = _routing(ctx, group, ep, local)
     send = group * m.top_k * m.d_model * ctx.b * straggle
+    fp8_dispatch = ctx.dispatch != "nccl" and dtype_bytes(ctx.dtype) < 2
+    send_in = send * (1.0 + 4.0 / 128.0) / ctx.b if fp8_dispatch else send  # fp8 values + a scale per 128
     active = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (group * ep)) if decode else local
     up = 2 if m.gated_ffn else 1
     experts = ctx.mm(per_expert, up * m.expert_d_ff, m.d_model, active) + ctx.mm(
@@ -173,8 +181,9 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
     flops = 2.0 * per_expert * active * (up + 1) * m.expert_d_ff * m.d_model
     shared = _ffn(ctx, tokens, m.num_shared_experts * m.expert_d_ff)
     out.update(experts_s=experts + shared["s"], experts_flops=flops + shared["flops"], shared_tp_s=shared["tp_s"],
-               shared_tp_bytes=shared["tp_bytes"], drop=drop, send=send * (ep > 1),
-               a2a_s=ctx.coll("all_to_all", send * (ep > 1), "expert"), permute_s=ctx.mem(2 * send))
+               shared_tp_bytes=shared["tp_bytes"], drop=drop, send=send * (ep > 1), send_in=send_in * (ep > 1),
+               dispatch_s=ctx.dispatch_a2a(send_in * (ep > 1)), combine_s=ctx.dispatch_a2a(send * (ep > 1)),
+               permute_s=ctx.mem(2 * send))
     return out
 
 
@@ -195,11 +204,12 @@ def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str = "bf16", profile=None,
-               routing: Routing | None = None, overlap: str = "dp", breakdown: bool = True) -> dict:
+               routing: Routing | None = None, overlap: str = "dp", breakdown: bool = True,
+               dispatch: str = "nccl") -> dict:
     """Training cost of every candidate of ``plan``: step time, tokens/s, MFU, memory, drop rate, fits,
     valid, and with ``breakdown`` the per-part times, FLOPs, bytes and counts. Each value has the
     broadcast shape of the fields it depends on (the search broadcasts them over its grid)."""
-    ctx = make_context(plan, topo, dtype, profile, routing)
+    ctx = make_context(plan, topo, dtype, profile, routing, dispatch)
     gbt = global_batch_tokens
     m, p = ctx.m, plan
     mb, valid = _micro_batches(plan, gbt)
@@ -224,10 +234,10 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
                    0.0, attn["scores_flops"], 0.0)]),
         (n_dense, [("dense_ffn", "compute", dense["s"], dense["tp_s"], dense["flops"], dense["tp_bytes"])]),
         (n_moe, [("router", "compute", moe["router_s"], 0.0, moe["router_flops"], 0.0),
-                 ("dispatch_a2a", "a2a", moe["permute_s"], moe["a2a_s"], 0.0, moe["send"]),
+                 ("dispatch_a2a", "a2a", moe["permute_s"], moe["dispatch_s"], 0.0, moe["send_in"]),
                  ("experts", "compute", moe["experts_s"], moe["shared_tp_s"], moe["experts_flops"],
                   moe["shared_tp_bytes"]),
-                 ("combine_a2a", "a2a", moe["permute_s"], moe["a2a_s"], 0.0, moe["send"])]),
+                 ("combine_a2a", "a2a", moe["permute_s"], moe["combine_s"], 0.0, moe["send"])]),
         (1.0, [("logits", "compute", logits["s"], 0.0, logits["flops"], 0.0)]),
     ]
     out: dict = {}
@@ -370,10 +380,13 @@ def _fsdp_gathered_bytes(ctx: Context, weight_bytes: float):
 
 # ------------------------------------------------------------------ the scalar API
 def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tokens: int, dtype: str = "bf16",
-             mode: str = "train", profile=None, routing: Routing | None = None, overlap: str = "dp") -> Estimate:
+             mode: str = "train", profile=None, routing: Routing | None = None, overlap: str = "dp",
+             dispatch: str = "nccl") -> Estimate:
     """Estimate one training step, one prefill forward, or one decode step of ``model``."""
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}; expected one of {list(MODES)}")
+    if dispatch not in KERNELS:
+        raise ValueError(f"dispatch: got {dispatch!r}; expected one of {list(KERNELS)}")
     if overlap not in OVERLAPS:
         raise ValueError(f"overlap: got {overlap!r}; expected one of {list(OVERLAPS)}")
     bounds.check_int("global_batch_tokens", global_batch_tokens, *bounds.GLOBAL_BATCH_TOKENS)
@@ -382,8 +395,8 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
     check_layout(model, topo, layout)
     plan = Plan.from_layout(model, layout)
     if mode != "train":
-        return _inference(make_context(plan, topo, dtype, profile, routing), mode, int(global_batch_tokens))
-    costs = plan_costs(plan, topo, int(global_batch_tokens), dtype, profile, routing, overlap)
+        return _inference(make_context(plan, topo, dtype, profile, routing, dispatch), mode, int(global_batch_tokens))
+    costs = plan_costs(plan, topo, int(global_batch_tokens), dtype, profile, routing, overlap, dispatch=dispatch)
     if not costs["valid"]:
         raise ValueError(
             f"global_batch_tokens: {global_batch_tokens} = {global_batch_tokens / model.seq_len:g} sequences of "
@@ -470,9 +483,9 @@ def _inference(ctx: Context, mode: str, gbt: int) -> Estimate:
         drop, send = float(moe["drop"]), float(moe["send"])
         k = m.n_moe_layers
         parts += [("router", "compute", moe["router_s"], moe["router_flops"], 0.0, k),
-                  ("dispatch_a2a", "a2a", moe["a2a_s"] + moe["permute_s"], 0.0, moe["send"], k),
+                  ("dispatch_a2a", "a2a", moe["dispatch_s"] + moe["permute_s"], 0.0, moe["send_in"], k),
                   ("experts", "compute", moe["experts_s"] + moe["shared_tp_s"], moe["experts_flops"], 0.0, k),
-                  ("combine_a2a", "a2a", moe["a2a_s"] + moe["permute_s"], 0.0, moe["send"], k)]
+                  ("combine_a2a", "a2a", moe["combine_s"] + moe["permute_s"], 0.0, moe["send"], k)]
     parts.append(("logits", "compute", ctx.mm(tokens, m.vocab_size / p.tensor, m.d_model, dtype=ctx.high),
                   2.0 * tokens * m.vocab_size / p.tensor * m.d_model, 0.0, 1.0))
     rows = [LayerRow(name, kind, float(t * count), float(f * count), float(b * count), float(count))

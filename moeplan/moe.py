@@ -68,6 +68,7 @@ class MoEModel:
     encoder_decoder: bool = False
     gated_ffn: bool = True
     tied_embeddings: bool = False
+    route_node_limit: int | None = None  # node-limited routing: a token reaches at most this many EP nodes
     name: str = "custom"
     source: str = ""
 
@@ -85,6 +86,8 @@ class MoEModel:
                                 *bounds.CAPACITY_FACTOR)
         for name in ("encoder_decoder", "gated_ffn", "tied_embeddings"):
             bounds.check_bool(f"{owner}.{name}", getattr(self, name))
+        if self.route_node_limit is not None:
+            bounds.check_int(f"{owner}.route_node_limit (None = no limit)", self.route_node_limit, 1, 65_536)
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"{owner}.attention: got {self.attention!r}; expected one of {list(ATTENTION_KINDS)}")
         if (self.attention == "mla") != (self.mla is not None):
@@ -314,6 +317,7 @@ def model_from_mapping(data: dict, file: str = "<mapping>") -> MoEModel:
     kwargs["encoder_decoder"] = sec.boolean("encoder_decoder", optional=True)
     kwargs["gated_ffn"] = sec.boolean("gated_ffn", optional=True, default=True)
     kwargs["tied_embeddings"] = sec.boolean("tied_embeddings", optional=True)
+    kwargs["route_node_limit"] = sec.integer("route_node_limit", optional=True)
     kwargs["name"] = sec.string("name", optional=True) or Path(file).stem
     kwargs["source"] = sec.string("source", optional=True) or ""
     sec.finish()

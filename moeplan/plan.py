@@ -22,8 +22,9 @@ from functools import cached_property, lru_cache
 import numpy as np
 
 from moeplan import moe as M
-from moeplan.collectives import DEFAULT_PARAMS, CommParams, collective_time_s
+from moeplan.collectives import DEFAULT_PARAMS, CommParams, collective_cost, collective_time_s
 from moeplan.compute import matmul_time_s, memory_time_s
+from moeplan.dispatch import ExpertRouting
 from moeplan.hardware import ComputeEfficiency
 from moeplan.layout import RECOMPUTE, Layout, expert_weight_shards
 from moeplan.routing import Routing
@@ -109,8 +110,9 @@ class Context:
     """Everything constant across a plan, plus the grouped collective lookups."""
 
     def __init__(self, plan: Plan, topo: Topology, dtype: str, eff: ComputeEfficiency, comm: CommParams,
-                 routing: Routing) -> None:
+                 routing: Routing, dispatch: str = "nccl") -> None:
         self.plan, self.topo, self.dtype, self.eff, self.comm, self.routing = plan, topo, dtype, eff, comm, routing
+        self.dispatch = dispatch  # the expert dispatch kernel (dispatch.KERNELS)
         self.m = plan.model
         bits = dtype_bytes(dtype)
         self.b = 2.0 if bits < 2 else bits  # activations and communication: bf16 under 8-bit training
@@ -146,6 +148,28 @@ class Context:
             if key is None:
                 key = self._keys[kind] = tuple(int(c) for c in self._group(kind))
             return _coll_one(self.topo, op, float(nbytes), kind, key, self.comm)
+        return self._coll_grid(op, nbytes, kind)
+
+    def dispatch_a2a(self, nbytes):
+        """The expert all-to-all (dispatch or combine) of ``nbytes`` per device with the context's kernel."""
+        if self.dispatch == "nccl":
+            return self.coll("all_to_all", nbytes, "expert")
+        m = self.m
+        experts, top_k = np.broadcast_arrays(m.num_experts, m.top_k)
+        shape = np.broadcast_shapes(np.shape(nbytes), np.shape(experts), np.shape(self.plan.expert))
+        size = np.broadcast_to(np.asarray(nbytes, dtype=float), shape)
+        out = np.zeros(shape)
+        keys = np.stack([np.broadcast_to(a, shape).reshape(-1) for a in (experts, top_k, self.plan.expert)], axis=1)
+        unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+        for row, (e, k, ep) in enumerate(unique):
+            sel = inverse.reshape(-1) == row
+            ids = _ids(self.topo, "expert", (int(ep),))
+            if ids is not None:
+                out.reshape(-1)[sel] = _dispatch_s(self.topo, size.reshape(-1)[sel], ids, self.comm, self.dispatch,
+                                                   int(e), int(k), m.route_node_limit)
+        return float(out) if self.scalar and out.shape == () else out
+
+    def _coll_grid(self, op: str, nbytes, kind: str):
         cols = self._group(kind)
         codes, groups = self._placements(kind, cols)
         shape = np.broadcast_shapes(np.shape(nbytes), codes.shape)
@@ -176,6 +200,21 @@ def _ids(topo: Topology, kind: str, key: tuple[int, ...]) -> np.ndarray | None:
     return None if ids.size < 2 or ids[-1] >= topo.num_devices else ids
 
 
+def _dispatch_s(topo, size, ids, comm, kernel, experts, top_k, node_limit):
+    """A dispatch kernel's time, or inf where the routing cannot be spread over this group (no valid layout)."""
+    positive = size > 0
+    out = np.zeros(size.shape)
+    if not positive.any():
+        return out
+    try:
+        routing = ExpertRouting(experts, top_k, node_limit)
+        out[positive] = collective_cost(topo, "all_to_all", size[positive], ids, algorithm=kernel, params=comm,
+                                        experts=routing).time_s
+    except ValueError:
+        out[positive] = np.inf
+    return out
+
+
 @lru_cache(maxsize=65536)
 def _coll_one(topo: Topology, op: str, nbytes: float, kind: str, key: tuple[int, ...], comm: CommParams) -> float:
     """One candidate's collective (estimate()): memoised, since the same groups and sizes recur."""
@@ -183,10 +222,10 @@ def _coll_one(topo: Topology, op: str, nbytes: float, kind: str, key: tuple[int,
     return 0.0 if ids is None or nbytes <= 0 else collective_time_s(topo, op, nbytes, ids, params=comm)
 
 
-def make_context(plan, topo, dtype, profile, routing) -> Context:
+def make_context(plan, topo, dtype, profile, routing, dispatch: str = "nccl") -> Context:
     eff = getattr(profile, "compute", None) or topo.chip.efficiency
     comm = getattr(profile, "comm", None) or DEFAULT_PARAMS
-    return Context(plan, topo, dtype, eff, comm, routing or Routing())
+    return Context(plan, topo, dtype, eff, comm, routing or Routing(), dispatch)
 
 
 # ------------------------------------------------------------------ grouping helpers

@@ -84,3 +84,30 @@ def test_dispatch_kernel_errors_name_the_field():
         ExpertRouting(4, 8)
     with pytest.raises(ValueError, match="max_nodes"):
         collective_time_s(topo, "all_to_all", 1e6, algorithm="deepep_normal", experts=ExpertRouting(16, 12, 1))
+
+
+def test_estimate_rows_use_the_dispatch_kernel():
+    """DeepSeek-V3 (256 experts, top-8, at most 4 nodes) with EP over 8 nodes: the normal kernels' dispatch
+    and combine equal the collective with the kernel; fp8 dispatches 1 + 4/128 bytes per value, bf16 combines."""
+    model = mp.load_model("deepseek-v3")
+    assert model.route_node_limit == 4
+    topo = mp.load_topology("dgx-h100", nodes=32)
+    layout = mp.Layout(data=64, expert=64, pipeline=4)
+    rows = {}
+    for kernel in ("nccl", "deepep_normal"):
+        est = mp.estimate(model, topo, layout, 4096 * 1024, dtype="fp8", dispatch=kernel)
+        rows[kernel] = {r.name: r for r in est.layers}
+    nccl, normal = rows["nccl"], rows["deepep_normal"]
+    assert normal["dispatch_a2a"].bytes == pytest.approx(nccl["dispatch_a2a"].bytes * (1 + 4 / 128) / 2)
+    assert normal["combine_a2a"].bytes == nccl["combine_a2a"].bytes
+    assert normal["combine_a2a"].time_s < 0.6 * nccl["combine_a2a"].time_s
+    per_call = normal["combine_a2a"].bytes / normal["combine_a2a"].count / 2  # a forward and a backward pass
+    kernel_s = collective_time_s(topo, "all_to_all", per_call, list(range(64)), algorithm="deepep_normal",
+                                 experts=ExpertRouting(256, 8, 4))
+    nccl_s = collective_time_s(topo, "all_to_all", per_call, list(range(64)))
+    gap = (nccl["combine_a2a"].time_s - normal["combine_a2a"].time_s) / nccl["combine_a2a"].count
+    assert gap == pytest.approx(2 * (nccl_s - kernel_s), rel=1e-6)
+    with pytest.raises(ValueError, match="dispatch: got 'deepep'"):
+        mp.estimate(model, topo, layout, 4096 * 1024, dispatch="deepep")
+    with pytest.raises(ValueError, match="route_node_limit"):
+        model.with_(route_node_limit=0)
