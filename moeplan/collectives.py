@@ -368,9 +368,24 @@ def _torus_p2p_s(topo: Topology, devices: np.ndarray, size: np.ndarray, params: 
 
 
 # ------------------------------------------------------------------ switched algorithms
+NVLINK_EFFICIENCY = 0.82  # e_max of the default "node" curve (NVLink); a family's link_efficiency replaces it
+
+
+def node_rate(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams) -> np.ndarray:
+    """Achieved bytes/s one device moves to the others of its node: its switch link, or on a full mesh its
+    links to the group's other members there (RCCL spreads channels over all of them); the family's
+    measured link efficiency where it states one."""
+    node = topo.node
+    links = max(group.per_node - 1, 1) if node.mesh else 1
+    eff = params.eff("node")(size)
+    if node.link_efficiency is not None:
+        eff = eff * (node.link_efficiency / NVLINK_EFFICIENCY)
+    return links * node.link.bw_bytes_per_s * eff
+
+
 def _ring_bw(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams) -> np.ndarray:
     """Per-rank bandwidth of a ring: NVLink, or the node's NICs when the ring leaves the node."""
-    node_bw = topo.node.link.bw_bytes_per_s * params.eff("node")(size)
+    node_bw = node_rate(topo, group, size, params)
     if group.nodes == 1:
         return node_bw
     # A ring crosses a leaf boundary with one channel per rail: far below an uplink's capacity.
@@ -440,7 +455,7 @@ def switched_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.n
     if op == "p2p":
         return {"direct": _switched_p2p_s(topo, group, size, params)}
     if op == "all_to_all":
-        local = size * (group.per_node - 1) / n / (topo.node.link.bw_bytes_per_s * params.eff("node")(size))
+        local = size * (group.per_node - 1) / n / node_rate(topo, group, size, params)
         out = {"direct": base + params.node_step_latency_s + local}
         if group.nodes > 1:
             net_eff = params.eff("net")(size)
@@ -462,7 +477,7 @@ def switched_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.n
         latency = base + 2 * up_and_down
         net = _tree_net_s(topo, group, size, params)
         # inside a node the tree is a chain: each GPU sends the partial sum up and the result down, 2 S
-        out["tree"] = latency + np.maximum(net, 2.0 * size / (node_bw * params.eff("node")(size)))
+        out["tree"] = latency + np.maximum(net, 2.0 * size / node_rate(topo, group, size, params))
     if topo.node.in_switch_reduction and group.per_node > 1:
         nvls = params.nvls_latency_s + size / (node_bw * _nvls_eff(topo, params, size))
         if group.nodes == 1:
@@ -507,7 +522,7 @@ def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, p
                          "count on every node for a dispatch kernel")
     per_copy = size / experts.top_k  # one token's bytes
     copies = normal_copies(experts, group.nodes, group.per_node)
-    nvlink = copies.nvlink * per_copy / (topo.node.link.bw_bytes_per_s * params.eff("node")(size))
+    nvlink = copies.nvlink * per_copy / node_rate(topo, group, size, params)
     if group.nodes == 1:
         normal = params.node_step_latency_s + nvlink
     else:
@@ -519,7 +534,7 @@ def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, p
 
 def _switched_p2p_s(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams) -> np.ndarray:
     if group.nodes == 1:
-        return params.node_step_latency_s + size / (topo.node.link.bw_bytes_per_s * params.eff("node")(size))
+        return params.node_step_latency_s + size / node_rate(topo, group, size, params)
     return params.net_step_latency_s + size / (_nic_bw(topo) * params.eff("net")(size))
 
 

@@ -164,6 +164,8 @@ def _switched_family(sec: Section) -> SwitchedFamily:
         link=_link(node_sec.section("link")),
         in_switch_reduction=node_sec.boolean("in_switch_reduction"),
         nvls_efficiency=node_sec.number("nvls_efficiency", optional=True),
+        mesh=node_sec.boolean("mesh", optional=True),
+        link_efficiency=node_sec.number("link_efficiency", optional=True),
     )
     _sourced(node_sec)
     node_sec.finish()

@@ -24,6 +24,7 @@ import numpy as np
 
 from moeplan.collectives import (
     HOPPER_NVLS_EFFICIENCY,
+    NVLINK_EFFICIENCY,
     CommParams,
     axis_levels,
     fabric_params,
@@ -74,11 +75,8 @@ def simulate(
         for (u, v), load in phase.load.items():
             total[(u, v)] += load
             edge = topo.graph[u][v]
-            fabric = _fabric(edge["tier"], algorithm)
-            eff = params.eff(fabric)(np.array([size_bytes]))[0]
-            if fabric == "nvls":  # the switch generation's NVLS efficiency, as collectives applies it
-                eff *= (topo.node.nvls_efficiency or HOPPER_NVLS_EFFICIENCY) / HOPPER_NVLS_EFFICIENCY
-            worst = max(worst, load / (edge["bw_bytes_per_s"] * eff))
+            worst = max(worst, load / (edge["bw_bytes_per_s"] * _link_eff(topo, edge["tier"], algorithm, params,
+                                                                           size_bytes)))
         time += worst + phase.latency_s
     time += _library_latency_s(topo, op, ids, algorithm, params)
     return LinkSimResult(time, dict(total))
@@ -87,9 +85,21 @@ def simulate(
 def _fabric(tier: str, algorithm: str) -> str:
     if tier.startswith("ici") or tier == "dcn":
         return tier[:3]
-    if tier == "nvlink":
+    if tier in ("nvlink", "mesh"):
         return "nvls" if algorithm == "nvls" else "node"
     return "net"
+
+
+def _link_eff(topo: Topology, tier: str, algorithm: str, params: CommParams, size: float) -> float:
+    """A link's achieved / peak: its fabric's curve, scaled as collectives scales it per generation
+    (NVLS efficiency of the switch, a measured node-link efficiency)."""
+    fabric = _fabric(tier, algorithm)
+    eff = params.eff(fabric)(np.array([size]))[0]
+    if fabric == "nvls":
+        eff *= (topo.node.nvls_efficiency or HOPPER_NVLS_EFFICIENCY) / HOPPER_NVLS_EFFICIENCY
+    if fabric == "node" and topo.node.link_efficiency is not None:
+        eff *= topo.node.link_efficiency / NVLINK_EFFICIENCY
+    return eff
 
 
 # ------------------------------------------------------------------ torus
@@ -265,7 +275,7 @@ def _switched_route(topo: Topology, src: int, dst: int) -> Route:
     g = topo.node.devices_per_node
     (ns, ls), nd = topo.coordinates[src], topo.coordinates[dst, 0]
     if ns == nd:
-        return [(src, f"n{ns}/switch", 1.0), (f"n{ns}/switch", dst, 1.0)]
+        return [(src, dst, 1.0)] if topo.node.mesh else [(src, f"n{ns}/switch", 1.0), (f"n{ns}/switch", dst, 1.0)]
     path: list[object] = [src, f"n{ns}/nic{ls}"]
     so = topo.scale_out
     leaf_s, leaf_d = f"rail{ls}/leaf{ns // so.nodes_per_leaf}", f"rail{ls}/leaf{nd // so.nodes_per_leaf}"
@@ -273,7 +283,7 @@ def _switched_route(topo: Topology, src: int, dst: int) -> Route:
     relay = int(nd * g + ls)
     path += [f"n{nd}/nic{ls}", relay]
     if relay != dst:
-        path += [f"n{nd}/switch", dst]
+        path += [dst] if topo.node.mesh else [f"n{nd}/switch", dst]
     return [(u, v, 1.0) for u, v in zip(path, path[1:], strict=False)]
 
 
@@ -292,6 +302,9 @@ def _switched_phases(topo: Topology, op: str, size: float, ids: np.ndarray, algo
             phase.load[(switch, int(dev))] += size  # and the result multicast back
         return [phase]
     rounds = 2 if op == "all_reduce" else 1
+    if topo.node.mesh and switched_group(topo, ids).nodes == 1:  # channels over every link: each block direct
+        flows = [(int(a), int(b), size / n) for a in ids for b in ids if a != b]
+        return [_unicast_phase(topo, flows, _switched_route, 0.0) for _ in range(rounds)]
     phase = _Phase()
     channels = _ring_channels(topo, ids)
     per_edge = (n - 1) / n * size / len(channels) * rounds  # every ring edge forwards (n-1) blocks per round
@@ -331,8 +344,7 @@ def simulate_dispatch(
     worst = 0.0
     for (u, v), load in phase.load.items():
         edge = topo.graph[u][v]
-        worst = max(worst, load / (edge["bw_bytes_per_s"] * params.eff(_fabric(edge["tier"], "direct"))(
-            np.array([size]))[0]))
+        worst = max(worst, load / (edge["bw_bytes_per_s"] * _link_eff(topo, edge["tier"], "direct", params, size)))
     step = params.node_step_latency_s if len(nodes) == 1 else params.net_step_latency_s
     return LinkSimResult(worst + step, dict(phase.load))
 

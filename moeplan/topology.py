@@ -3,8 +3,8 @@
 Vertices: devices are the integers ``0 .. num_devices-1``; switches and NICs are strings
 (``"n0/nvswitch"``, ``"n3/nic5"``, ``"rail5/leaf0"``, ``"spine"``). Every edge carries
 ``bw_bytes_per_s`` (one direction; links are full duplex, so the same figure holds each way),
-``latency_s`` and ``tier`` (``"ici0"``.. per torus axis, ``"dcn"``, ``"nvlink"``, ``"pcie"``, ``"nic"``,
-``"fabric"``).
+``latency_s`` and ``tier`` (``"ici0"``.. per torus axis, ``"dcn"``, ``"nvlink"``, ``"mesh"``, ``"pcie"``,
+``"nic"``, ``"fabric"``).
 
 Two families of builders:
 
@@ -14,9 +14,10 @@ Two families of builders:
   with the same coordinates, every chip joined to the data-center network (one ``"dcn"`` switch
   vertex, non-blocking) by its share of its host's NICs.
 * ``switched_cluster(...)``: GPU nodes (NVSwitch, NVL72 rack, a CPU host) of ``devices_per_node``
-  devices around one switch vertex, and optionally one NIC per device on rail-optimised leaves
-  of a fat-tree (rail r joins NIC r of every node; a spine joins the leaves when a rail needs more
-  than one leaf). Device id = node * devices_per_node + local index.
+  devices around one switch vertex (or, ``mesh``, joined pairwise: AMD Infinity Fabric), and
+  optionally one NIC per device on rail-optimised leaves of a fat-tree (rail r joins NIC r of every
+  node; a spine joins the leaves when a rail needs more than one leaf). Device id = node *
+  devices_per_node + local index.
 
 Derived figures (bisection by minimum cut, injection bandwidth, diameter) come from the graph;
 their closed forms live beside them so tests can hold one against the other.
@@ -75,6 +76,11 @@ class NodeSpec:
     # NCCL's NVLS efficiency for the switch generation (src/graph/tuning.cc nvlsEfficiency: Hopper 0.85,
     # Blackwell 0.74); None = Hopper's, on which the library's NVLS curve was measured.
     nvls_efficiency: float | None = None
+    # A full mesh (AMD Infinity Fabric): every pair of devices joined by its own ``link``, no switch.
+    mesh: bool = False
+    # Achieved / peak of the node's links where a measurement states it (MI300X xGMI: TransferBench); None =
+    # NVLink's, which the library's "node" curve carries.
+    link_efficiency: float | None = None
 
 
 class Topology:
@@ -261,8 +267,9 @@ class Topology:
                 cuts.append(cut)
             return min(cuts, default=0.0)
         g = self.node.devices_per_node
-        if self.num_nodes == 1:
-            return (g // 2) * self.node.link.bw_bytes_per_s
+        if self.num_nodes == 1:  # half the devices' switch links, or on a mesh every link across the halves
+            pairs = (g // 2) * (g - g // 2) if self.node.mesh else g // 2
+            return pairs * self.node.link.bw_bytes_per_s
         return g * self._rail_cut_bytes_per_s(self.num_nodes // 2)
 
     def _rail_cut_bytes_per_s(self, nodes_in_a: int) -> float:
@@ -302,9 +309,12 @@ class Topology:
             if self.slices > 1:
                 return 2  # chip - dcn - chip reaches every chip; no in-slice route is shorter than 1
             return sum(a.size // 2 if a.wraparound else a.size - 1 for a in self.axes)
+        g, mesh = self.node.devices_per_node, self.node.mesh
         if self.num_nodes == 1:
-            return 2 if self.node.devices_per_node > 1 else 0
-        return 6 if self.node.devices_per_node > 1 or self._num_leaves_per_rail() > 1 else 4
+            return (1 if mesh else 2) if g > 1 else 0
+        if self._num_leaves_per_rail() > 1:
+            return 6  # NIC, leaf, spine, leaf, NIC
+        return (5 if mesh else 6) if g > 1 else 4  # the hop to the rail's GPU: direct on a mesh
 
     def _num_leaves_per_rail(self) -> int:
         return math.ceil(self.num_nodes / self.scale_out.nodes_per_leaf) if self.scale_out else 0
@@ -472,6 +482,11 @@ def switched_cluster(
     for dev in range(nodes * g):
         graph.add_node(dev, kind="device")
     for n in range(nodes):
+        if node.mesh:
+            for i in range(g):
+                for j in range(i + 1, g):
+                    _add_link(graph, n * g + i, n * g + j, node.link, "mesh")
+            continue
         switch = f"n{n}/switch"
         graph.add_node(switch, kind="switch")
         for i in range(g):

@@ -13,7 +13,7 @@ from moeplan.cli import main
 def test_topologies_lists_every_family(capsys):
     assert main(["topologies"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == len(mp.list_topologies()) == 19 and out[0].startswith("aws-p5")
+    assert len(out) == len(mp.list_topologies()) == 22 and out[0].startswith("amd-mi300x")
 
 
 def test_show_torus_prints_the_figures(capsys):
@@ -34,7 +34,7 @@ def test_show_json_is_si_numbers(capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["show", "tpu-v9"], "bundled: ['aws-p5'"),
+        (["show", "tpu-v9"], "bundled: ['amd-mi300x'"),
         (["show", "tpu-v5p", "--shape", "3x4x4"], "not offered"),
         (["show", "dgx-h100", "--nodes", "0"], "nodes: got 0"),
     ],

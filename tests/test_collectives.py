@@ -358,3 +358,24 @@ def test_the_fitted_fabric_latency_is_the_fit_and_collected_points_hold_out():
         fitted = fit_step_latency([p for p in points if p["id"] in ids])
         assert mp.load_topology(family, nodes=2).scale_out.step_latency_s == pytest.approx(fitted, rel=0.03)
     assert summarize(collected_leave_one_source_out(points))["median_abs_error"] <= 0.15
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_mesh_node_matches_linksim(op):
+    """AMD's full Infinity Fabric mesh: every pair has its own link, so a group of p moves over p - 1 links."""
+    topo = mp.load_topology("amd-mi300x")
+    for devices in (None, [0, 3], [1, 2, 5, 6]):
+        for size in SIZES:
+            _agree(topo, op, size, devices)
+    _agree(topo, "p2p", 1e8, [2, 7], algorithm="direct")
+
+
+def test_mesh_rate_grows_with_the_members_a_switch_rate_does_not():
+    params = CommParams(efficiency={**CommParams().efficiency, "node": Efficiency(0.82)})
+    mesh = mp.load_topology("amd-mi300x")
+    pair = collective_time_s(mesh, "all_gather", 1e9, [0, 1], params=params)
+    eight = collective_time_s(mesh, "all_gather", 1e9, 8, params=params)
+    # all_gather output S: a pair moves S/2 over one link; eight move 7 S/8 over seven links
+    assert pair == pytest.approx(6.6e-6 + 0.6e-6 + 0.5e9 / (6.4e10 * 0.72), rel=1e-9)
+    assert eight == pytest.approx(6.6e-6 + 7 * 0.6e-6 + 7 / 8 * 1e9 / (7 * 6.4e10 * 0.72), rel=1e-9)
+    assert mesh.bisection_bw_bytes_per_s() == 16 * 6.4e10  # 4 x 4 links across the halves

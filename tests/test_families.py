@@ -17,7 +17,7 @@ from tests.conftest import TOPOLOGIES, bundled_doc
 REQUIRED_FAMILIES = {
     "tpu-v3", "tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "dgx-a100", "dgx-h100", "dgx-h200",
     "hgx-h800", "dgx-b200", "gb200-nvl72", "cpu-host", "aws-p5", "aws-p5en", "gcp-a3-mega", "gcp-a4",
-    "gb300-nvl72", "hgx-b300", "tpu7x",
+    "gb300-nvl72", "hgx-b300", "tpu7x", "amd-mi300x", "amd-mi325x", "amd-mi355x",
 }
 
 
@@ -132,7 +132,7 @@ def test_exponent_without_sign_is_read_as_a_number(write_family):
 def test_names_are_never_resolved_as_paths_under_the_bundled_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in ("../../etc/passwd", "/etc/passwd", "tpu-v5p.yaml", "../topologies/tpu-v5p", "tpu-v9"):
-        with pytest.raises(ValueError, match="bundled: \\['aws-p5'"):
+        with pytest.raises(ValueError, match="bundled: \\['amd-mi300x'"):
             mp.load_topology(name)
 
 
