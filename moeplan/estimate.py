@@ -184,7 +184,21 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
                shared_tp_bytes=shared["tp_bytes"], drop=drop, send=send * (ep > 1), send_in=send_in * (ep > 1),
                dispatch_s=ctx.dispatch_a2a(send_in * (ep > 1)), combine_s=ctx.dispatch_a2a(send * (ep > 1)),
                permute_s=ctx.mem(2 * send))
-    return out
+    return _one_expert_is_an_ffn(ctx, tokens, out)
+
+
+def _one_expert_is_an_ffn(ctx: Context, tokens, out: dict) -> dict:
+    """A layer of one expert (a dense model, ``num_experts=1``) is a dense FFN, tensor-parallel as Megatron
+    runs it: no router, no permutation, no all-to-all."""
+    m = ctx.m
+    dense = m.num_experts == 1
+    if not np.any(dense):
+        return out
+    ffn = _ffn(ctx, tokens, (m.top_k + m.num_shared_experts) * m.expert_d_ff)
+    swap = {"router_s": 0.0, "router_flops": 0.0, "drop": 0.0, "send": 0.0, "send_in": 0.0, "dispatch_s": 0.0,
+            "combine_s": 0.0, "permute_s": 0.0, "experts_s": ffn["s"], "experts_flops": ffn["flops"],
+            "shared_tp_s": ffn["tp_s"], "shared_tp_bytes": ffn["tp_bytes"]}
+    return {k: where(dense, swap[k], v) if k in swap else v for k, v in out.items()}
 
 
 # ------------------------------------------------------------------ training

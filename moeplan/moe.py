@@ -207,17 +207,19 @@ def ffn_params(m: MoEModel, width) -> float:
 
 
 def router_params(m: MoEModel) -> float:
-    return m.d_model * m.num_experts
+    return m.d_model * m.num_experts * (m.num_experts > 1)
 
 
 def expert_params_per_layer(m: MoEModel) -> float:
-    """Routed experts of one MoE layer (shared experts count as dense weights)."""
-    return m.num_experts * ffn_params(m, m.expert_d_ff)
+    """Routed experts of one MoE layer (shared experts count as dense weights; one expert is a dense FFN)."""
+    return m.num_experts * ffn_params(m, m.expert_d_ff) * (m.num_experts > 1)
 
 
 def dense_params_per_moe_layer(m: MoEModel) -> float:
-    """Weights of an MoE block that every token uses: attention, router, shared experts."""
-    return attention_params(m) + router_params(m) + m.num_shared_experts * ffn_params(m, m.expert_d_ff)
+    """Weights of an MoE block that every token uses: attention, router, shared experts; with one expert
+    (a dense model, ``num_experts=1``) that expert's FFN too, as Megatron shards it: over tensor x fsdp."""
+    return (attention_params(m) + router_params(m) + m.num_shared_experts * ffn_params(m, m.expert_d_ff)
+            + ffn_params(m, m.expert_d_ff) * (m.num_experts == 1))
 
 
 def embedding_params(m: MoEModel) -> float:
@@ -232,7 +234,7 @@ def param_counts(m: MoEModel) -> dict[str, float]:
     non_expert = (n_moe * dense_params_per_moe_layer(m) + n_dense * (attn + dense_ffn) + n_cross * attn
                   + embedding_params(m))
     experts = n_moe * expert_params_per_layer(m)
-    active_experts = n_moe * m.top_k * ffn_params(m, m.expert_d_ff)
+    active_experts = n_moe * m.top_k * ffn_params(m, m.expert_d_ff) * (m.num_experts > 1)  # one: in non_expert
     return {
         "total": non_expert + experts,
         "non_expert": non_expert,

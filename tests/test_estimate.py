@@ -251,3 +251,27 @@ def test_expert_data_group_holds_the_replicas_of_one_expert_shard(tensor, fsdp, 
     ids = _GROUP_IDS["expert_data"](*ctx._group("expert_data"))
     assert ids.tolist() == replicas
     assert len(replicas) == block // shards
+
+
+def test_a_dense_model_is_a_tensor_parallel_ffn_by_hand():
+    """num_experts=1: no router, permutation or all-to-all; the FFN is the dense roofline, split over tensor
+    with its two sequence-parallel collectives, and its weights shard over tensor like attention's."""
+    from moeplan.compute import matmul_time_s, memory_time_s
+
+    topo = mp.load_topology("dgx-a100")
+    dense = mp.MoEModel(name="dense", d_model=4096, n_layers=8, n_heads=32, n_kv_heads=32, d_head=128,
+                        vocab_size=32000, seq_len=2048, d_ff=0, num_experts=1, top_k=1, expert_d_ff=16384,
+                        capacity_factor=None, attention="mha", gated_ffn=False)
+    layout = mp.Layout(data=2, tensor=4, recompute="none")
+    est = mp.estimate(dense, topo, layout, 8 * 2048, dtype="bf16")
+    rows = {r.name: r for r in est.layers}
+    assert rows["router"].time_s == rows["dispatch_a2a"].time_s == rows["combine_a2a"].time_s == 0.0
+    tokens, chip, eff = 2048, topo.chip, topo.chip.efficiency
+    per_pass = (matmul_time_s(tokens, 16384 / 4, 4096, chip, "bf16", eff)
+                + matmul_time_s(tokens, 4096, 16384 / 4, chip, "bf16", eff)
+                + memory_time_s(3 * tokens * 16384 / 4 * 2, chip, eff))
+    micro_batches = 4  # 8 sequences over 2 replicas, one per micro-batch
+    assert rows["experts"].time_s == pytest.approx(3 * per_pass * 8 * micro_batches, rel=1e-9)
+    assert rows["experts_tp"].time_s == pytest.approx(rows["attention_tp"].time_s, rel=1e-9)  # AG + RS each
+    counts = mp.param_counts(dense)
+    assert counts["expert"] == 0 and counts["active"] == counts["total"]
