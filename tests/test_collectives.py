@@ -379,3 +379,16 @@ def test_mesh_rate_grows_with_the_members_a_switch_rate_does_not():
     assert pair == pytest.approx(6.6e-6 + 0.6e-6 + 0.5e9 / (6.4e10 * 0.72), rel=1e-9)
     assert eight == pytest.approx(6.6e-6 + 7 * 0.6e-6 + 7 / 8 * 1e9 / (7 * 6.4e10 * 0.72), rel=1e-9)
     assert mesh.bisection_bw_bytes_per_s() == 16 * 6.4e10  # 4 x 4 links across the halves
+
+
+def test_all_collective_and_dispatch_points_held_out_by_source_within_12_percent():
+    """Every public and collected point, each predicted with constants fitted without its own source; the
+    collected points at least double the public ones."""
+    from moeplan.validation import COLLECTED_PATH, collected_leave_one_source_out, leave_one_source_out
+
+    public = load_points()
+    collected = load_points(COLLECTED_PATH)
+    rows = leave_one_source_out(public) + collected_leave_one_source_out(collected)
+    public_points = summarize(collective_rows(public)[0])["points"]
+    assert len(rows) >= 2 * public_points
+    assert summarize(rows)["median_abs_error"] <= 0.12
