@@ -197,3 +197,10 @@ def test_collective_and_topology_across_tpu_slices(capsys):
     assert json.loads(capsys.readouterr().out)["slices"] == 2
     assert main(["show", "dgx-h100", "--slices", "2"]) == 2
     assert "slices" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", mp.list_topologies())
+def test_collective_runs_on_every_family(family, capsys):
+    assert main(["collective", "all_reduce", "--topology", family, "--bytes", "1e6", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rows[0]["time_s"] > 0
