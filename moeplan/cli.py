@@ -22,6 +22,7 @@ from moeplan.collectives import OPS, bus_bandwidth_factor, collective_cost
 from moeplan.dispatch import KERNELS
 from moeplan.estimate import MODES, OVERLAPS, estimate
 from moeplan.families import load_family
+from moeplan.frameworks import FRAMEWORKS
 from moeplan.layout import Layout
 from moeplan.moe import list_presets, load_model, param_counts
 from moeplan.profiles import write_csv, write_json
@@ -172,7 +173,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     layout = Layout.parse(args.layout) if args.layout else Layout(data=topo.num_devices)
     routing = Routing(args.routing) if args.routing else None
     est = estimate(model, topo, layout, global_batch_tokens=args.batch_tokens, dtype=args.dtype, mode=args.mode,
-                   routing=routing, overlap=args.overlap, dispatch=args.dispatch)
+                   routing=routing, overlap=args.overlap, dispatch=args.dispatch, framework=args.framework)
     if args.json:
         print(json.dumps({"topology": topo.name, "model": model.name, "layout": asdict(layout), "mode": est.mode,
                           "step_time_s": est.step_time_s, "tokens_per_s": est.tokens_per_s, "mfu": est.mfu,
@@ -266,7 +267,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     objective=args.objective, dtype=args.dtype, progress=not args.quiet,
                     constraints=Constraints(max_drop_rate=args.max_drop_rate),
                     time_budget_s=args.budget_days * 86400.0, device_hours=args.budget_device_hours,
-                    dispatch=args.dispatch)
+                    dispatch=args.dispatch, framework=args.framework)
     seconds = time.perf_counter() - start
     print(f"{model.name} on {topo.name}: {result.evaluated:,} configurations scored in {seconds:.2f} s "
           f"({result.evaluated / max(seconds, 1e-9):,.0f}/s), {result.details['kept']:,} meet the constraints; "
@@ -424,8 +425,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     est.add_argument("--mode", choices=MODES, default="train")
     est.add_argument("--dtype", default="bf16", help="bf16, fp8, mxfp8 or fp32")
     est.add_argument("--routing", choices=["balanced", "uniform"], help="routing distribution (default uniform)")
-    est.add_argument("--overlap", choices=OVERLAPS, default="dp", help="communication overlap policy")
-    est.add_argument("--dispatch", choices=KERNELS, default="nccl",
+    est.add_argument("--framework", choices=sorted(FRAMEWORKS), help="set overlap, dispatch and attention kernels "
+                     "as this framework runs them (default megatron)")
+    est.add_argument("--overlap", choices=OVERLAPS, help="communication overlap policy (default: the framework's)")
+    est.add_argument("--dispatch", choices=KERNELS,
                      help="expert dispatch kernel: nccl all-to-all, DeepEP normal or low-latency")
     est.add_argument("--json", action="store_true")
     handlers["estimate"] = cmd_estimate
@@ -436,7 +439,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     srch.add_argument("--batch-tokens", type=int, required=True, help="global batch in tokens")
     srch.add_argument("--objective", choices=OBJECTIVES, default="quality_per_time")
     srch.add_argument("--dtype", default="bf16")
-    srch.add_argument("--dispatch", choices=KERNELS, default="nccl", help="expert dispatch kernel")
+    srch.add_argument("--dispatch", choices=KERNELS, help="expert dispatch kernel (default: the framework's)")
+    srch.add_argument("--framework", choices=sorted(FRAMEWORKS), help="framework preset (default megatron)")
     knobs = [("--experts", "experts", _int_list), ("--top-k", "top_k", _int_list),
              ("--capacity-factor", "capacity_factor", _cf_list), ("--moe-every", "moe_every", _int_list),
              ("--expert-d-ff", "expert_d_ff", _int_list), ("--expert-degree", "expert_degree", _int_list),

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from moeplan import bounds
+from moeplan import bounds, frameworks
 from moeplan import moe as M
 from moeplan.arrays import maximum, minimum, where
 from moeplan.collectives import CommParams
@@ -99,18 +99,30 @@ class Estimate:
 
 # ------------------------------------------------------------------ building blocks (arrays)
 def _tp_comm(ctx: Context, tokens) -> tuple[np.ndarray, np.ndarray]:
-    """Tensor-parallel collectives around one block: AG + RS with sequence parallelism, else AR."""
+    """Tensor-parallel collectives around one block, per pass: AG + RS with sequence parallelism, else AR.
+    With sequence parallelism Megatron gathers the block's input again in the backward pass for the weight
+    gradient instead of keeping it (Korthikanti et al. 2022, section 4.2.2): one more AG per backward,
+    spread here over the forward and backward passes."""
     nbytes = tokens * ctx.m.d_model * ctx.b * (ctx.plan.tensor > 1)
     if ctx.plan.sequence_parallel:
-        return ctx.coll("all_gather", nbytes, "tensor") + ctx.coll("reduce_scatter", nbytes, "tensor"), 2 * nbytes
+        gather = ctx.coll("all_gather", nbytes, "tensor")
+        return 1.5 * gather + ctx.coll("reduce_scatter", nbytes, "tensor"), 2.5 * nbytes
     return ctx.coll("all_reduce", nbytes, "tensor"), nbytes
+
+
+def _elementwise_s(ctx: Context, tokens):
+    """The memory-bound work around one block: its norm (read, write), then dropout, bias and residual add
+    (read the output and the residual, write the sum and a 1-byte mask): 5.5 activations' bytes. With
+    sequence parallelism each tensor rank holds 1/t of the tokens; without it every rank repeats them."""
+    shards = ctx.plan.tensor if ctx.plan.sequence_parallel else 1
+    return ctx.mem(5.5 * tokens * ctx.m.d_model * ctx.b / shards)
 
 
 def _attention(ctx: Context, tokens, context: float, decode: bool) -> dict[str, np.ndarray]:
     """Projections, norms, TP collectives and scores of one self-attention block."""
     m, t = ctx.m, ctx.plan.tensor
     width = M.attention_params(m) / m.d_model / t  # output features per rank, projections together
-    out = {"proj_s": ctx.mm(tokens, width, m.d_model) + ctx.mem(6 * tokens * m.d_model * ctx.b / t),
+    out = {"proj_s": ctx.mm(tokens, width, m.d_model) + _elementwise_s(ctx, tokens),
            "proj_flops": 2.0 * tokens * width * m.d_model}
     out["tp_s"], out["tp_bytes"] = _tp_comm(ctx, tokens)
     flops = M.attention_score_flops(m) * context / m.seq_len * tokens / t
@@ -121,15 +133,26 @@ def _attention(ctx: Context, tokens, context: float, decode: bool) -> dict[str, 
     # prefill; the FLOPs reported keep the full count, as the MFU convention does
     causal = 1.0 if (m.encoder_decoder or decode) else 0.5
     out["scores_s"] = attention_time_s(flops * causal, nbytes, ctx.topo.chip, ctx.high, ctx.eff)
+    if ctx.attention == "unfused" and not decode:  # QK^T and AV as batched matmuls, the scores through HBM
+        heads = m.n_heads / t * sequences
+        out["scores_s"] = (ctx.mm(m.seq_len, context, m.d_head, heads, dtype=ctx.high)
+                           + ctx.mm(m.seq_len, m.d_head, context, heads, dtype=ctx.high)
+                           + ctx.mem(_UNFUSED_SCORE_BYTES / 2 * ctx.b * heads * m.seq_len * context))
     out["scores_flops"] = flops
     return out
 
 
-def _ffn(ctx: Context, tokens, width) -> dict[str, np.ndarray]:
+# Unfused attention, forward, per score element at 2 bytes: QK^T writes it (2), the fused scale-mask-softmax
+# reads and writes it (4), dropout reads it and writes it and a 1-byte mask (5), AV reads it (2).
+_UNFUSED_SCORE_BYTES = 13.0
+
+
+def _ffn(ctx: Context, tokens, width, block: bool = True) -> dict[str, np.ndarray]:
+    """A dense FFN of ``width``; ``block``: with its block's norm and residual (not a shared expert's)."""
     m, t = ctx.m, ctx.plan.tensor
     up = 2 if m.gated_ffn else 1
     time = ctx.mm(tokens, up * width / t, m.d_model) + ctx.mm(tokens, m.d_model, width / t)
-    time = time + ctx.mem(3 * tokens * width / t * ctx.b)
+    time = time + ctx.mem(3 * tokens * width / t * ctx.b) + (_elementwise_s(ctx, tokens) if block else 0.0)
     tp_s, tp_bytes = _tp_comm(ctx, tokens)
     return {"s": time * (width > 0), "flops": 2.0 * tokens * (up + 1) * width / t * m.d_model,
             "tp_s": tp_s * (width > 0), "tp_bytes": tp_bytes * (width > 0)}
@@ -179,8 +202,9 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
     experts = ctx.mm(per_expert, up * m.expert_d_ff, m.d_model, active) + ctx.mm(
         per_expert, m.d_model, m.expert_d_ff, active) + ctx.mem(3 * per_expert * active * m.expert_d_ff * ctx.b)
     flops = 2.0 * per_expert * active * (up + 1) * m.expert_d_ff * m.d_model
-    shared = _ffn(ctx, tokens, m.num_shared_experts * m.expert_d_ff)
-    out.update(experts_s=experts + shared["s"], experts_flops=flops + shared["flops"], shared_tp_s=shared["tp_s"],
+    shared = _ffn(ctx, tokens, m.num_shared_experts * m.expert_d_ff, block=False)
+    out.update(experts_s=experts + shared["s"] + _elementwise_s(ctx, tokens), experts_flops=flops + shared["flops"],
+               shared_tp_s=shared["tp_s"],
                shared_tp_bytes=shared["tp_bytes"], drop=drop, send=send * (ep > 1), send_in=send_in * (ep > 1),
                dispatch_s=ctx.dispatch_a2a(send_in * (ep > 1)), combine_s=ctx.dispatch_a2a(send * (ep > 1)),
                permute_s=ctx.mem(2 * send))
@@ -219,11 +243,11 @@ def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str = "bf16", profile=None,
                routing: Routing | None = None, overlap: str = "dp", breakdown: bool = True,
-               dispatch: str = "nccl") -> dict:
+               dispatch: str = "nccl", attention: str = "flash") -> dict:
     """Training cost of every candidate of ``plan``: step time, tokens/s, MFU, memory, drop rate, fits,
     valid, and with ``breakdown`` the per-part times, FLOPs, bytes and counts. Each value has the
     broadcast shape of the fields it depends on (the search broadcasts them over its grid)."""
-    ctx = make_context(plan, topo, dtype, profile, routing, dispatch)
+    ctx = make_context(plan, topo, dtype, profile, routing, dispatch, attention)
     gbt = global_batch_tokens
     m, p = ctx.m, plan
     mb, valid = _micro_batches(plan, gbt)
@@ -367,6 +391,9 @@ def _train_memory(ctx: Context, counts: dict, tokens, mb, send) -> dict[str, np.
         optimizer = optimizer / p.data
     mem = {"mem:weights": params * (2.0 if mixed else 4.0), "mem:optimizer_and_grads": params * 4.0 + optimizer}
     per_token_layer = _activation_bytes_per_token_layer(ctx)
+    if ctx.attention == "unfused":  # softmax output, dropout mask and output: 5 a s^2 b per sequence (Korthikanti
+        kept = p.recompute == RECOMPUTE.index("none")  # et al. 2022 eq. 1), dropped by selective recompute
+        per_token_layer = per_token_layer + kept * 2.5 * ctx.b * m.n_heads * m.seq_len
     in_flight = where(pp > 1, minimum(mb, pp) * (1.0 + (pp - 1) / (pp * p.virtual_pipeline)), 1.0)
     layers = m.n_layers / pp
     full = p.recompute == RECOMPUTE.index("full")
@@ -394,9 +421,15 @@ def _fsdp_gathered_bytes(ctx: Context, weight_bytes: float):
 
 # ------------------------------------------------------------------ the scalar API
 def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tokens: int, dtype: str = "bf16",
-             mode: str = "train", profile=None, routing: Routing | None = None, overlap: str = "dp",
-             dispatch: str = "nccl") -> Estimate:
-    """Estimate one training step, one prefill forward, or one decode step of ``model``."""
+             mode: str = "train", profile=None, routing: Routing | None = None, overlap: str | None = None,
+             dispatch: str | None = None, framework: str | None = None) -> Estimate:
+    """Estimate one training step, one prefill forward, or one decode step of ``model``.
+
+    ``framework`` (``frameworks.FRAMEWORKS``) sets the overlap policy, dispatch kernel and attention kernel
+    as that framework runs them; an explicit ``overlap`` or ``dispatch`` wins. Default: "megatron"."""
+    preset = frameworks.framework(framework or "megatron")
+    overlap = preset.overlap if overlap is None else overlap
+    dispatch = preset.dispatch if dispatch is None else dispatch
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}; expected one of {list(MODES)}")
     if dispatch not in KERNELS:
@@ -409,8 +442,10 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
     check_layout(model, topo, layout)
     plan = Plan.from_layout(model, layout)
     if mode != "train":
-        return _inference(make_context(plan, topo, dtype, profile, routing, dispatch), mode, int(global_batch_tokens))
-    costs = plan_costs(plan, topo, int(global_batch_tokens), dtype, profile, routing, overlap, dispatch=dispatch)
+        return _inference(make_context(plan, topo, dtype, profile, routing, dispatch, preset.attention), mode,
+                          int(global_batch_tokens))
+    costs = plan_costs(plan, topo, int(global_batch_tokens), dtype, profile, routing, overlap, dispatch=dispatch,
+                       attention=preset.attention)
     if not costs["valid"]:
         raise ValueError(
             f"global_batch_tokens: {global_batch_tokens} = {global_batch_tokens / model.seq_len:g} sequences of "

@@ -110,9 +110,10 @@ class Context:
     """Everything constant across a plan, plus the grouped collective lookups."""
 
     def __init__(self, plan: Plan, topo: Topology, dtype: str, eff: ComputeEfficiency, comm: CommParams,
-                 routing: Routing, dispatch: str = "nccl") -> None:
+                 routing: Routing, dispatch: str = "nccl", attention: str = "flash") -> None:
         self.plan, self.topo, self.dtype, self.eff, self.comm, self.routing = plan, topo, dtype, eff, comm, routing
         self.dispatch = dispatch  # the expert dispatch kernel (dispatch.KERNELS)
+        self.attention = attention  # the attention kernel (frameworks.ATTENTION_KERNELS)
         self.m = plan.model
         bits = dtype_bytes(dtype)
         self.b = 2.0 if bits < 2 else bits  # activations and communication: bf16 under 8-bit training
@@ -222,10 +223,10 @@ def _coll_one(topo: Topology, op: str, nbytes: float, kind: str, key: tuple[int,
     return 0.0 if ids is None or nbytes <= 0 else collective_time_s(topo, op, nbytes, ids, params=comm)
 
 
-def make_context(plan, topo, dtype, profile, routing, dispatch: str = "nccl") -> Context:
+def make_context(plan, topo, dtype, profile, routing, dispatch: str = "nccl", attention: str = "flash") -> Context:
     eff = getattr(profile, "compute", None) or topo.chip.efficiency
     comm = getattr(profile, "comm", None) or DEFAULT_PARAMS
-    return Context(plan, topo, dtype, eff, comm, routing or Routing(), dispatch)
+    return Context(plan, topo, dtype, eff, comm, routing or Routing(), dispatch, attention)
 
 
 # ------------------------------------------------------------------ grouping helpers

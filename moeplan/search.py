@@ -22,6 +22,7 @@ from moeplan import grid as G
 from moeplan import moe as M
 from moeplan.dispatch import KERNELS
 from moeplan.estimate import check_inputs, plan_costs
+from moeplan.frameworks import framework as framework_preset
 from moeplan.layout import RECOMPUTE, Layout
 from moeplan.quality import QualityLaw, default_law, law_loss
 from moeplan.routing import Routing
@@ -175,12 +176,12 @@ class _Scored:
 
 
 def _score_piece(piece, index, model, topo, gbt, constraints, dtype, routing, overlap, budget_s,
-                 model_no: int = 0, dispatch: str = "nccl") -> _Scored:
+                 model_no: int = 0, dispatch: str = "nccl", attention: str = "flash") -> _Scored:
     grid = dict(piece)
     ok = G.valid(grid, model, topo, gbt)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         costs = plan_costs(G.plan_of(grid, model), topo, gbt, dtype, None, routing, overlap, breakdown=False,
-                           dispatch=dispatch)
+                           dispatch=dispatch, attention=attention)
     shape = ok.shape
     values = {k: np.broadcast_to(costs[k], shape).reshape(-1) for k in _SCORES}
     ok = (ok & costs["valid"]).reshape(-1)
@@ -195,10 +196,11 @@ _SCORES = ("step_time_s", "tokens_per_s", "mfu", "memory_per_device_bytes", "dro
 
 def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, *, global_batch_tokens: int,
            objective: str = "quality_per_time", constraints: Constraints | None = None, dtype: str = "bf16",
-           routing: Routing | None = None, overlap: str = "dp", quality: QualityLaw | None = None,
+           routing: Routing | None = None, overlap: str | None = None, quality: QualityLaw | None = None,
            time_budget_s: float = 30 * 86400.0, device_hours: float | None = None, top: int = 100,
            chunk: int = 1_000_000, max_points: int = bounds.SEARCH_POINTS,
-           progress: Callable[[int, int], None] | bool = False, dispatch: str = "nccl") -> SearchResult:
+           progress: Callable[[int, int], None] | bool = False, dispatch: str | None = None,
+           framework: str | None = None) -> SearchResult:
     """Score every candidate of ``space`` and rank by ``objective`` (see the module docstring).
 
     ``quality_per_time`` is the compute-optimal objective: the lowest loss reachable within the budget,
@@ -207,8 +209,11 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     ranks by the loss at a fixed budget x the *best* throughput (so only the model changes);
     ``cost_per_token`` by device-seconds per token. The grid is scored in pieces of about ``chunk``
     points; each piece keeps its best ``top``, its Pareto front and its heatmap cells, and the pieces
-    merge exactly (also across model shapes). ``dispatch`` names the expert dispatch kernel (``estimate``).
+    merge exactly (also across model shapes). ``framework``, ``overlap`` and ``dispatch`` as in ``estimate``.
     """
+    preset = framework_preset(framework or "megatron")
+    overlap = preset.overlap if overlap is None else overlap
+    dispatch = preset.dispatch if dispatch is None else dispatch
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: got {objective!r}; expected one of {list(OBJECTIVES)}")
     if dispatch not in KERNELS:
@@ -233,7 +238,7 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
 
     def score(no, piece, index) -> _Scored:
         return _score_piece(piece, index, models[no], topo, global_batch_tokens, constraints or Constraints(), dtype,
-                            routing, overlap, budget_s, no, dispatch)
+                            routing, overlap, budget_s, no, dispatch, preset.attention)
 
     only = [score(*pieces[0])] if len(pieces) == 1 else []  # one piece: scored once for both passes
     fixed = None  # objective "quality": every candidate trains the tokens of the best throughput

@@ -40,6 +40,8 @@ _FOUND = next((p for p in _CANDIDATES if p.is_file()), _CANDIDATES[-1])
 DEFAULT_PATH = Path(os.environ.get("MOEPLAN_PUBLISHED") or _FOUND)
 # Measurements the project collected itself (cloud fabrics, newer NVLink generations), each with its source.
 COLLECTED_PATH = Path(__file__).resolve().parents[1] / "validation" / "collected.yaml"
+# Calculon's validation suite: Korthikanti et al. 2022, Table 5 (Megatron-LM on DGX A100).
+KORTHIKANTI_PATH = Path(__file__).resolve().parents[1] / "validation" / "korthikanti2022.yaml"
 
 # Published hardware that a bundled family describes at the level the model sees it.
 FAMILY_ALIASES = {
@@ -308,7 +310,7 @@ def summarize(rows: list[ValidationRow]) -> dict[str, float]:
 # ------------------------------------------------------------------ training steps
 _MODEL_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_size", "seq_len", "d_ff",
                "num_experts", "top_k", "expert_d_ff", "num_shared_experts", "moe_every", "first_dense_layers",
-               "capacity_factor", "attention", "encoder_decoder")
+               "capacity_factor", "attention", "encoder_decoder", "gated_ffn")
 
 
 def training_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple[str, str]]]:
@@ -351,15 +353,16 @@ def _training_row(point: dict) -> ValidationRow:
     data = chips // (fsdp * tensor * pipeline)  # the sources' data degree counts the expert axis too
     # MaxText's "remat ... offload" policies keep only each layer's input: a full recompute.
     notes = point.get("notes", "")
-    recompute = "full" if "remat" in notes and "offload" in notes else "selective"
+    recompute = lay.get("recompute") or ("full" if "remat" in notes and "offload" in notes else "selective")
+    flags = {k: bool(lay[k]) for k in ("sequence_parallel", "shard_optimizer") if lay.get(k) is not None}
     layout = Layout(data=data, fsdp=fsdp, tensor=tensor, pipeline=pipeline, expert=int(lay.get("expert") or 1),
                     virtual_pipeline=int(lay.get("virtual_pipeline") or 1),
-                    micro_batch_size=int(lay.get("micro_batch_per_device") or 1), recompute=recompute)
+                    micro_batch_size=int(lay.get("micro_batch_per_device") or 1), recompute=recompute, **flags)
     topo = _training_topology(family, chips, int(lay.get("dcn_data") or 0) or None)
     balanced = "force-balance" in point.get("notes", "")
     try:
         est = estimate(model, topo, layout, int(point["global_batch_tokens"]), dtype=point.get("dtype") or "bf16",
-                       routing=Routing("balanced" if balanced else "uniform"))
+                       routing=Routing("balanced" if balanced else "uniform"), framework=point.get("framework"))
     except ValueError as exc:
         raise _Skip(f"not expressible: {exc}") from None
     measured = point.get("measured") or {}

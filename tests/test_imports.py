@@ -10,8 +10,8 @@ from tests.conftest import ROOT
 
 # The house order of docs/DESIGN.md: a module may import only modules listed before it.
 ORDER = [
-    "units", "bounds", "arrays", "schema", "hardware", "topology", "families", "dispatch", "collectives", "linksim",
-    "moe", "routing",
+    "units", "bounds", "arrays", "schema", "hardware", "topology", "families", "dispatch", "frameworks", "collectives",
+    "linksim", "moe", "routing",
     "layout", "compute", "plan", "estimate", "grid", "quality", "search", "validation", "profiles", "calibrate",
     "report", "cli", "__main__",
 ]
