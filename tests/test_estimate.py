@@ -157,13 +157,34 @@ def test_bad_arguments():
     assert mp.Layout.parse("data=4,expert=2,recompute=full").recompute == "full"
 
 
-def test_published_training_steps():
+# Published runs the model misses by more than POINT_BOUND, each with what is known of why.
+KNOWN_LIMITATIONS = {
+    "G7-h100-25.11": "virtual pipeline 24 over 48 layers (one layer per chunk) and 32 micro-batches: per-chunk and "
+                     "kernel-launch overheads the model has no term for; the same model on the same GPUs without "
+                     "pipelining (G7-h100-26.04.01) is within 9 %",
+    "G10-b200-26.04.01": "too fast by 43 % with the experts inside the node; the same configuration on GB200 "
+                         "(G10-gb200-26.08) is within 2 %: not explained (candidates: the mxfp8 grouped-GEMM rate "
+                         "of B200, pipeline stages across 400G nodes without virtual stages)",
+    "G11-h100-26.04.01": "too fast by 40 %, where the same model on B200 without pipelining (G11-b200-26.04.01) is "
+                         "23 % fast: not explained (candidates: 4 pipeline stages across nodes without virtual "
+                         "stages, gpt-oss's attention sinks in an unfused kernel)",
+}
+POINT_BOUND = 0.25
+
+
+def test_published_training_steps_one_by_one():
     """Every training_step point of shared/validation/published.yaml whose model, layout and batch are
-    published: median |error| on step time (or MFU where only MFU is published) <= 20 %."""
+    published: each within 25 % on step time (or MFU where only MFU is published), or a known limitation
+    with its reason; the median within 12 %. Nothing in the step model is fitted to these points, so the
+    held-out (leave-one-source-out) error is this error."""
     rows, skipped = training_rows(load_points())
-    assert len(rows) >= 10, skipped
-    errors = np.abs([r.error for r in rows])
-    assert np.median(errors) <= 0.20, [(r.point_id, round(r.error, 2)) for r in rows]
+    assert len(rows) >= 13, skipped
+    for r in rows:
+        if r.point_id in KNOWN_LIMITATIONS:
+            assert abs(r.error) > POINT_BOUND, f"{r.point_id} is within bounds now: drop it from KNOWN_LIMITATIONS"
+        else:
+            assert abs(r.error) <= POINT_BOUND, (r.point_id, round(r.error, 3))
+    assert np.median(np.abs([r.error for r in rows])) <= 0.12
 
 
 def test_fsdp_holds_the_largest_blocks_gathered_weights_twice():
