@@ -76,7 +76,7 @@ def page_topology() -> None:
     cols = st.columns(4)
     cols[0].metric("Devices", topo.num_devices)
     cols[1].metric("Peak bf16 / chip", f"{chip.peak_bf16_flop_per_s / 1e12:,.0f} TFLOP/s")
-    cols[2].metric("HBM", f"{chip.hbm_capacity_bytes / 1e9:,.0f} GB")
+    cols[2].metric("HBM", f"{chip.hbm_capacity_bytes / 2**30:,.0f} GiB")
     cols[3].metric("Bisection", f"{topo.bisection_bw_bytes_per_s() / 1e9:,.0f} GB/s")
     st.table({"tier": list(topo.tier_bandwidths()), "one-way GB/s": [f"{v / 1e9:,.1f}" for v in
                                                                       topo.tier_bandwidths().values()]})
@@ -171,13 +171,13 @@ def page_estimate() -> None:
     m[0].metric("Step time", f"{est.step_time_s * 1e3:,.1f} ms")
     m[1].metric("Tokens/s", f"{est.tokens_per_s:,.0f}")
     m[2].metric("MFU", f"{est.mfu:.1%}")
-    m[3].metric("Memory / device", f"{est.memory_per_device_bytes / 1e9:,.1f} GB")
+    m[3].metric("Memory / device", f"{est.memory_per_device_bytes / 2**30:,.1f} GiB")
     if not est.fits:
         st.warning(f"Does not fit: {est.reason}")
     hbm = topology(name, size).chip.hbm_capacity_bytes
-    mem = go.Figure([go.Bar(x=list(est.memory), y=[v / 1e9 for v in est.memory.values()], name="memory")])
-    mem.add_hline(y=hbm / 1e9, line_dash="dash", annotation_text="HBM")
-    mem.update_layout(title="Memory per device (GB)", template="plotly_white", height=320)
+    mem = go.Figure([go.Bar(x=list(est.memory), y=[v / 2**30 for v in est.memory.values()], name="memory")])
+    mem.add_hline(y=hbm / 2**30, line_dash="dash", annotation_text="HBM")
+    mem.update_layout(title="Memory per device (GiB)", template="plotly_white", height=320)
     st.plotly_chart(report.breakdown_figure({f"{mode}": est}, "Time by part"), key="est_bars")
     st.plotly_chart(mem, key="est_mem")
     st.dataframe(est.to_rows(), key="est_table")

@@ -28,7 +28,7 @@ from moeplan.moe import list_presets, load_model, param_counts
 from moeplan.profiles import write_csv, write_json
 from moeplan.routing import Routing
 from moeplan.search import OBJECTIVES, Constraints, SearchResult, SearchSpace, search
-from moeplan.units import fmt_bytes, fmt_flops, fmt_rate, fmt_time, parse_shape
+from moeplan.units import GIB, fmt_flops, fmt_gib, fmt_rate, fmt_time, parse_shape
 
 
 def _shape_arg(text: str) -> tuple[int, ...]:
@@ -97,7 +97,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"  peak bf16      {fmt_flops(info['peak_bf16_flop_per_s'])} per chip")
     if info["peak_fp8_flop_per_s"]:
         print(f"  peak fp8       {fmt_flops(info['peak_fp8_flop_per_s'])} per chip")
-    print(f"  HBM            {fmt_bytes(info['hbm_capacity_bytes'])} at {fmt_rate(info['hbm_bw_bytes_per_s'])}")
+    print(f"  HBM            {fmt_gib(info['hbm_capacity_bytes'])} at {fmt_rate(info['hbm_bw_bytes_per_s'])}")
     for tier, bw in info["link_bw_bytes_per_s_by_tier"].items():
         print(f"  link {tier:<9} {fmt_rate(bw)} one way")
     if info["wraparound"] is not None:
@@ -190,9 +190,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             print(f"  {row.name:20} {row.kind:10} {fmt_time(row.time_s):>10} {row.time_s / est.step_time_s:7.1%}")
     print(f"  step {fmt_time(est.step_time_s)}, {est.tokens_per_s:,.0f} tokens/s, MFU {est.mfu:.1%}, "
           f"{est.micro_batches} micro-batches, drop rate {est.drop_rate:.2%}")
-    parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in est.memory.items())
-    print(f"  memory {fmt_bytes(est.memory_per_device_bytes)} per device ({parts}) "
-          f"of {fmt_bytes(topo.chip.hbm_capacity_bytes)}" + ("" if est.fits else "  DOES NOT FIT"))
+    parts = ", ".join(f"{k} {fmt_gib(v)}" for k, v in est.memory.items())
+    print(f"  memory {fmt_gib(est.memory_per_device_bytes)} per device ({parts}) "
+          f"of {fmt_gib(topo.chip.hbm_capacity_bytes)}" + ("" if est.fits else "  DOES NOT FIT"))
     for key, value in est.details.items():
         if key != "model_flops":
             print(f"  {key.replace('_', ' ')}: {value:g}")
@@ -232,7 +232,7 @@ def _print_table(rows: list[dict], top: int) -> None:
     print(f"  {'#':>3} {'d x L':>9} {'E':>4} {'k':>2} {'fe':>6} {'cf':>8} {'every':>5} {'data':>5} {'fsdp':>5} "
           f"{'exp':>4} {'tp':>3} "
           f"{'pp':>3} {'mbs':>3} {'recompute':>9} {'step':>10} {'tokens/s':>12} {'MFU':>6} {'loss (interval)':>22} "
-          f"{'mem GB':>7}")
+          f"{'mem GiB':>7}")
     for i, r in enumerate(rows[:top], 1):
         cf = "dropless" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
         loss = f"{r['loss']:.4f} ({r['loss_low']:.3f}-{r['loss_high']:.3f}){'' if r['in_range'] else '*'}"
@@ -241,7 +241,7 @@ def _print_table(rows: list[dict], top: int) -> None:
               f"{r['moe_every']:>5} {r['data']:>5} "
               f"{r['fsdp']:>5} {r['expert']:>4} {r['tensor']:>3} {r['pipeline']:>3} {r['micro_batch_size']:>3} "
               f"{r['recompute']:>9} {fmt_time(r['step_time_s']):>10} {r['tokens_per_s']:>12,.0f} {r['mfu']:>6.1%} "
-              f"{loss:>22} {r['memory_per_device_bytes'] / 1e9:>7.1f}")
+              f"{loss:>22} {r['memory_per_device_bytes'] / GIB:>7.1f}")
     if any(not r["in_range"] for r in rows[:top]):
         print("  * outside the quality law's fitted ranges (active size, tokens, activation ratio, granularity): "
               "an extrapolation")

@@ -50,9 +50,18 @@ from moeplan.layout import RECOMPUTE, Layout, check_layout
 from moeplan.plan import Context, Plan, distinct_rows, make_context
 from moeplan.routing import Routing, max_device_load, routing_stats
 from moeplan.topology import Topology
-from moeplan.units import dtype_bytes
+from moeplan.units import GIB, dtype_bytes
 
 MODES = ("train", "prefill", "decode")
+
+# HBM kept free of the model's own bytes: the CUDA context, NCCL's and cuBLAS's buffers, the caching allocator's
+# fragmentation. An assumption (no source measures it in general), user-settable: estimate/search(hbm_reserve=).
+HBM_RESERVE = 0.08
+
+
+def usable_hbm_bytes(topo: Topology, hbm_reserve: float = HBM_RESERVE) -> float:
+    bounds.check_number("hbm_reserve", hbm_reserve, 0.0, 0.9)
+    return topo.chip.hbm_capacity_bytes * (1.0 - hbm_reserve)
 OVERLAPS = ("none", "dp", "full")
 
 
@@ -243,7 +252,7 @@ def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str = "bf16", profile=None,
                routing: Routing | None = None, overlap: str = "dp", breakdown: bool = True,
-               dispatch: str = "nccl", attention: str = "flash") -> dict:
+               dispatch: str = "nccl", attention: str = "flash", hbm_reserve: float = HBM_RESERVE) -> dict:
     """Training cost of every candidate of ``plan``: step time, tokens/s, MFU, memory, drop rate, fits,
     valid, and with ``breakdown`` the per-part times, FLOPs, bytes and counts. Each value has the
     broadcast shape of the fields it depends on (the search broadcasts them over its grid)."""
@@ -316,7 +325,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     out["drop_rate"] = moe["drop"] * (m.n_moe_layers > 0)
     out["micro_batches"] = mb
     out["valid"] = valid
-    out["fits"] = out["memory_per_device_bytes"] <= topo.chip.hbm_capacity_bytes
+    out["fits"] = out["memory_per_device_bytes"] <= usable_hbm_bytes(topo, hbm_reserve)
     return out
 
 
@@ -422,11 +431,13 @@ def _fsdp_gathered_bytes(ctx: Context, weight_bytes: float):
 # ------------------------------------------------------------------ the scalar API
 def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tokens: int, dtype: str = "bf16",
              mode: str = "train", profile=None, routing: Routing | None = None, overlap: str | None = None,
-             dispatch: str | None = None, framework: str | None = None) -> Estimate:
+             dispatch: str | None = None, framework: str | None = None,
+             hbm_reserve: float = HBM_RESERVE) -> Estimate:
     """Estimate one training step, one prefill forward, or one decode step of ``model``.
 
     ``framework`` (``frameworks.FRAMEWORKS``) sets the overlap policy, dispatch kernel and attention kernel
-    as that framework runs them; an explicit ``overlap`` or ``dispatch`` wins. Default: "megatron"."""
+    as that framework runs them; an explicit ``overlap`` or ``dispatch`` wins. Default: "megatron".
+    ``hbm_reserve``: the fraction of HBM kept for workspaces and fragmentation (``fits`` uses the rest)."""
     preset = frameworks.framework(framework or "megatron")
     overlap = preset.overlap if overlap is None else overlap
     dispatch = preset.dispatch if dispatch is None else dispatch
@@ -437,21 +448,22 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
     if overlap not in OVERLAPS:
         raise ValueError(f"overlap: got {overlap!r}; expected one of {list(OVERLAPS)}")
     bounds.check_int("global_batch_tokens", global_batch_tokens, *bounds.GLOBAL_BATCH_TOKENS)
+    bounds.check_number("hbm_reserve", hbm_reserve, 0.0, 0.9)
     dtype_bytes(dtype)
     check_inputs(model, topo, layout, profile, routing)
     check_layout(model, topo, layout)
     plan = Plan.from_layout(model, layout)
     if mode != "train":
         return _inference(make_context(plan, topo, dtype, profile, routing, dispatch, preset.attention), mode,
-                          int(global_batch_tokens))
+                          int(global_batch_tokens), hbm_reserve)
     costs = plan_costs(plan, topo, int(global_batch_tokens), dtype, profile, routing, overlap, dispatch=dispatch,
-                       attention=preset.attention)
+                       attention=preset.attention, hbm_reserve=hbm_reserve)
     if not costs["valid"]:
         raise ValueError(
             f"global_batch_tokens: {global_batch_tokens} = {global_batch_tokens / model.seq_len:g} sequences of "
             f"{model.seq_len}; expected a whole number of sequences per batch shard ({layout.batch_shards} shards) "
             f"and of micro-batches of {layout.micro_batch_size}")
-    return _estimate_from_costs(costs, topo)
+    return _estimate_from_costs(costs, topo, hbm_reserve)
 
 
 def check_inputs(model, topo, layout, profile, routing) -> None:
@@ -474,7 +486,7 @@ _ROWS = [("attention", "compute"), ("attention_tp", "comm"), ("attention_scores"
          ("optimizer", "optimizer")]
 
 
-def _estimate_from_costs(costs: dict, topo: Topology) -> Estimate:
+def _estimate_from_costs(costs: dict, topo: Topology, hbm_reserve: float = HBM_RESERVE) -> Estimate:
     """The Estimate of a one-candidate ``plan_costs`` result."""
     get = costs.get
     rows = []
@@ -485,17 +497,18 @@ def _estimate_from_costs(costs: dict, topo: Topology) -> Estimate:
     memory = {k[4:]: float(v) for k, v in costs.items() if k.startswith("mem:")}
     step = float(costs["step_time_s"])
     return _finish(topo, "train", step, float(costs["model_flops"]), float(costs["tokens_per_s"]) * step, memory,
-                   rows, float(costs["drop_rate"]), int(costs["micro_batches"]))
+                   rows, float(costs["drop_rate"]), int(costs["micro_batches"]), hbm_reserve)
 
 
 def _finish(topo: Topology, mode: str, step: float, model_flops: float, tokens: float, memory: dict[str, float],
-            rows: list[LayerRow], drop: float, micro_batches: int) -> Estimate:
+            rows: list[LayerRow], drop: float, micro_batches: int, hbm_reserve: float = HBM_RESERVE) -> Estimate:
     total_mem = sum(memory.values())
-    hbm = topo.chip.hbm_capacity_bytes
-    fits = total_mem <= hbm
-    reason = "" if fits else (f"needs {total_mem / 1e9:.1f} GB per device "
-                              f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in memory.items())}); "
-                              f"the chip has {hbm / 1e9:.1f} GB")
+    usable = usable_hbm_bytes(topo, hbm_reserve)
+    fits = total_mem <= usable
+    reason = "" if fits else (f"needs {total_mem / GIB:.1f} GiB per device "
+                              f"({', '.join(f'{k} {v / GIB:.1f}' for k, v in memory.items())}); "
+                              f"the chip has {topo.chip.hbm_capacity_bytes / GIB:.1f} GiB, {usable / GIB:.1f} GiB "
+                              f"after {hbm_reserve:.0%} kept for workspaces")
     mfu = model_flops / (step * topo.num_devices * topo.chip.peak_bf16_flop_per_s)
     bounds.check_finite_outputs(f"estimate ({mode})", {"step_time_s": step, "tokens_per_s": tokens / step,
                                                        "memory_per_device_bytes": total_mem, "mfu": mfu,
@@ -505,7 +518,7 @@ def _finish(topo: Topology, mode: str, step: float, model_flops: float, tokens: 
 
 
 # ------------------------------------------------------------------ inference
-def _inference(ctx: Context, mode: str, gbt: int) -> Estimate:
+def _inference(ctx: Context, mode: str, gbt: int, hbm_reserve: float = HBM_RESERVE) -> Estimate:
     """prefill: one forward over ``gbt`` tokens. decode: one new token for each of ``gbt`` sequences,
     attending to ``seq_len`` cached tokens. Pipeline stages run one after another (no micro-batches)."""
     m, topo, p = ctx.m, ctx.topo, ctx.plan
@@ -559,7 +572,7 @@ def _inference(ctx: Context, mode: str, gbt: int) -> Estimate:
               "activations": float(tokens * _activation_bytes_per_token_layer(ctx) / p.tensor),
               "a2a_buffers": 2.0 * send}
     flops = M.model_flops_per_token(m.base, training=False) * gbt
-    est = _finish(topo, mode, step, flops, gbt, memory, rows, drop, 1)
+    est = _finish(topo, mode, step, flops, gbt, memory, rows, drop, 1, hbm_reserve)
     est.details.update({
         "min_devices_to_hold_weights": float(np.ceil(counts["total"] * weight_bytes / topo.chip.hbm_capacity_bytes)),
         "batch_for_busy_experts": float(np.ceil(m.num_experts / m.top_k)),

@@ -21,7 +21,7 @@ from moeplan import bounds
 from moeplan import grid as G
 from moeplan import moe as M
 from moeplan.dispatch import KERNELS
-from moeplan.estimate import check_inputs, plan_costs
+from moeplan.estimate import HBM_RESERVE, check_inputs, plan_costs
 from moeplan.frameworks import framework as framework_preset
 from moeplan.layout import RECOMPUTE, Layout
 from moeplan.quality import QualityLaw, default_law, law_loss
@@ -176,12 +176,13 @@ class _Scored:
 
 
 def _score_piece(piece, index, model, topo, gbt, constraints, dtype, routing, overlap, budget_s,
-                 model_no: int = 0, dispatch: str = "nccl", attention: str = "flash") -> _Scored:
+                 model_no: int = 0, dispatch: str = "nccl", attention: str = "flash",
+                 hbm_reserve: float = HBM_RESERVE) -> _Scored:
     grid = dict(piece)
     ok = G.valid(grid, model, topo, gbt)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         costs = plan_costs(G.plan_of(grid, model), topo, gbt, dtype, None, routing, overlap, breakdown=False,
-                           dispatch=dispatch, attention=attention)
+                           dispatch=dispatch, attention=attention, hbm_reserve=hbm_reserve)
     shape = ok.shape
     values = {k: np.broadcast_to(costs[k], shape).reshape(-1) for k in _SCORES}
     ok = (ok & costs["valid"]).reshape(-1)
@@ -200,7 +201,7 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
            time_budget_s: float = 30 * 86400.0, device_hours: float | None = None, top: int = 100,
            chunk: int = 1_000_000, max_points: int = bounds.SEARCH_POINTS,
            progress: Callable[[int, int], None] | bool = False, dispatch: str | None = None,
-           framework: str | None = None) -> SearchResult:
+           framework: str | None = None, hbm_reserve: float = HBM_RESERVE) -> SearchResult:
     """Score every candidate of ``space`` and rank by ``objective`` (see the module docstring).
 
     ``quality_per_time`` is the compute-optimal objective: the lowest loss reachable within the budget,
@@ -212,6 +213,7 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     merge exactly (also across model shapes). ``framework``, ``overlap`` and ``dispatch`` as in ``estimate``.
     """
     preset = framework_preset(framework or "megatron")
+    bounds.check_number("hbm_reserve", hbm_reserve, 0.0, 0.9)
     overlap = preset.overlap if overlap is None else overlap
     dispatch = preset.dispatch if dispatch is None else dispatch
     if objective not in OBJECTIVES:
@@ -238,7 +240,7 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
 
     def score(no, piece, index) -> _Scored:
         return _score_piece(piece, index, models[no], topo, global_batch_tokens, constraints or Constraints(), dtype,
-                            routing, overlap, budget_s, no, dispatch, preset.attention)
+                            routing, overlap, budget_s, no, dispatch, preset.attention, hbm_reserve)
 
     only = [score(*pieces[0])] if len(pieces) == 1 else []  # one piece: scored once for both passes
     fixed = None  # objective "quality": every candidate trains the tokens of the best throughput

@@ -62,6 +62,11 @@ def fmt_bytes(num_bytes: float) -> str:
     return _fmt_decimal(num_bytes, "B")
 
 
+def fmt_gib(num_bytes: float) -> str:
+    """Memory held, in binary units as HBM is sized: 8.589935e10 -> '80.0 GiB'."""
+    return f"{num_bytes / GIB:,.1f} GiB"
+
+
 def fmt_rate(bytes_per_s: float) -> str:
     """Decimal bytes per second: 4.5e11 -> '450 GB/s'."""
     return _fmt_decimal(bytes_per_s, "B/s")

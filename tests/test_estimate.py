@@ -342,3 +342,20 @@ def test_unfused_attention_keeps_its_scores_unless_recomputed():
     # Korthikanti et al. eq. 1: 5 a s^2 bytes per sequence and layer at 2-byte activations, one sequence here
     assert mem["none", "megatron-2022"] - mem["none", "megatron"] == pytest.approx(5 * heads * s * s * layers)
     assert mem["selective", "megatron-2022"] == mem["selective", "megatron"]
+
+
+def test_hbm_is_binary_and_a_reserve_is_kept_for_workspaces():
+    """Datasheet 'GB' of HBM are GiB (dies come in 2^n Gbit); fits keeps hbm_reserve (default 8 %) free."""
+    topo = mp.load_topology("dgx-h100")
+    assert topo.chip.hbm_capacity_bytes == pytest.approx(80 * 2**30, rel=1e-6)
+    model = mp.load_model("qwen3-30b-a3b")
+    est = mp.estimate(model, topo, mp.Layout(data=8, expert=8), 8 * model.seq_len)
+    used = est.memory_per_device_bytes / topo.chip.hbm_capacity_bytes
+    assert 0.2 < used < 0.85 and est.fits
+    tight = 1.0 - used + 0.01  # a reserve that leaves just too little
+    assert mp.estimate(model, topo, mp.Layout(data=8, expert=8), 8 * model.seq_len, hbm_reserve=tight).fits is False
+    loose = mp.estimate(model, topo, mp.Layout(data=8, expert=8), 8 * model.seq_len, hbm_reserve=max(tight - 0.02, 0))
+    assert loose.fits is True
+    assert "GiB" in mp.estimate(model, topo, mp.Layout(data=8, expert=8), 8 * model.seq_len, hbm_reserve=tight).reason
+    with pytest.raises(ValueError, match="hbm_reserve"):
+        mp.estimate(model, topo, mp.Layout(data=8, expert=8), 8 * model.seq_len, hbm_reserve=1.5)
