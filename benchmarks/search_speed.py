@@ -21,7 +21,7 @@ def main() -> None:
     topo = mp.load_topology("dgx-h100", nodes=4)
     space = mp.SearchSpace(num_experts=[8, 16, 32, 64], top_k=[1, 2, 4], capacity_factor=[None, 1.0, 1.25, 1.5, 2.0],
                            moe_every=[1, 2, 4], expert_d_ff=[3584, 7168, 14336], micro_batch_size=[1, 2, 4, 8],
-                           pipeline=[1, 2, 4, 8], virtual_pipeline=[1, 2])
+                           pipeline=[1, 2, 4, 8], virtual_pipeline=[1, 2], fsdp=[1])
     rates = []
     for run in range(6):  # the first run is cold (routing statistics computed), the others warm (memoised)
         start = time.perf_counter()

@@ -178,8 +178,9 @@ class Context:
         codes = np.broadcast_to(codes, shape).reshape(-1)
         out = np.zeros(size.size)
         for ids, sel in zip(groups, _members(codes, len(groups)), strict=True):
-            if ids is not None and sel.size:
-                out[sel] = collective_time_s(self.topo, op, size[sel], ids, params=self.comm)
+            if ids is not None and sel.size:  # each distinct size once: the grid repeats them across knobs
+                sizes, back = np.unique(size[sel], return_inverse=True)
+                out[sel] = collective_cost(self.topo, op, sizes, ids, params=self.comm).time_s[back.reshape(-1)]
         return out.reshape(shape)
 
     def _placements(self, kind: str, cols) -> tuple[np.ndarray, list]:

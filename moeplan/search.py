@@ -70,9 +70,11 @@ class SearchSpace:
             "moe_every": [model.moe_every], "expert_d_ff": [model.expert_d_ff],
             "expert": [p for p in powers if p <= model.num_experts * 4],
             "tensor": [p for p in powers if p <= min(per_node, 8)],
-            "pipeline": [p for p in powers if p <= 8],
-            "fsdp": [1] if topo.kind == SWITCHED else powers,
-            "virtual_pipeline": [1], "micro_batch_size": [1, 2, 4], "recompute": ["selective", "full"],
+            "pipeline": [p for p in powers if p <= min(model.n_layers, 64)],
+            # GPUs: no FSDP, hybrid sharding inside a node, FSDP over every device (PyTorch FSDP/HSDP, Megatron's
+            # distributed optimizer); TPUs: every power of two (MaxText's ici_fsdp_parallelism)
+            "fsdp": sorted({1, min(per_node, n), n}) if topo.kind == SWITCHED else powers,
+            "virtual_pipeline": [1, 2], "micro_batch_size": [1, 2, 4], "recompute": ["selective", "full"],
         }
         if self.keep_active and self.expert_d_ff is not None:
             raise ValueError("space.expert_d_ff: give either expert widths or keep_active=True, not both")
@@ -94,7 +96,28 @@ class SearchSpace:
                         bounds.check_number("space.capacity_factor (None = dropless)", v, *bounds.CAPACITY_FACTOR)
                 elif knob != "recompute":
                     bounds.check_int(f"space.{knob}", v, *(bounds.MODEL.get(knob) or bounds.LAYOUT[knob]))
+        self._reject_inapplicable(out, model, n)
         return out
+
+    def _reject_inapplicable(self, out: dict[str, list], model: M.MoEModel, devices: int) -> None:
+        """A value the user gave that no candidate can use is an error naming it, never silently dropped."""
+        reasons = {
+            "tensor": lambda v: devices % v and f"does not divide the {devices} devices" or model.n_heads % v and (
+                f"does not divide the model's {model.n_heads} heads"),
+            "pipeline": lambda v: devices % v and f"does not divide the {devices} devices" or v > model.n_layers and (
+                f"is more stages than the model's {model.n_layers} layers"),
+            "fsdp": lambda v: devices % v and f"does not divide the {devices} devices",
+            "expert": lambda v: devices % v and f"does not divide the {devices} devices" or all(
+                e % v for e in out["num_experts"]) and f"divides none of the expert counts {out['num_experts']}",
+            "virtual_pipeline": lambda v: v > 1 and max(out["pipeline"]) == 1 and "needs a pipeline of 2 or more",
+        }
+        for knob, why in reasons.items():
+            if getattr(self, knob) is None:
+                continue  # defaults are chosen to apply
+            for v in out[knob]:
+                reason = why(v)
+                if reason:
+                    raise ValueError(f"space.{knob}: {v} {reason}; expected values some layout can use")
 
 
 @dataclass

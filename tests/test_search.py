@@ -253,3 +253,26 @@ def test_a_grid_past_the_point_budget_is_refused_with_its_size():
     with pytest.raises(ValueError, match=r"space: the grid has [\d,]+ points, more than max_points=1,000,000"):
         mp.search(MODEL, mp.load_topology("tpu-v5p", shape=(4, 4, 8)), space, global_batch_tokens=GBT,
                   max_points=1_000_000)
+
+
+def test_default_space_reaches_deep_pipelines_virtual_stages_and_fsdp_on_gpus():
+    model = mp.load_model("mixtral-8x7b")
+    topo = mp.load_topology("dgx-h100", nodes=8)
+    space = mp.SearchSpace().resolved(model, topo)
+    assert max(space["pipeline"]) == 32  # 64 devices, 32 layers
+    assert 2 in space["virtual_pipeline"] and max(space["fsdp"]) == 64
+
+
+@pytest.mark.parametrize("knob,values,message", [
+    ("pipeline", [64], "more stages than the model's 32 layers"),
+    ("tensor", [3], "does not divide the 64 devices"),
+    ("tensor", [64], "does not divide the model's 32 heads"),
+    ("expert", [16], "divides none of the expert counts"),
+    ("virtual_pipeline", [2], "needs a pipeline of 2 or more"),
+])
+def test_space_values_no_layout_can_use_are_errors(knob, values, message):
+    model = mp.load_model("mixtral-8x7b")
+    topo = mp.load_topology("dgx-h100", nodes=8)
+    extra = {"pipeline": [1]} if knob == "virtual_pipeline" else {}
+    with pytest.raises(ValueError, match=f"space.{knob}: .*{message}"):
+        mp.SearchSpace(**{knob: values}, **extra).resolved(model, topo)
