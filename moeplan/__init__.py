@@ -20,6 +20,20 @@ from moeplan.topology import DeviceMesh, Topology
 
 __version__ = "0.1.0"
 
+
+def validate(candidates, out="artifacts/validate", *, top: int = 6, steps: int = 3, profile=None,
+             topology: str = "cpu-host") -> dict:
+    """Run candidates as real JAX training steps on the local devices under the profiler and compare each
+    part with its estimate (``moeplan.calibrate.validate``; needs the 'jax' extra). ``candidates``: a
+    ``SearchResult`` (its first ``top`` configurations) or a list of ``(MoEModel, Layout)`` pairs. Returns the
+    summary written to ``<out>/results.json``: per candidate and part measured and predicted seconds, the
+    median |error| per part, and Kendall's tau of the step-time order."""
+    from moeplan.calibrate.validate import validate as run
+
+    if isinstance(candidates, SearchResult):
+        candidates = [(c.model, c.layout) for c in candidates.configurations[:top]]
+    return run(list(candidates), out, steps=steps, profile=profile, topology=topology)
+
 __all__ = [
     "ChipSpec",
     "Estimate",
@@ -36,6 +50,7 @@ __all__ = [
     "SearchResult",
     "SearchSpace",
     "search",
+    "validate",
     "estimate",
     "list_presets",
     "load_model",

@@ -38,11 +38,12 @@ def _shape_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_topology_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+def _add_topology_args(parser: argparse.ArgumentParser, positional: bool = True, default: str | None = None) -> None:
     if positional:
         parser.add_argument("topology", help="bundled family name (see 'moeplan topologies') or a .yaml file")
     else:
-        parser.add_argument("--topology", required=True, help="bundled family name or a .yaml file")
+        parser.add_argument("--topology", required=default is None, default=default,
+                            help="bundled family name or a .yaml file" + (f" (default {default})" if default else ""))
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--shape", type=_shape_arg, help="torus slice shape, e.g. 4x4x8")
     size.add_argument("--nodes", type=int, help="number of nodes (GPU clusters)")
@@ -369,6 +370,44 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Run a search's top candidates (or explicit layouts) as real JAX steps under the profiler here."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    try:
+        from moeplan.calibrate.validate import validate
+    except ImportError as exc:
+        raise ValueError(f"validate needs jax: pip install -e '.[jax]' ({exc})") from None
+    model = load_model(args.model)
+    if args.layouts:
+        pairs = [(model, Layout.parse(text)) for text in args.layouts.split(";") if text.strip()]
+    else:
+        topo = topology_from_args(args)
+        result = search(model, topo, SearchSpace(num_experts=sorted({8, 16, 32, model.num_experts}),
+                                                 top_k=sorted({1, 2, model.top_k})),
+                        global_batch_tokens=args.batch_tokens, objective="quality_per_time")
+        pairs = [(c.model, c.layout) for c in result.configurations[:args.top]]
+    profile = mp.load_profile(args.profile) if args.profile else None
+    summary = validate(pairs, args.out, steps=args.steps, profile=profile, say=print if not args.json else _quiet)
+    if args.html:
+        from moeplan.report import validation_figure, write_html
+
+        write_html(args.html, [("Predicted against measured, per part", [validation_figure(summary)], "")])
+    if args.json:
+        print(json.dumps(summary, indent=2, default=float))
+        return 0
+    print(f"{'part':14} {'median |error|':>15}")
+    for part, error in summary["median_abs_error_by_part"].items():
+        print(f"{part:14} {error:15.1%}")
+    tau = summary["kendall_tau"]
+    print(f"step-time order: Kendall tau {'n/a' if tau is None else f'{tau:.2f}'} over {len(pairs)} candidates; "
+          f"results {args.out}/results.json")
+    return 0
+
+
+def _quiet(_text: str) -> None:
+    return None
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Start the Streamlit dashboard (extra 'app')."""
     import shutil
@@ -480,6 +519,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     cal.add_argument("--num-processes", type=int, help="processes in a multi-host run")
     cal.add_argument("--process-id", type=int, help="this process's index in a multi-host run")
     handlers["calibrate"] = cmd_calibrate
+
+    val = sub.add_parser("validate", help="run candidates as JAX steps under the profiler here; predicted vs "
+                                          "measured per part, and the step-time order (Kendall tau)")
+    _add_topology_args(val, positional=False, default="dgx-h100")
+    val.add_argument("--model", required=True, help="preset name or a model .yaml")
+    val.add_argument("--batch-tokens", type=int, default=2**20, help="global batch of the search (tokens)")
+    val.add_argument("--top", type=int, default=6, help="candidates of the search to run")
+    val.add_argument("--layouts", help="explicit layouts instead of a search: 'data=8,expert=8;data=4,expert=2'")
+    val.add_argument("--steps", type=int, default=3, help="profiled steps per candidate")
+    val.add_argument("--profile", help="calibration profile for the predictions")
+    val.add_argument("--out", default="artifacts/validate", help="folder for traces and results (resumable)")
+    val.add_argument("--html", help="write a plotly report here")
+    val.add_argument("--json", action="store_true")
+    handlers["validate"] = cmd_validate
 
     dash = sub.add_parser("dashboard", help="start the Streamlit planning dashboard")
     dash.add_argument("--port", type=int, default=8501)

@@ -80,6 +80,23 @@ def heatmap_figure(result: SearchResult, title: str = "") -> go.Figure:
     return fig
 
 
+def validation_figure(summary: dict, title: str = "") -> go.Figure:
+    """Predicted against measured seconds, one marker per candidate and part (``moeplan validate``)."""
+    fig = go.Figure()
+    rows = summary.get("rows", [])
+    for part in sorted({r["part"] for r in rows}):
+        sel = [r for r in rows if r["part"] == part]
+        fig.add_trace(go.Scatter(x=[r["measured_s"] * 1e3 for r in sel], y=[r["predicted_s"] * 1e3 for r in sel],
+                                 mode="markers", name=part, text=[r["model"] for r in sel]))
+    top = max([max(r["measured_s"], r["predicted_s"]) * 1e3 for r in rows] or [1.0])
+    fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="predicted = measured",
+                             line={"dash": "dash", "color": "gray"}))
+    tau = summary.get("kendall_tau")
+    fig.update_layout(title=title or f"per part, ms (step-time Kendall tau {tau if tau is None else round(tau, 2)})",
+                      xaxis_title="measured (ms)", yaxis_title="predicted (ms)", template="plotly_white")
+    return fig
+
+
 def write_html(path: str | os.PathLike[str], sections: list[tuple[str, list[go.Figure], str]],
                title: str = "moeplan report") -> Path:
     """One self-contained HTML file (plotly.js inlined once); written atomically."""
