@@ -174,7 +174,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     layout = Layout.parse(args.layout) if args.layout else Layout(data=topo.num_devices)
     routing = Routing(args.routing) if args.routing else None
     est = estimate(model, topo, layout, global_batch_tokens=args.batch_tokens, dtype=args.dtype, mode=args.mode,
-                   routing=routing, overlap=args.overlap, dispatch=args.dispatch, framework=args.framework)
+                   routing=routing, overlap=args.overlap, dispatch=args.dispatch, framework=args.framework,
+                   profile=_profile_arg(args))
     if args.json:
         print(json.dumps({"topology": topo.name, "model": model.name, "layout": asdict(layout), "mode": est.mode,
                           "step_time_s": est.step_time_s, "tokens_per_s": est.tokens_per_s, "mfu": est.mfu,
@@ -268,7 +269,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     objective=args.objective, dtype=args.dtype, progress=not args.quiet,
                     constraints=Constraints(max_drop_rate=args.max_drop_rate),
                     time_budget_s=args.budget_days * 86400.0, device_hours=args.budget_device_hours,
-                    dispatch=args.dispatch, framework=args.framework)
+                    dispatch=args.dispatch, framework=args.framework, profile=_profile_arg(args))
     seconds = time.perf_counter() - start
     print(f"{model.name} on {topo.name}: {result.evaluated:,} configurations scored in {seconds:.2f} s "
           f"({result.evaluated / max(seconds, 1e-9):,.0f}/s), {result.details['kept']:,} meet the constraints; "
@@ -296,10 +297,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         moe_every=[1, 2, 4], micro_batch_size=[1, 2, 4])
     runs = []
     start = time.perf_counter()
+    profile = _profile_arg(args)
     for family, size in DEFAULT_PLANS:
         topo = mp.load_topology(family, **size)
+        mine = profile if profile is not None and profile.topology.split(":")[0] == family else None
+        if profile is not None and mine is None:
+            print(f"plan: the profile was measured on {profile.topology}; {topo.name} uses its family's figures")
         result = search(model, topo, space, global_batch_tokens=args.batch_tokens, objective="quality_per_time",
-                        progress=not args.quiet)
+                        progress=not args.quiet, profile=mine)
         runs.append((f"{model.name} on {topo.name}", model, topo, result, args.batch_tokens))
     seconds = time.perf_counter() - start
     total = sum(r[3].evaluated for r in runs)
@@ -370,6 +375,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_arg(args: argparse.Namespace):
+    """The calibration profile named by --profile, or None."""
+    return mp.load_profile(args.profile) if getattr(args, "profile", None) else None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Run a search's top candidates (or explicit layouts) as real JAX steps under the profiler here."""
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -386,7 +396,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                                  top_k=sorted({1, 2, model.top_k})),
                         global_batch_tokens=args.batch_tokens, objective="quality_per_time")
         pairs = [(c.model, c.layout) for c in result.configurations[:args.top]]
-    profile = mp.load_profile(args.profile) if args.profile else None
+    profile = _profile_arg(args)
     summary = validate(pairs, args.out, steps=args.steps, profile=profile, say=print if not args.json else _quiet)
     if args.html:
         from moeplan.report import validation_figure, write_html
@@ -469,6 +479,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     est.add_argument("--overlap", choices=OVERLAPS, help="communication overlap policy (default: the framework's)")
     est.add_argument("--dispatch", choices=KERNELS,
                      help="expert dispatch kernel: nccl all-to-all, DeepEP normal or low-latency")
+    est.add_argument("--profile", help="calibration profile (moeplan calibrate) for compute and collectives")
     est.add_argument("--json", action="store_true")
     handlers["estimate"] = cmd_estimate
 
@@ -500,6 +511,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     srch.add_argument("--json", help="write the ranked table as JSON")
     srch.add_argument("--html", help="write the HTML report (needs the 'report' extra: plotly)")
     srch.add_argument("--quiet", action="store_true", help="no progress bar")
+    srch.add_argument("--profile", help="calibration profile (moeplan calibrate) for compute and collectives")
     handlers["search"] = cmd_search
 
     plan = sub.add_parser("plan", help="the default search: an ST-MoE-like model on TPU v5p and on 4 H100 nodes")
@@ -508,6 +520,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     plan.add_argument("--top", type=int, default=5)
     plan.add_argument("--html", help="write the HTML report (needs plotly)")
     plan.add_argument("--quiet", action="store_true")
+    plan.add_argument("--profile", help="calibration profile; used for the default topology it was measured on")
     handlers["plan"] = cmd_plan
 
     cal = sub.add_parser("calibrate", help="measure JAX MoE layers and collectives here, fit, write a profile")

@@ -200,11 +200,11 @@ class _Scored:
 
 def _score_piece(piece, index, model, topo, gbt, constraints, dtype, routing, overlap, budget_s,
                  model_no: int = 0, dispatch: str = "nccl", attention: str = "flash",
-                 hbm_reserve: float = HBM_RESERVE) -> _Scored:
+                 hbm_reserve: float = HBM_RESERVE, profile=None) -> _Scored:
     grid = dict(piece)
     ok = G.valid(grid, model, topo, gbt)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        costs = plan_costs(G.plan_of(grid, model), topo, gbt, dtype, None, routing, overlap, breakdown=False,
+        costs = plan_costs(G.plan_of(grid, model), topo, gbt, dtype, profile, routing, overlap, breakdown=False,
                            dispatch=dispatch, attention=attention, hbm_reserve=hbm_reserve)
     shape = ok.shape
     values = {k: np.broadcast_to(costs[k], shape).reshape(-1) for k in _SCORES}
@@ -224,7 +224,7 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
            time_budget_s: float = 30 * 86400.0, device_hours: float | None = None, top: int = 100,
            chunk: int = 1_000_000, max_points: int = bounds.SEARCH_POINTS,
            progress: Callable[[int, int], None] | bool = False, dispatch: str | None = None,
-           framework: str | None = None, hbm_reserve: float = HBM_RESERVE) -> SearchResult:
+           framework: str | None = None, hbm_reserve: float = HBM_RESERVE, profile=None) -> SearchResult:
     """Score every candidate of ``space`` and rank by ``objective`` (see the module docstring).
 
     ``quality_per_time`` is the compute-optimal objective: the lowest loss reachable within the budget,
@@ -233,7 +233,8 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     ranks by the loss at a fixed budget x the *best* throughput (so only the model changes);
     ``cost_per_token`` by device-seconds per token. The grid is scored in pieces of about ``chunk``
     points; each piece keeps its best ``top``, its Pareto front and its heatmap cells, and the pieces
-    merge exactly (also across model shapes). ``framework``, ``overlap`` and ``dispatch`` as in ``estimate``.
+    merge exactly (also across model shapes). ``framework``, ``overlap``, ``dispatch`` and ``profile`` (a
+    calibration profile: its compute efficiencies and collective parameters) as in ``estimate``.
     """
     preset = framework_preset(framework or "megatron")
     bounds.check_number("hbm_reserve", hbm_reserve, 0.0, 0.9)
@@ -243,7 +244,7 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
         raise ValueError(f"objective: got {objective!r}; expected one of {list(OBJECTIVES)}")
     if dispatch not in KERNELS:
         raise ValueError(f"dispatch: got {dispatch!r}; expected one of {list(KERNELS)}")
-    check_inputs(model, topo, None, None, routing)
+    check_inputs(model, topo, None, profile, routing)
     budget_s = _budget_s(time_budget_s, device_hours, topo)
     law = quality or default_law()
     space = space or SearchSpace()
@@ -263,7 +264,7 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
 
     def score(no, piece, index) -> _Scored:
         return _score_piece(piece, index, models[no], topo, global_batch_tokens, constraints or Constraints(), dtype,
-                            routing, overlap, budget_s, no, dispatch, preset.attention, hbm_reserve)
+                            routing, overlap, budget_s, no, dispatch, preset.attention, hbm_reserve, profile)
 
     only = [score(*pieces[0])] if len(pieces) == 1 else []  # one piece: scored once for both passes
     fixed = None  # objective "quality": every candidate trains the tokens of the best throughput

@@ -4,6 +4,7 @@ and the best expert-parallel degree follows the interconnect."""
 from __future__ import annotations
 
 import importlib
+import json
 import math
 
 import numpy as np
@@ -276,3 +277,27 @@ def test_space_values_no_layout_can_use_are_errors(knob, values, message):
     extra = {"pipeline": [1]} if knob == "virtual_pipeline" else {}
     with pytest.raises(ValueError, match=f"space.{knob}: .*{message}"):
         mp.SearchSpace(**{knob: values}, **extra).resolved(model, topo)
+
+
+def test_search_and_the_cli_take_a_calibration_profile(capsys):
+    from moeplan.cli import main
+    from tests.conftest import ROOT
+
+    path = ROOT / "profiles" / "cpu-host.yaml"
+    profile = mp.load_profile(path)
+    model = mp.MoEModel(name="tiny", d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_head=64, vocab_size=1024,
+                        seq_len=256, d_ff=512, num_experts=8, top_k=2, expert_d_ff=256, moe_every=2)
+    topo = mp.load_topology("cpu-host")
+    space = mp.SearchSpace(num_experts=[8], top_k=[2])
+    plain = mp.search(model, topo, space, global_batch_tokens=16 * 256)
+    fitted = mp.search(model, topo, space, global_batch_tokens=16 * 256, profile=profile)
+    best = fitted.best
+    again = mp.estimate(best.model, topo, best.layout, 16 * 256, profile=profile)
+    assert best.step_time_s == pytest.approx(again.step_time_s, rel=1e-9)
+    assert best.step_time_s != pytest.approx(plain.best.step_time_s, rel=1e-3)
+    argv = ["estimate", "--topology", "cpu-host", "--model", "st-moe-like-8b", "--batch-tokens", "16384",
+            "--layout", "data=8,expert=8", "--json"]
+    assert main(argv) == 0
+    without = json.loads(capsys.readouterr().out)["step_time_s"]
+    assert main(argv + ["--profile", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["step_time_s"] != pytest.approx(without, rel=1e-3)
