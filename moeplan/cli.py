@@ -360,6 +360,8 @@ def _html_report(path: str, runs) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Runs on whatever devices JAX sees; on a CPU host, 8 XLA devices unless XLA_FLAGS says otherwise."""
+    if args.from_trace:
+        return _calibrate_from_trace(args)
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     try:
         from moeplan.calibrate.run import calibrate, init_distributed
@@ -372,6 +374,32 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     errors = profile["errors"]
     say(f"profile {args.out}: held-out median error {errors['before_median_abs']:.1%} before the fit, "
         f"{errors['after_median_abs']:.1%} after; {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _calibrate_from_trace(args: argparse.Namespace) -> int:
+    """Fit a profile to the per-part times of traces the user recorded (DIR@LAYOUT, several allowed)."""
+    from moeplan.calibrate.from_trace import calibrate_from_traces, trace_record
+
+    if not args.model or not args.batch_tokens:
+        raise ValueError("calibrate --from-trace: expected --model and --batch-tokens (what the traced steps ran)")
+    model = load_model(args.model)
+    topo = mp.load_topology(args.topology or "cpu-host")
+
+    def records(specs):
+        out = []
+        for spec in specs or []:
+            folder, sep, layout = spec.partition("@")
+            if not sep:
+                raise ValueError(f"--from-trace: got {spec!r}; expected DIR@LAYOUT, e.g. traces/run1@data=8,expert=8")
+            out.append(trace_record(folder, model, Layout.parse(layout), args.batch_tokens))
+        return out
+
+    profile = calibrate_from_traces(records(args.from_trace), records(args.held_out), topo, args.out)
+    errors = profile["errors"]
+    which = "held-out" if args.held_out else "in-sample (no --held-out traces)"
+    print(f"profile {args.out}: {which} per-part median |error| {errors['before_median_abs']:.1%} with the "
+          f"defaults, {errors['after_median_abs']:.1%} after the fit")
     return 0
 
 
@@ -531,6 +559,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     cal.add_argument("--coordinator", help="jax.distributed coordinator host:port (multi-host)")
     cal.add_argument("--num-processes", type=int, help="processes in a multi-host run")
     cal.add_argument("--process-id", type=int, help="this process's index in a multi-host run")
+    cal.add_argument("--from-trace", action="append", metavar="DIR@LAYOUT",
+                     help="fit to a profiled step instead of benchmarks: a jax.profiler trace folder with the HLO "
+                          "dump beside it (XLA_FLAGS=--xla_dump_to=DIR/hlo), @ the layout it ran; repeatable")
+    cal.add_argument("--held-out", action="append", metavar="DIR@LAYOUT", help="traces that report the error only")
+    cal.add_argument("--model", help="with --from-trace: the model the traced steps ran (preset or .yaml)")
+    cal.add_argument("--batch-tokens", type=int, help="with --from-trace: their global batch in tokens")
     handlers["calibrate"] = cmd_calibrate
 
     val = sub.add_parser("validate", help="run candidates as JAX steps under the profiler here; predicted vs "

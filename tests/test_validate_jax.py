@@ -81,3 +81,38 @@ def test_validate_six_candidates_of_a_small_search_reports_a_tau(tmp_path):
     assert -1.0 <= summary["kendall_tau"] <= 1.0
     assert {r["part"] for r in summary["rows"]} >= {"attention", "experts", "optimizer"}
     assert all(r["measured_s"] > 0 for r in summary["rows"] if r["part"] in ("attention", "experts"))
+
+
+def test_calibrate_from_traces_recorded_here_beats_the_defaults_on_a_held_out_trace(tmp_path):
+    import yaml
+
+    from moeplan.calibrate.from_trace import calibrate_from_traces, trace_record
+    from moeplan.cli import main
+
+    records, runs = [], []
+    for i, (model, layout) in enumerate([(SMALL, mp.Layout(data=8, expert=8)),
+                                         (SMALL.with_(num_experts=16), mp.Layout(data=8, expert=4)),
+                                         (SMALL.with_(top_k=1), mp.Layout(data=8, expert=2))]):
+        run = run_candidate(model, layout, tmp_path / f"t{i}", steps=2, micro_batch=1)
+        s = run["scaled"]
+        runs.append(s)
+        records.append(trace_record(tmp_path / f"t{i}", s.model, s.layout, s.micro_batch * s.model.seq_len * 8))
+    topo = mp.load_topology("cpu-host")
+    profile = calibrate_from_traces(records[:2], records[2:], topo, tmp_path / "p.yaml")
+    errors = profile["errors"]
+    assert errors["held_out_parts"] >= 8 and not errors["in_sample"]
+    assert errors["after_median_abs"] < errors["before_median_abs"]
+    loaded = mp.load_profile(tmp_path / "p.yaml")
+    assert loaded.compute.matmul == pytest.approx(profile["fitted"]["compute"]["matmul"])
+    # the CLI on the same traces: the model as a YAML file, each trace @ its layout
+    s = runs[0]
+    keys = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_size", "seq_len", "d_ff", "num_experts",
+            "top_k", "expert_d_ff", "moe_every", "capacity_factor", "attention", "gated_ffn")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({k: getattr(s.model, k) for k in keys}))
+    argv = ["calibrate", "--from-trace", f"{tmp_path / 't0'}@data=8,expert=8,recompute=none,micro_batch_size=1,"
+            "sequence_parallel=false,shard_optimizer=false", "--model", str(tmp_path / "m.yaml"),
+            "--batch-tokens", str(s.model.seq_len * 8), "--out", str(tmp_path / "cli.yaml")]
+    assert main(argv) == 0
+    assert mp.load_profile(tmp_path / "cli.yaml").errors["in_sample"] is True
+    assert main(["calibrate", "--from-trace", str(tmp_path / "t0"), "--model", str(tmp_path / "m.yaml"),
+                 "--batch-tokens", "512"]) == 2  # DIR without @LAYOUT: a one-line error

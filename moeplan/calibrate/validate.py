@@ -70,6 +70,8 @@ def run_candidate(model: MoEModel, layout: Layout, trace_dir: Path, steps: int =
             params, state, loss = fn(params, state, tokens)
         loss.block_until_ready()
         wall = (time.perf_counter() - start) / steps
+    (trace_dir / "hlo").mkdir(parents=True, exist_ok=True)  # beside the trace: calibrate --from-trace reads it
+    (trace_dir / "hlo" / f"{module or 'step'}.txt").write_text(text, encoding="utf-8")
     measured = part_times_s(trace_dir, hlo_parts(text), module)
     return {"scaled": small, "rule": scaling_rule(small, model, layout), "measured": measured, "wall_s": wall,
             "loss": float(loss)}
