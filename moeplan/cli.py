@@ -25,7 +25,7 @@ from moeplan.families import load_family
 from moeplan.frameworks import FRAMEWORKS
 from moeplan.layout import Layout
 from moeplan.moe import list_presets, load_model, param_counts
-from moeplan.profiles import write_csv, write_json
+from moeplan.profiles import write_atomic, write_csv, write_json
 from moeplan.routing import Routing
 from moeplan.search import OBJECTIVES, Constraints, SearchResult, SearchSpace, search
 from moeplan.units import GIB, fmt_flops, fmt_gib, fmt_rate, fmt_time, parse_shape
@@ -403,6 +403,40 @@ def _calibrate_from_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """The plan as a MaxText config fragment, Megatron-Core arguments, or a moeplan plan YAML."""
+    import yaml
+
+    from moeplan.export import maxtext_config, megatron_args, plan_document
+
+    topo = topology_from_args(args)
+    model = load_model(args.model)
+    layout = Layout.parse(args.layout) if args.layout else Layout(data=topo.num_devices)
+    estimate(model, topo, layout, global_batch_tokens=args.batch_tokens, dtype=args.dtype,
+             framework=args.framework)  # the layout must be one the estimate accepts
+    if args.format == "maxtext":
+        text = yaml.safe_dump(maxtext_config(model, topo, layout, args.batch_tokens, args.dtype), sort_keys=False)
+    elif args.format == "megatron":
+        dispatch = args.dispatch or "nccl"
+        words = megatron_args(model, topo, layout, args.batch_tokens, args.dtype, dispatch)
+        lines = []
+        for word in words:  # one flag and its value per line
+            if word.startswith("--") or not lines:
+                lines.append(word)
+            else:
+                lines[-1] += f" '{word}'" if "(" in word else f" {word}"
+        text = " \\\n".join(lines) + "\n"
+    else:
+        text = yaml.safe_dump(plan_document(model, topo, layout, args.batch_tokens, args.dtype, args.framework),
+                              sort_keys=False)
+    if args.out:
+        write_atomic(args.out, text)
+        print(f"{args.format} export of {model.name} on {topo.name}: {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def _profile_arg(args: argparse.Namespace):
     """The calibration profile named by --profile, or None."""
     return mp.load_profile(args.profile) if getattr(args, "profile", None) else None
@@ -566,6 +600,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     cal.add_argument("--model", help="with --from-trace: the model the traced steps ran (preset or .yaml)")
     cal.add_argument("--batch-tokens", type=int, help="with --from-trace: their global batch in tokens")
     handlers["calibrate"] = cmd_calibrate
+
+    exp = sub.add_parser("export", help="a plan as a MaxText config, Megatron-Core arguments or a moeplan YAML")
+    _add_topology_args(exp, positional=False)
+    exp.add_argument("--model", required=True, help="preset name or a model .yaml")
+    exp.add_argument("--layout", help="e.g. data=16,expert=8,pipeline=2 (default: pure data parallelism)")
+    exp.add_argument("--batch-tokens", type=int, required=True, help="global batch in tokens")
+    exp.add_argument("--dtype", default="bf16")
+    exp.add_argument("--framework", choices=sorted(FRAMEWORKS))
+    exp.add_argument("--dispatch", choices=KERNELS, help="Megatron: the token dispatcher (deepep_* -> flex)")
+    exp.add_argument("--format", choices=("maxtext", "megatron", "moeplan"), required=True)
+    exp.add_argument("--out", help="file to write (default: print)")
+    handlers["export"] = cmd_export
 
     val = sub.add_parser("validate", help="run candidates as JAX steps under the profiler here; predicted vs "
                                           "measured per part, and the step-time order (Kendall tau)")

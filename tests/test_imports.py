@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 ORDER = [
     "units", "bounds", "arrays", "schema", "hardware", "topology", "families", "dispatch", "frameworks", "collectives",
     "linksim", "moe", "routing",
-    "layout", "compute", "plan", "estimate", "grid", "quality", "search", "validation", "profiles", "calibrate",
+    "layout", "compute", "plan", "estimate", "grid", "quality", "search", "export", "validation", "profiles", "calibrate",
     "report", "cli", "__main__",
 ]
 

@@ -1,0 +1,190 @@
+"""A chosen plan as something that runs: a MaxText config fragment, Megatron-Core arguments, and a moeplan
+YAML that reproduces the estimate.
+
+* ``maxtext_config``: the mesh as ``ici_*`` / ``dcn_*`` parallelism (data across TPU slices over DCN,
+  the rest inside a slice), ``per_device_batch_size``, the MoE fields (``num_experts``,
+  ``num_experts_per_tok``, ``capacity_factor``, -1 for dropless with ``sparse_matmul``), the
+  ``remat_policy`` (recompute "full" -> "full", "selective" -> "save_qkv_proj": projections kept,
+  attention recomputed, "none" -> "minimal") and the model's shape (``base_*`` keys of MaxText's
+  ``base.yml``).
+* ``megatron_args``: Megatron-Core's command line: tensor, pipeline, virtual, expert and
+  expert-tensor (1: this planner does not split experts over tensor ranks) and context (1) parallel
+  sizes, micro and global batch (sequences), router top-k, capacity factor (omitted for dropless),
+  recompute granularity, sequence parallelism, distributed optimizer, the token dispatcher (``flex``
+  for DeepEP) and the model's shape.
+* ``plan_document`` / ``load_plan``: model, topology, layout, batch, dtype and framework as YAML;
+  ``estimate_plan`` of the loaded document gives the same estimate.
+
+Every export parses back (``parse_maxtext``, ``parse_megatron``) to the layout it came from; tests hold
+them to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+
+from moeplan.estimate import estimate
+from moeplan.families import load_topology
+from moeplan.layout import Layout
+from moeplan.moe import MoEModel, model_from_mapping
+from moeplan.schema import read_yaml_mapping
+from moeplan.topology import TORUS, Topology
+
+FORMATS = ("maxtext", "megatron", "moeplan")
+_REMAT = {"full": "full", "selective": "save_qkv_proj", "none": "minimal"}
+
+
+def _sequences(model: MoEModel, global_batch_tokens: int) -> int:
+    if global_batch_tokens % model.seq_len:
+        raise ValueError(f"global_batch_tokens: {global_batch_tokens}; expected whole sequences of {model.seq_len}")
+    return global_batch_tokens // model.seq_len
+
+
+def maxtext_config(model: MoEModel, topo: Topology, layout: Layout, global_batch_tokens: int,
+                   dtype: str = "bf16") -> dict:
+    """MaxText keys for this plan (a fragment to merge into a model config)."""
+    slices = topo.slices if topo.kind == TORUS else 1
+    dcn_data = slices if layout.data % slices == 0 else 1
+    if slices > 1 and dcn_data == 1:
+        raise ValueError(f"layout.data: {layout.data} does not split over the {slices} slices; MaxText puts the "
+                         "data axis across DCN, expected a multiple of the slice count")
+    per_device = _sequences(model, global_batch_tokens) / topo.num_devices
+    dense_data = layout.data // dcn_data
+    out = {
+        "dcn_data_parallelism": dcn_data, "ici_data_parallelism": dense_data, "ici_fsdp_parallelism": layout.fsdp,
+        "ici_tensor_parallelism": layout.tensor, "ici_pipeline_parallelism": layout.pipeline,
+        "ici_expert_parallelism": 1,  # experts fold into data/fsdp: expert_shard below
+        "expert_shard_attention_option": "fsdp",
+        "per_device_batch_size": per_device, "max_target_length": model.seq_len,
+        "num_pipeline_microbatches": layout.pipeline * max(1, int(per_device * topo.num_devices
+                                                                  // (layout.batch_shards * layout.pipeline)))
+        if layout.pipeline > 1 else 1,
+        "remat_policy": _REMAT[layout.recompute],
+        "base_emb_dim": model.d_model, "base_num_decoder_layers": model.n_layers, "base_num_query_heads": model.n_heads,
+        "base_num_kv_heads": model.n_kv_heads, "head_dim": model.d_head, "vocab_size": model.vocab_size,
+        "base_mlp_dim": model.d_ff or model.expert_d_ff, "base_moe_mlp_dim": model.expert_d_ff,
+        "num_experts": model.num_experts, "num_experts_per_tok": model.top_k,
+        "capacity_factor": -1.0 if model.capacity_factor is None else float(model.capacity_factor),
+        "sparse_matmul": model.capacity_factor is None, "interleave_moe_layer_step": model.moe_every,
+        "first_num_dense_layers": model.first_dense_layers, "shared_experts": model.num_shared_experts,
+        "dtype": "bfloat16" if dtype in ("bf16", "fp8", "mxfp8") else "float32",
+        "moeplan_expert_degree": layout.expert,
+    }
+    if dtype in ("fp8", "mxfp8"):
+        out["quantization"] = "fp8"
+    return out
+
+
+def parse_maxtext(config: dict) -> Layout:
+    """The layout a MaxText fragment from ``maxtext_config`` describes."""
+    return Layout(data=int(config["dcn_data_parallelism"]) * int(config["ici_data_parallelism"]),
+                  fsdp=int(config["ici_fsdp_parallelism"]), tensor=int(config["ici_tensor_parallelism"]),
+                  pipeline=int(config["ici_pipeline_parallelism"]), expert=int(config["moeplan_expert_degree"]),
+                  recompute={v: k for k, v in _REMAT.items()}[config["remat_policy"]])
+
+
+def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_tokens: int, dtype: str = "bf16",
+                  dispatch: str = "nccl") -> list[str]:
+    """Megatron-Core ``pretrain_gpt.py`` arguments for this plan."""
+    if layout.fsdp > 1 and layout.data > 1:
+        raise ValueError("layout.fsdp: Megatron-Core shards over the whole data-parallel group (torch FSDP2); "
+                         "expected data=1 with fsdp, or fsdp=1")
+    sequences = _sequences(model, global_batch_tokens)
+    args = ["--tensor-model-parallel-size", layout.tensor, "--pipeline-model-parallel-size", layout.pipeline,
+            "--context-parallel-size", 1, "--expert-model-parallel-size", layout.expert,
+            "--expert-tensor-parallel-size", 1, "--micro-batch-size", layout.micro_batch_size,
+            "--global-batch-size", sequences, "--seq-length", model.seq_len, "--max-position-embeddings",
+            model.seq_len, "--num-layers", model.n_layers, "--hidden-size", model.d_model, "--num-attention-heads",
+            model.n_heads, "--kv-channels", model.d_head, "--ffn-hidden-size", model.d_ff or model.expert_d_ff]
+    if layout.pipeline > 1 and layout.virtual_pipeline > 1:
+        args += ["--num-layers-per-virtual-pipeline-stage", model.n_layers // (layout.pipeline
+                                                                             * layout.virtual_pipeline)]
+    if model.n_kv_heads != model.n_heads:
+        args += ["--group-query-attention", "--num-query-groups", model.n_kv_heads]
+    if model.num_experts > 1:
+        args += ["--num-experts", model.num_experts, "--moe-router-topk", model.top_k, "--moe-ffn-hidden-size",
+                 model.expert_d_ff, "--moe-token-dispatcher-type", "flex" if dispatch.startswith("deepep")
+                 else "alltoall", "--moe-layer-freq", f"([0]*{model.first_dense_layers}+([1]+[0]*"
+                 f"{model.moe_every - 1})*{-(-(model.n_layers - model.first_dense_layers) // model.moe_every)})"
+                 f"[:{model.n_layers}]"]
+        if model.capacity_factor is not None:
+            args += ["--moe-expert-capacity-factor", model.capacity_factor, "--moe-token-drop-policy", "probs"]
+        if model.num_shared_experts:
+            args += ["--moe-shared-expert-intermediate-size", model.num_shared_experts * model.expert_d_ff]
+        if dispatch.startswith("deepep"):
+            args += ["--moe-enable-deepep"]
+    if layout.recompute != "none":
+        args += ["--recompute-granularity", layout.recompute]
+        if layout.recompute == "full":
+            args += ["--recompute-method", "uniform", "--recompute-num-layers", 1]
+    if layout.sequence_parallel and layout.tensor > 1:
+        args += ["--sequence-parallel"]
+    if layout.shard_optimizer:
+        args += ["--use-distributed-optimizer"]
+    if layout.fsdp > 1:
+        args += ["--use-torch-fsdp2"]
+    if dtype in ("fp8", "mxfp8"):
+        args += ["--bf16", "--fp8-format", "hybrid" if dtype == "fp8" else "e4m3", "--fp8-recipe",
+                 "tensorwise" if dtype == "fp8" else "mxfp8"]
+    elif dtype == "bf16":
+        args += ["--bf16"]
+    return [str(a) for a in args]
+
+
+def parse_megatron(args: list[str], devices: int) -> Layout:
+    """The layout Megatron arguments from ``megatron_args`` describe on ``devices`` GPUs."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for name in ("tensor-model-parallel-size", "pipeline-model-parallel-size", "expert-model-parallel-size",
+                 "micro-batch-size", "num-layers", "num-layers-per-virtual-pipeline-stage"):
+        parser.add_argument(f"--{name}", type=int)
+    parser.add_argument("--recompute-granularity", default="none")
+    for flag in ("sequence-parallel", "use-distributed-optimizer", "use-torch-fsdp2"):
+        parser.add_argument(f"--{flag}", action="store_true")
+    known, _ = parser.parse_known_args(args)
+    t, p = known.tensor_model_parallel_size, known.pipeline_model_parallel_size
+    replicas = devices // (t * p)
+    fsdp = replicas if known.use_torch_fsdp2 else 1
+    virtual = known.num_layers // (p * known.num_layers_per_virtual_pipeline_stage) \
+        if known.num_layers_per_virtual_pipeline_stage else 1
+    return Layout(data=replicas // fsdp, fsdp=fsdp, tensor=t, pipeline=p, virtual_pipeline=virtual,
+                  expert=known.expert_model_parallel_size, micro_batch_size=known.micro_batch_size,
+                  recompute=known.recompute_granularity, sequence_parallel=known.sequence_parallel or t == 1,
+                  shard_optimizer=known.use_distributed_optimizer)
+
+
+def plan_document(model: MoEModel, topo: Topology, layout: Layout, global_batch_tokens: int, dtype: str = "bf16",
+                  framework: str | None = None) -> dict:
+    """A moeplan YAML mapping that ``load_plan`` turns back into the same estimate's inputs."""
+    spec = {f.name: getattr(model, f.name) for f in fields(MoEModel) if f.name not in ("mla",)}
+    if model.mla is not None:
+        spec["mla"] = {f.name: getattr(model.mla, f.name) for f in fields(model.mla)}
+    size = {"shape": list(topo.shape), "slices": topo.slices} if topo.kind == TORUS else {
+        "nodes": topo.num_nodes, "devices_per_node": topo.node.devices_per_node}
+    return {"schema_version": 1, "model": spec, "topology": {"family": topo.family, **size},
+            "layout": {f.name: getattr(layout, f.name) for f in fields(Layout)},
+            "global_batch_tokens": int(global_batch_tokens), "dtype": dtype, "framework": framework or "megatron"}
+
+
+def load_plan(path: str | os.PathLike[str]) -> dict:
+    """(model, topology, layout, global_batch_tokens, dtype, framework) of a plan YAML, as a dict."""
+    data = read_yaml_mapping(path, "plan")
+    for key in ("model", "topology", "layout", "global_batch_tokens"):
+        if key not in data:
+            raise ValueError(f"{path}: {key}: missing; expected a moeplan plan (moeplan export --format moeplan)")
+    model = model_from_mapping({k: v for k, v in data["model"].items() if v is not None}, str(path))
+    where = dict(data["topology"])
+    family = where.pop("family")
+    if "shape" in where:
+        topo = load_topology(family, shape=tuple(where["shape"]), slices=where.get("slices", 1))
+    else:
+        topo = load_topology(family, nodes=where["nodes"], devices_per_node=where.get("devices_per_node"))
+    return {"model": model, "topology": topo, "layout": Layout(**data["layout"]),
+            "global_batch_tokens": int(data["global_batch_tokens"]), "dtype": data.get("dtype", "bf16"),
+            "framework": data.get("framework")}
+
+
+def estimate_plan(plan: dict):
+    return estimate(plan["model"], plan["topology"], plan["layout"], plan["global_batch_tokens"],
+                    dtype=plan["dtype"], framework=plan["framework"])

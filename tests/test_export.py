@@ -1,0 +1,92 @@
+"""Runnable configs: MaxText and Megatron-Core exports parse back to the layout, a moeplan plan file
+reproduces the estimate."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+import moeplan as mp
+from moeplan.export import (
+    estimate_plan,
+    load_plan,
+    maxtext_config,
+    megatron_args,
+    parse_maxtext,
+    parse_megatron,
+    plan_document,
+)
+
+KEYS = ("data", "fsdp", "tensor", "pipeline", "expert", "recompute")
+
+
+def _same(a: mp.Layout, b: mp.Layout, keys=KEYS):
+    return {k: getattr(a, k) for k in keys} == {k: getattr(b, k) for k in keys}
+
+
+@pytest.mark.parametrize("layout", [mp.Layout(fsdp=128, expert=8), mp.Layout(data=8, fsdp=16, expert=4,
+                                                                                recompute="full"),
+                                    mp.Layout(data=32, fsdp=4, recompute="none")])
+def test_maxtext_fragment_parses_back_to_the_layout(layout):
+    model = mp.load_model("st-moe-like-8b")
+    topo = mp.load_topology("tpu-v5p", shape=(4, 4, 8))
+    text = yaml.safe_dump(maxtext_config(model, topo, layout, 256 * model.seq_len))
+    config = yaml.safe_load(text)
+    assert _same(parse_maxtext(config), layout)
+    assert config["num_experts"] == 64 and config["num_experts_per_tok"] == 2 and config["capacity_factor"] == 1.25
+    assert config["per_device_batch_size"] == 2.0
+
+
+def test_maxtext_puts_data_across_slices_over_dcn():
+    model = mp.load_model("st-moe-like-8b")
+    topo = mp.load_topology("tpu-v5p", shape=(4, 4, 8), slices=2)
+    config = maxtext_config(model, topo, mp.Layout(data=2, fsdp=128, expert=8), 256 * model.seq_len)
+    assert config["dcn_data_parallelism"] == 2 and config["ici_data_parallelism"] == 1
+    assert config["ici_fsdp_parallelism"] == 128
+    with pytest.raises(ValueError, match="slice count"):
+        maxtext_config(model, topo, mp.Layout(data=1, fsdp=256), 256 * model.seq_len)
+
+
+@pytest.mark.parametrize("layout,dispatch", [(mp.Layout(data=16, expert=8, pipeline=4, virtual_pipeline=2), "nccl"),
+                                             (mp.Layout(data=8, tensor=2, expert=8, pipeline=4, recompute="full"),
+                                              "deepep_normal")])
+def test_megatron_arguments_parse_back_to_the_layout(layout, dispatch):
+    model = mp.load_model("mixtral-8x7b")
+    topo = mp.load_topology("dgx-h100", nodes=8)
+    args = megatron_args(model, topo, layout, 512 * model.seq_len, dtype="fp8", dispatch=dispatch)
+    assert _same(parse_megatron(args, topo.num_devices), layout, KEYS + ("virtual_pipeline", "micro_batch_size"))
+    assert args[args.index("--moe-router-topk") + 1] == "2" and args[args.index("--global-batch-size") + 1] == "512"
+    assert ("--moe-token-dispatcher-type" in args) and ("flex" in args) == (dispatch == "deepep_normal")
+    assert "--fp8-format" in args
+
+
+def test_a_plan_file_reproduces_the_estimate(tmp_path):
+    model = mp.load_model("deepseek-v3")
+    topo = mp.load_topology("dgx-h100", nodes=32)
+    layout = mp.Layout(data=64, expert=64, pipeline=4)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan_document(model, topo, layout, 4096 * 1024, "fp8", "dualpipe")))
+    plan = load_plan(path)
+    assert plan["model"] == model and plan["topology"].name == topo.name and plan["layout"] == layout
+    want = mp.estimate(model, topo, layout, 4096 * 1024, dtype="fp8", framework="dualpipe")
+    assert estimate_plan(plan).step_time_s == want.step_time_s
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema_version: 1\nmodel: {}\n")
+    with pytest.raises(ValueError, match="topology: missing"):
+        load_plan(bad)
+
+
+def test_the_cli_exports_each_format(tmp_path, capsys):
+    from moeplan.cli import main
+
+    base = ["export", "--topology", "dgx-h100", "--nodes", "8", "--model", "mixtral-8x7b", "--layout",
+            "data=16,expert=8,pipeline=4", "--batch-tokens", str(512 * 4096)]
+    assert main(base + ["--format", "megatron"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "--pipeline-model-parallel-size 4 \\" in lines and lines[-1] == "--bf16"
+    assert main(base + ["--format", "maxtext"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["ici_data_parallelism"] == 16
+    assert main(base + ["--format", "moeplan", "--out", str(tmp_path / "p.yaml")]) == 0
+    plan = load_plan(tmp_path / "p.yaml")
+    assert plan["layout"] == mp.Layout(data=16, expert=8, pipeline=4)
+    assert main(base[:-2] + ["--batch-tokens", "100", "--format", "maxtext"]) == 2  # not whole sequences
