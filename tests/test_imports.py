@@ -12,8 +12,8 @@ from tests.conftest import ROOT
 ORDER = [
     "units", "bounds", "arrays", "schema", "hardware", "topology", "families", "dispatch", "frameworks", "collectives",
     "linksim", "moe", "routing",
-    "layout", "compute", "plan", "estimate", "grid", "quality", "search", "export", "validation", "profiles", "calibrate",
-    "report", "cli", "__main__",
+    "layout", "compute", "plan", "estimate", "grid", "quality", "search", "export", "validation", "profiles",
+    "calibrate", "report", "cli", "__main__",
 ]
 
 
