@@ -6,6 +6,7 @@ numpy, scipy, networkx and pyyaml only: jax lives under ``moeplan.calibrate``, p
 """
 
 from moeplan.collectives import CommParams, Efficiency, collective_cost, collective_time_s
+from moeplan.cost import load_prices, step_cost
 from moeplan.estimate import Estimate, LayerRow, estimate
 from moeplan.families import list_topologies, load_topology
 from moeplan.hardware import ChipSpec, LinkSpec
@@ -51,6 +52,8 @@ __all__ = [
     "SearchSpace",
     "search",
     "validate",
+    "step_cost",
+    "load_prices",
     "estimate",
     "list_presets",
     "load_model",

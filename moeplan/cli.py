@@ -181,7 +181,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                           "step_time_s": est.step_time_s, "tokens_per_s": est.tokens_per_s, "mfu": est.mfu,
                           "memory_per_device_bytes": est.memory_per_device_bytes, "memory": est.memory,
                           "fits": est.fits, "reason": est.reason, "drop_rate": est.drop_rate,
-                          "micro_batches": est.micro_batches, "details": est.details, "layers": est.to_rows()},
+                          "micro_batches": est.micro_batches, "details": est.details, "layers": est.to_rows(),
+                          "cost": _cost_or_none(topo, est.step_time_s, args)},
                          indent=2))
         return 0
     print(f"{model.name} on {topo.name}, {est.mode}, layout {args.layout or f'data={topo.num_devices}'}, "
@@ -198,7 +199,27 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     for key, value in est.details.items():
         if key != "model_flops":
             print(f"  {key.replace('_', ' ')}: {value:g}")
+    _print_money(topo, est.step_time_s, args.batch_tokens, args.tokens_to_train, args.provider)
     return 0
+
+
+def _print_money(topo, step_time_s: float, batch_tokens: int, tokens_to_train: float | None,
+                 provider: str | None) -> None:
+    from moeplan.cost import load_prices, step_cost
+
+    if topo.family not in load_prices().families:
+        return
+    c = step_cost(topo, step_time_s, batch_tokens, tokens_to_train=tokens_to_train, provider=provider)
+    money = (f"${c['usd_per_step']:,.2f} per step, ${c['usd_per_million_tokens']:,.3f} per million tokens at "
+             f"${c['price_usd_per_device_hour']:.2f}/device-hour ({c['provider']}, {c['price_date']})"
+             if c["usd_per_step"] is not None else f"no list price: {c['no_price']}")
+    energy = "" if c["kwh_per_step"] is None else f"; {c['kwh_per_step']:,.3f} kWh per step at PUE {c['pue']:g}"
+    print(f"  cost: {money}{energy}")
+    if tokens_to_train:
+        run = f"${c['run_usd']:,.0f}" if c["run_usd"] is not None else "no price"
+        mwh = f", {c['run_mwh']:,.1f} MWh" if c["run_mwh"] is not None else ""
+        print(f"  run of {tokens_to_train:g} tokens: {c['run_steps']:,} steps, {c['run_days']:,.1f} days, "
+              f"{c['run_device_hours']:,.0f} device-hours, {run}{mwh}")
 
 
 def _int_list(text: str) -> list[int]:
@@ -234,7 +255,7 @@ def _print_table(rows: list[dict], top: int) -> None:
     print(f"  {'#':>3} {'d x L':>9} {'E':>4} {'k':>2} {'fe':>6} {'cf':>8} {'every':>5} {'data':>5} {'fsdp':>5} "
           f"{'exp':>4} {'tp':>3} "
           f"{'pp':>3} {'mbs':>3} {'recompute':>9} {'step':>10} {'tokens/s':>12} {'MFU':>6} {'loss (interval)':>22} "
-          f"{'mem GiB':>7}")
+          f"{'mem GiB':>7} {'$/Mtok':>8}")
     for i, r in enumerate(rows[:top], 1):
         cf = "dropless" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
         loss = f"{r['loss']:.4f} ({r['loss_low']:.3f}-{r['loss_high']:.3f}){'' if r['in_range'] else '*'}"
@@ -243,7 +264,7 @@ def _print_table(rows: list[dict], top: int) -> None:
               f"{r['moe_every']:>5} {r['data']:>5} "
               f"{r['fsdp']:>5} {r['expert']:>4} {r['tensor']:>3} {r['pipeline']:>3} {r['micro_batch_size']:>3} "
               f"{r['recompute']:>9} {fmt_time(r['step_time_s']):>10} {r['tokens_per_s']:>12,.0f} {r['mfu']:>6.1%} "
-              f"{loss:>22} {r['memory_per_device_bytes'] / GIB:>7.1f}")
+              f"{loss:>22} {r['memory_per_device_bytes'] / GIB:>7.1f} {_usd(r.get('usd_per_million_tokens')):>8}")
     if any(not r["in_range"] for r in rows[:top]):
         print("  * outside the quality law's fitted ranges (active size, tokens, activation ratio, granularity): "
               "an extrapolation")
@@ -269,7 +290,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                     objective=args.objective, dtype=args.dtype, progress=not args.quiet,
                     constraints=Constraints(max_drop_rate=args.max_drop_rate),
                     time_budget_s=args.budget_days * 86400.0, device_hours=args.budget_device_hours,
-                    dispatch=args.dispatch, framework=args.framework, profile=_profile_arg(args))
+                    dispatch=args.dispatch, framework=args.framework, profile=_profile_arg(args),
+                    budget_usd=args.budget_usd, provider=args.provider)
     seconds = time.perf_counter() - start
     print(f"{model.name} on {topo.name}: {result.evaluated:,} configurations scored in {seconds:.2f} s "
           f"({result.evaluated / max(seconds, 1e-9):,.0f}/s), {result.details['kept']:,} meet the constraints; "
@@ -350,8 +372,12 @@ def _html_report(path: str, runs) -> None:
         if result.best is None:
             continue
         best_est = {f"#{i + 1}": estimate(c.model, topo, c.layout, batch) for i, c in enumerate(result.pareto[:6])}
+        money = ("" if result.best.usd_per_million_tokens is None else
+                 f"; ${result.best.usd_per_million_tokens:,.3f} per million tokens at "
+                 f"${result.details['usd_per_device_hour']:.2f}/device-hour ({result.details['provider']}, "
+                 f"{result.details['price_date']})")
         text = (f"{result.evaluated:,} configurations scored; quality law: {result.details['quality_law']}; "
-                f"best: {report.describe_layout(result.best).replace('<br>', ' | ')}")
+                f"best: {report.describe_layout(result.best).replace('<br>', ' | ')}{money}")
         sections.append((title, [report.pareto_figure(result, f"{title}: loss vs step time"),
                                  report.breakdown_figure(best_est, f"{title}: Pareto layouts, time by part"),
                                  report.heatmap_figure(result, f"{title}: best step time")], text))
@@ -435,6 +461,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     return 0
+
+
+def _cost_or_none(topo, step_time_s: float, args: argparse.Namespace) -> dict | None:
+    from moeplan.cost import load_prices, step_cost
+
+    if topo.family not in load_prices().families:
+        return None
+    return step_cost(topo, step_time_s, args.batch_tokens, tokens_to_train=args.tokens_to_train, provider=args.provider)
+
+
+def _usd(value) -> str:
+    return "-" if value is None else f"{value:,.2f}"
 
 
 def _profile_arg(args: argparse.Namespace):
@@ -542,6 +580,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     est.add_argument("--dispatch", choices=KERNELS,
                      help="expert dispatch kernel: nccl all-to-all, DeepEP normal or low-latency")
     est.add_argument("--profile", help="calibration profile (moeplan calibrate) for compute and collectives")
+    est.add_argument("--tokens-to-train", type=float, help="also print the whole run: steps, days, dollars, MWh")
+    est.add_argument("--provider", help="price of this provider (moeplan/prices.yaml; default the lowest)")
     est.add_argument("--json", action="store_true")
     handlers["estimate"] = cmd_estimate
 
@@ -574,6 +614,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     srch.add_argument("--html", help="write the HTML report (needs the 'report' extra: plotly)")
     srch.add_argument("--quiet", action="store_true", help="no progress bar")
     srch.add_argument("--profile", help="calibration profile (moeplan calibrate) for compute and collectives")
+    srch.add_argument("--budget-usd", type=float, help="money budget of the run (device-hours at the list price)")
+    srch.add_argument("--provider", help="price of this provider (moeplan/prices.yaml; default the lowest)")
     handlers["search"] = cmd_search
 
     plan = sub.add_parser("plan", help="the default search: an ST-MoE-like model on TPU v5p and on 4 H100 nodes")

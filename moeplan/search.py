@@ -20,6 +20,7 @@ import numpy as np
 from moeplan import bounds
 from moeplan import grid as G
 from moeplan import moe as M
+from moeplan.cost import load_prices, usd_to_device_hours
 from moeplan.dispatch import KERNELS
 from moeplan.estimate import HBM_RESERVE, check_inputs, plan_costs
 from moeplan.frameworks import framework as framework_preset
@@ -28,7 +29,7 @@ from moeplan.quality import QualityLaw, default_law, law_loss
 from moeplan.routing import Routing
 from moeplan.topology import SWITCHED, Topology
 
-OBJECTIVES = ("step_time", "tokens_per_s", "cost_per_token", "quality", "quality_per_time")
+OBJECTIVES = ("step_time", "tokens_per_s", "cost_per_token", "cost", "quality", "quality_per_time")
 
 
 @dataclass
@@ -143,6 +144,7 @@ class Candidate:
     loss_low: float = math.nan  # the loss interval (equal to loss for a user law without one)
     loss_high: float = math.nan
     in_range: bool = False  # inside every fitted range the quality law relies on
+    usd_per_million_tokens: float | None = None  # at the family's list price (cost.load_prices), when it has one
 
     def row(self) -> dict:
         """One flat row (model knobs and shape, layout, scores): the ranked table's, the CLI's and the CSV's."""
@@ -151,7 +153,7 @@ class Candidate:
         row.update(step_time_s=self.step_time_s, tokens_per_s=self.tokens_per_s, loss=self.loss, mfu=self.mfu,
                    memory_per_device_bytes=self.memory_per_device_bytes, fits=self.fits, drop_rate=self.drop_rate,
                    cost_per_token_device_s=self.cost_per_token_device_s, loss_low=self.loss_low,
-                   loss_high=self.loss_high, in_range=self.in_range)
+                   loss_high=self.loss_high, in_range=self.in_range, usd_per_million_tokens=self.usd_per_million_tokens)
         return row
 
 
@@ -224,14 +226,17 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
            time_budget_s: float = 30 * 86400.0, device_hours: float | None = None, top: int = 100,
            chunk: int = 1_000_000, max_points: int = bounds.SEARCH_POINTS,
            progress: Callable[[int, int], None] | bool = False, dispatch: str | None = None,
-           framework: str | None = None, hbm_reserve: float = HBM_RESERVE, profile=None) -> SearchResult:
+           framework: str | None = None, hbm_reserve: float = HBM_RESERVE, profile=None,
+           budget_usd: float | None = None, provider: str | None = None) -> SearchResult:
     """Score every candidate of ``space`` and rank by ``objective`` (see the module docstring).
 
     ``quality_per_time`` is the compute-optimal objective: the lowest loss reachable within the budget,
     ``time_budget_s`` of training (or ``device_hours`` over this topology's devices) at the candidate's
     throughput; with ``space.d_model`` / ``space.n_layers`` it also picks the model's shape. ``quality``
     ranks by the loss at a fixed budget x the *best* throughput (so only the model changes);
-    ``cost_per_token`` by device-seconds per token. The grid is scored in pieces of about ``chunk``
+    ``cost_per_token`` by device-seconds per token, ``cost`` by dollars per token at the family's list price
+    (``provider``'s, else the lowest; candidates carry ``usd_per_million_tokens``); ``budget_usd`` is a money
+    budget, turned into device-hours at that price. The grid is scored in pieces of about ``chunk``
     points; each piece keeps its best ``top``, its Pareto front and its heatmap cells, and the pieces
     merge exactly (also across model shapes). ``framework``, ``overlap``, ``dispatch`` and ``profile`` (a
     calibration profile: its compute efficiencies and collective parameters) as in ``estimate``.
@@ -245,6 +250,12 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
     if dispatch not in KERNELS:
         raise ValueError(f"dispatch: got {dispatch!r}; expected one of {list(KERNELS)}")
     check_inputs(model, topo, None, profile, routing)
+    money = _price(topo, provider)
+    if budget_usd is not None:
+        if device_hours is not None:
+            raise ValueError("budget_usd: give a money budget or device_hours, not both")
+        bounds.check_number("budget_usd", budget_usd, 1e-6, 1e15)
+        device_hours = usd_to_device_hours(budget_usd, topo.family, provider)
     budget_s = _budget_s(time_budget_s, device_hours, topo)
     law = quality or default_law()
     space = space or SearchSpace()
@@ -282,7 +293,17 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
         merged.add(s, quality, np.where(s.keep, _objective(objective, s.values, loss, topo), np.inf))
         report(merged.points, int(offsets[-1]))
     return merged.result(models, topo, objective, {"quality_law": law.name, "time_budget_s": budget_s,
-                                                   "global_batch_tokens": global_batch_tokens})
+                                                   "global_batch_tokens": global_batch_tokens, **money})
+
+
+def _price(topo: Topology, provider: str | None) -> dict:
+    """The family's list price for the details (nothing for a family the price file does not know)."""
+    prices = load_prices()
+    if topo.family not in prices.families:
+        return {}
+    price = prices.of(topo.family).price(provider)
+    return {} if price is None else {"usd_per_device_hour": price.usd_per_device_hour, "provider": price.provider,
+                                     "price_date": price.date}
 
 
 def _budget_s(time_budget_s: float, device_hours: float | None, topo: Topology) -> float:
@@ -347,9 +368,13 @@ class _Merged:
         ranked = _ties_by_time(self.ranked) if objective in ("quality", "quality_per_time") else self.ranked
         made: dict[int, Candidate] = {}  # one Candidate per grid point, shared by the table, front and configurations
 
+        price = details.get("usd_per_device_hour")
+
         def candidate(r: dict) -> Candidate:
             if r["index"] not in made:
-                made[r["index"]] = _candidate(models[r["model_no"]], r, topo)
+                c = made[r["index"]] = _candidate(models[r["model_no"]], r, topo)
+                if price is not None:
+                    c.usd_per_million_tokens = c.cost_per_token_device_s * price / 3600.0 * 1e6
             return made[r["index"]]
 
         candidates = [candidate(r) for r in ranked]
@@ -428,7 +453,7 @@ def _objective(name: str, s: dict[str, np.ndarray], loss: np.ndarray, topo: Topo
         return s["step_time_s"]
     if name == "tokens_per_s":
         return -s["tokens_per_s"]
-    if name == "cost_per_token":
+    if name in ("cost_per_token", "cost"):  # device-seconds, or dollars, per token: one order on one topology
         return topo.num_devices / s["tokens_per_s"]
     return loss + 1e-12 * s["step_time_s"]  # quality, quality_per_time: ties go to the faster layout
 

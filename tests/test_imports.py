@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 # The house order of docs/DESIGN.md: a module may import only modules listed before it.
 ORDER = [
     "units", "bounds", "arrays", "schema", "hardware", "topology", "families", "dispatch", "frameworks", "collectives",
-    "linksim", "moe", "routing",
+    "linksim", "moe", "routing", "cost",
     "layout", "compute", "plan", "estimate", "grid", "quality", "search", "export", "validation", "profiles",
     "calibrate", "report", "cli", "__main__",
 ]

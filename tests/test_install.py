@@ -28,6 +28,7 @@ def test_the_wheel_ships_every_family_preset_and_the_fitted_law(wheel):
         for path in (ROOT / folder).glob("*.yaml"):
             assert f"moeplan/{package}/{path.name}" in names, path.name
     assert "moeplan/quality/fitted.yaml" in names and "moeplan/__main__.py" in names
+    assert "moeplan/prices.yaml" in names
 
 
 def test_an_installed_wheel_works_outside_the_checkout(wheel, tmp_path):
@@ -35,6 +36,7 @@ def test_an_installed_wheel_works_outside_the_checkout(wheel, tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     code = ("import moeplan as mp; assert len(mp.list_topologies()) >= 12 and 'st-moe-like-8b' in mp.list_presets(); "
+            "assert set(mp.load_prices().families) == set(mp.list_topologies()); "
             "print(round(mp.predict_loss(mp.load_model('st-moe-like-8b'), 1e11).loss, 3))")
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
