@@ -168,10 +168,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_estimate(args: argparse.Namespace) -> int:
+def _plan_args(args: argparse.Namespace) -> tuple[mp.Topology, mp.MoEModel, Layout]:
+    """The topology, model and layout an estimate-like command names (default layout: pure data parallelism)."""
     topo = topology_from_args(args)
     model = load_model(args.model)
-    layout = Layout.parse(args.layout) if args.layout else Layout(data=topo.num_devices)
+    return topo, model, Layout.parse(args.layout) if args.layout else Layout(data=topo.num_devices)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    topo, model, layout = _plan_args(args)
     routing = Routing(args.routing) if args.routing else None
     est = estimate(model, topo, layout, global_batch_tokens=args.batch_tokens, dtype=args.dtype, mode=args.mode,
                    routing=routing, overlap=args.overlap, dispatch=args.dispatch, framework=args.framework,
@@ -435,9 +440,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from moeplan.export import maxtext_config, megatron_args, plan_document
 
-    topo = topology_from_args(args)
-    model = load_model(args.model)
-    layout = Layout.parse(args.layout) if args.layout else Layout(data=topo.num_devices)
+    topo, model, layout = _plan_args(args)
     estimate(model, topo, layout, global_batch_tokens=args.batch_tokens, dtype=args.dtype,
              framework=args.framework)  # the layout must be one the estimate accepts
     if args.format == "maxtext":

@@ -511,8 +511,9 @@ def _tree_net_s(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: 
 
 
 def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, params: CommParams,
-                        experts: ExpertRouting) -> dict[str, np.ndarray]:
-    """DeepEP's kernels for a send buffer of ``size`` bytes (one copy per token and expert) per rank."""
+                        experts: ExpertRouting, direct: np.ndarray) -> dict[str, np.ndarray]:
+    """DeepEP's kernels for a send buffer of ``size`` bytes (one copy per token and expert) per rank;
+    ``direct`` is the all_to_all's own time (the low-latency kernels move its bytes)."""
     if topo.kind != SWITCHED:
         raise ValueError("algorithm: DeepEP kernels run on GPU clusters; expected a switched topology")
     params = fabric_params(topo, params)
@@ -528,7 +529,6 @@ def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, p
     else:
         net = copies.network * per_copy / (_nic_bw(topo) * params.eff("net")(size))
         normal = params.net_step_latency_s + np.maximum(net, nvlink)
-    direct = switched_candidates(topo, "all_to_all", devices, size, params)["direct"]
     return {"deepep_normal": normal, "deepep_ll": direct - params.nccl_base_latency_s}
 
 
@@ -575,7 +575,7 @@ def collective_cost(
     candidates = build(topo, op, ids, size, params)
     names = list(candidates)
     if experts is not None and op == "all_to_all" and algorithm in ("deepep_normal", "deepep_ll"):
-        candidates.update(dispatch_candidates(topo, ids, size, params, experts))
+        candidates.update(dispatch_candidates(topo, ids, size, params, experts, candidates["direct"]))
     elif algorithm in ("deepep_normal", "deepep_ll"):
         raise ValueError(f"algorithm: {algorithm!r} is an expert dispatch kernel; expected op='all_to_all' and "
                          "experts=ExpertRouting(num_experts, top_k)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from moeplan.schema import Section, read_yaml_mapping
@@ -69,8 +70,19 @@ class Prices:
 
 
 def load_prices(path: str | os.PathLike[str] | None = None) -> Prices:
-    """The bundled price file, ``MOEPLAN_PRICES``, or ``path``; strict like the topologies."""
+    """The bundled price file, ``MOEPLAN_PRICES``, or ``path``; strict like the topologies; read once per
+    version of the file (every search looks its price up)."""
     path = Path(path or os.environ.get("MOEPLAN_PRICES") or PRICES_PATH)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        mtime = -1  # the reader names the missing file
+    return _load_prices(str(path), mtime)
+
+
+@lru_cache(maxsize=16)
+def _load_prices(name: str, _mtime_ns: int) -> Prices:
+    path = Path(name)
     top = Section(read_yaml_mapping(path, "prices"), "", str(path))
     top.integer("schema_version")
     pue = top.section("pue")

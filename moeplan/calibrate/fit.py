@@ -41,6 +41,14 @@ UPPER = np.array([1.0, 1.0, 1e-2, 1e-2, 1.0])
 _LAYER_KERNELS = 10  # router, softmax/top-k, one-hot, dispatch, 2 expert matmuls, activation, combine, 2 a2a
 
 
+def fitted_section(eff: ComputeEfficiency, comm: CommParams) -> dict:
+    """The ``fitted`` mapping of a profile file for these parameters."""
+    return {"compute": {"matmul": float(eff.matmul), "attention": float(eff.attention), "memory": float(eff.memory),
+                        "matmul_tile": int(eff.matmul_tile), "kernel_overhead_s": float(eff.kernel_overhead_s)},
+            "comm": {"step_latency_s": float(comm.node_step_latency_s),
+                     "link_efficiency": float(comm.eff("node").e_max)}}
+
+
 def theta_from(eff: ComputeEfficiency, comm: CommParams) -> np.ndarray:
     return np.array([eff.matmul, eff.memory, eff.kernel_overhead_s, comm.node_step_latency_s,
                      comm.eff("node").e_max])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import least_squares
 
-from moeplan.calibrate.fit import LOWER, UPPER, models_from, theta_from
+from moeplan.calibrate.fit import LOWER, UPPER, fitted_section, models_from, theta_from
 from moeplan.calibrate.trace import OTHER, hlo_parts, part_times_s
 from moeplan.calibrate.validate import predicted_parts
 from moeplan.collectives import CommParams
@@ -100,11 +100,7 @@ def calibrate_from_traces(train: list[dict], held_out: list[dict], topo, out: st
     profile = {
         "schema_version": 1, "device_kind": topo.chip.name, "device_count": topo.num_devices, "topology": topo.name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "versions": {"source": "trace"},
-        "fitted": {"compute": {"matmul": float(eff.matmul), "attention": float(eff.attention),
-                               "memory": float(eff.memory), "matmul_tile": int(eff.matmul_tile),
-                               "kernel_overhead_s": float(eff.kernel_overhead_s)},
-                   "comm": {"step_latency_s": float(comm.node_step_latency_s),
-                            "link_efficiency": float(comm.eff("node").e_max)}},
+        "fitted": fitted_section(eff, comm),
         "errors": {"held_out_layers": len(check) if held_out else 0,
                    "before_median_abs": float(np.median(np.abs(before))),
                    "after_median_abs": float(np.median(np.abs(after))),

@@ -140,7 +140,7 @@ def calibrate(out: str | os.PathLike[str], quick: bool = False, devices: int | N
     drifts instead of each catching its own; a measurement's time is the median over its passes."""
     import jax
 
-    from moeplan.calibrate.fit import errors, fit, theta_from
+    from moeplan.calibrate.fit import errors, fit, fitted_section, theta_from
     from moeplan.collectives import CommParams
     from moeplan.families import load_topology
     from moeplan.profiles import append_jsonl, read_jsonl, write_yaml
@@ -199,11 +199,7 @@ def calibrate(out: str | os.PathLike[str], quick: bool = False, devices: int | N
         "topology": topo.name, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": {"jax": jax.__version__, "jaxlib": _jaxlib_version(), "python": platform.python_version(),
                      "processes": jax.process_count()},
-        "fitted": {"compute": {"matmul": float(eff.matmul), "attention": float(eff.attention),
-                               "memory": float(eff.memory), "matmul_tile": int(eff.matmul_tile),
-                               "kernel_overhead_s": float(eff.kernel_overhead_s)},
-                   "comm": {"step_latency_s": float(comm.node_step_latency_s),
-                            "link_efficiency": float(comm.eff("node").e_max)}},
+        "fitted": fitted_section(eff, comm),
         "errors": {"held_out_layers": len(held), "before_median_abs": _median_abs(before),
                    "after_median_abs": _median_abs(after),
                    "after_max_abs": float(np.max(np.abs(after))) if held else 0.0,
