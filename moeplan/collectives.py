@@ -477,7 +477,8 @@ def switched_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.n
         latency = base + 2 * up_and_down
         net = _tree_net_s(topo, group, size, params)
         # inside a node the tree is a chain: each GPU sends the partial sum up and the result down, 2 S
-        out["tree"] = latency + np.maximum(net, 2.0 * size / node_rate(topo, group, size, params))
+        out["tree"] = latency + np.maximum(net, 2.0 * size / node_rate(topo, group, size, params)) / tree_correction(
+            size)
     if topo.node.in_switch_reduction and group.per_node > 1:
         nvls = params.nvls_latency_s + size / (node_bw * _nvls_eff(topo, params, size))
         if group.nodes == 1:
@@ -486,7 +487,7 @@ def switched_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.n
             depth = math.ceil(math.log2(group.nodes))
             latency = base + params.nvls_latency_s + 2 * depth * params.net_tree_step_latency_s
             net = _tree_net_s(topo, group, size, params)
-            out["nvls_tree"] = latency + np.maximum(nvls - params.nvls_latency_s, net)
+            out["nvls_tree"] = latency + np.maximum(nvls - params.nvls_latency_s, net) / tree_correction(size)
     return out
 
 
@@ -497,6 +498,20 @@ def _nvls_eff(topo: Topology, params: CommParams, size: np.ndarray) -> np.ndarra
     """The NVLS curve scaled to the switch generation (NCCL's nvlsEfficiency: Blackwell 0.74 of Hopper's 0.85)."""
     generation = topo.node.nvls_efficiency or HOPPER_NVLS_EFFICIENCY
     return params.eff("nvls")(size) * (generation / HOPPER_NVLS_EFFICIENCY)
+
+
+# NCCL's measured correction of its tree model: the tree all-reduce reaches this fraction of its modelled
+# bandwidth at power-of-two sizes 64 B x 2**i (i = 0..23); 1.0 from 1 GiB up. Simple-protocol row of
+# treeCorrectionFactor, NVIDIA/nccl src/graph/tuning.cc ("Trees are not perfectly sticking to the model for
+# medium sizes"). Not fitted here: the library's own table, applied to every tree and NVLS-tree bandwidth.
+TREE_CORRECTION = np.array([.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8, .9,
+                            .9, .9, 1.0])
+
+
+def tree_correction(size: np.ndarray) -> np.ndarray:
+    """NCCL's tree bandwidth correction at ``size`` bytes (its table's step at floor(log2(size / 64)))."""
+    steps = np.floor(np.log2(np.maximum(np.asarray(size, dtype=float), 64.0) / 64.0)).astype(int)
+    return TREE_CORRECTION[np.minimum(steps, TREE_CORRECTION.size - 1)]
 
 
 def _tree_net_s(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams) -> np.ndarray:

@@ -10,7 +10,17 @@ from hypothesis import strategies as st
 
 import moeplan as mp
 from moeplan import linksim
-from moeplan.collectives import CommParams, Efficiency, collective_cost, collective_time_s
+from moeplan.collectives import (
+    CommParams,
+    Efficiency,
+    _tree_net_s,
+    collective_cost,
+    collective_time_s,
+    node_rate,
+    switched_candidates,
+    switched_group,
+    tree_correction,
+)
 from moeplan.hardware import LinkSpec
 from moeplan.topology import NodeSpec, ScaleOut, switched_cluster, torus
 from moeplan.validation import collective_rows, load_points, relative_rows, summarize
@@ -212,6 +222,25 @@ def test_algorithm_pick_follows_size_like_nccl():
     cluster = mp.load_topology("dgx-h100", nodes=16)
     small, large = collective_cost(cluster, "all_reduce", [1e4, 1e10]).algorithm
     assert small == "tree" and large == "ring"  # log-depth latency wins small, rings win large
+
+
+def test_tree_bandwidth_carries_nccls_mid_size_correction():
+    # NCCL's own table (tuning.cc treeCorrectionFactor, Simple row): a power of two 64 B x 2**i, and anything
+    # up to the next power, reads entry i; 1 GiB and up is the model itself.
+    table = [.9, .9, .9, .9, .9, .9, .9, .8, .7, .6, .6, .5, .5, .5, .5, .6, .7, .8, .7, .7, .8, .9, .9, .9]
+    for i, factor in enumerate(table):
+        assert tree_correction(np.array([64.0 * 2**i, 64.0 * 2**i * 1.99])).tolist() == [factor, factor]
+    assert tree_correction(np.array([1.0, 2.0**30, 1e13])).tolist() == [0.9, 1.0, 1.0]
+    # the tree's bandwidth term at 1 MiB is twice what the uncorrected model says (factor 0.5), its latency is not
+    topo = mp.load_topology("dgx-h100", nodes=4)
+    devices = np.arange(topo.num_devices)
+    size = np.array([2.0**20, 2.0**33])
+    tree = switched_candidates(topo, "all_reduce", devices, size, CommParams())["tree"]
+    group = switched_group(topo, devices)
+    params = CommParams()
+    latency = params.nccl_base_latency_s + 2 * (2 * params.net_tree_step_latency_s + 7 * params.node_step_latency_s)
+    uncorrected = np.maximum(_tree_net_s(topo, group, size, params), 2 * size / node_rate(topo, group, size, params))
+    assert tree == pytest.approx(latency + uncorrected / np.array([0.5, 1.0]), rel=1e-9)
 
 
 @pytest.mark.parametrize(
