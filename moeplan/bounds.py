@@ -18,7 +18,8 @@ MODEL = {  # MoEModel fields
     "num_shared_experts": (0, 1_024), "moe_every": (1, 1_024), "first_dense_layers": (0, 1_024),
 }
 CAPACITY_FACTOR = (1e-3, 1e3)
-LAYOUT = {"data": (1, 1_048_576), "fsdp": (1, 1_048_576), "expert": (1, 65_536), "tensor": (1, 4_096),
+LAYOUT = {"data": (1, 1_048_576), "fsdp": (1, 1_048_576), "expert": (1, 65_536), "expert_tensor": (1, 4_096),
+          "tensor": (1, 4_096),
           "pipeline": (1, 1_024), "virtual_pipeline": (1, 1_024), "micro_batch_size": (1, 1_048_576)}
 GLOBAL_BATCH_TOKENS = (1, 2**40)  # about 1.1e12 tokens in one step
 BYTES_PER_DEVICE = (0.0, 1e15)  # one collective's buffer

@@ -267,7 +267,8 @@ def _print_table(rows: list[dict], top: int) -> None:
         shape = f"{r['d_model']}x{r['n_layers']}"
         print(f"  {i:>3} {shape:>9} {r['num_experts']:>4} {r['top_k']:>2} {r['expert_d_ff']:>6} {cf:>8} "
               f"{r['moe_every']:>5} {r['data']:>5} "
-              f"{r['fsdp']:>5} {r['expert']:>4} {r['tensor']:>3} {r['pipeline']:>3} {r['micro_batch_size']:>3} "
+              f"{r['fsdp']:>5} {_experts(r['expert'], r['expert_tensor']):>4} {r['tensor']:>3} {r['pipeline']:>3} "
+              f"{r['micro_batch_size']:>3} "
               f"{r['recompute']:>9} {fmt_time(r['step_time_s']):>10} {r['tokens_per_s']:>12,.0f} {r['mfu']:>6.1%} "
               f"{loss:>22} {r['memory_per_device_bytes'] / GIB:>7.1f} {_usd(r.get('usd_per_million_tokens')):>8}")
     if any(not r["in_range"] for r in rows[:top]):
@@ -360,7 +361,8 @@ def _print_side_by_side(runs) -> None:
     keys = [("experts", lambda c: c.model.num_experts), ("top-k", lambda c: c.model.top_k),
             ("capacity", lambda c: "dropless" if c.model.capacity_factor is None else c.model.capacity_factor),
             ("moe every", lambda c: c.model.moe_every), ("data/fsdp", lambda c: f"{c.layout.data}/{c.layout.fsdp}"),
-            ("expert/tensor/pipe", lambda c: f"{c.layout.expert}/{c.layout.tensor}/{c.layout.pipeline}"),
+            ("expert/tensor/pipe", lambda c: f"{_experts(c.layout.expert, c.layout.expert_tensor)}/{c.layout.tensor}/"
+                                             f"{c.layout.pipeline}"),
             ("step time", lambda c: fmt_time(c.step_time_s)), ("tokens/s", lambda c: f"{c.tokens_per_s:,.0f}"),
             ("MFU", lambda c: f"{c.mfu:.1%}"), ("loss", lambda c: f"{c.loss:.4f}{'' if c.in_range else '*'}")]
     width = max(len(t) for t, _ in best) + 2
@@ -472,6 +474,11 @@ def _cost_or_none(topo, step_time_s: float, args: argparse.Namespace) -> dict | 
     if topo.family not in load_prices().families:
         return None
     return step_cost(topo, step_time_s, args.batch_tokens, tokens_to_train=args.tokens_to_train, provider=args.provider)
+
+
+def _experts(expert: int, expert_tensor: int) -> str:
+    """The expert degree, with the expert-tensor degree when experts are split ("8x2")."""
+    return f"{expert}x{expert_tensor}" if expert_tensor > 1 else str(expert)
 
 
 def _usd(value) -> str:

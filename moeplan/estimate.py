@@ -194,27 +194,33 @@ def _route(routing: Routing, g, e_par, n_exp, k, cf_code, loc) -> tuple[float, f
 
 
 def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
-    """Router, dispatch all-to-all, expert FFNs, combine all-to-all for one MoE layer."""
+    """Router, dispatch all-to-all, expert FFNs, combine all-to-all for one MoE layer.
+
+    With expert-tensor parallelism (``etp`` > 1) the ``etp`` devices of a set route together: the tokens each
+    receives from the all-to-all are all-gathered inside the set, every device runs its experts' 1/etp of the
+    width on all of them, and the partial outputs are reduce-scattered back (per pass: AG + RS)."""
     m, p = ctx.m, ctx.plan
     group = maximum(np.round(tokens / p.tensor), 1)  # tokens this device routes
-    ep = p.expert
+    ep, etp = p.expert, p.expert_tensor
     local = m.num_experts // ep
     out = {"router_s": ctx.mm(group, m.num_experts, m.d_model, dtype="fp32") + ctx.mem(
         3 * group * m.num_experts * 4 + 4 * group * m.top_k * m.d_model * ctx.b),
         "router_flops": 2.0 * group * m.num_experts * m.d_model}
-    drop, per_expert, straggle = _routing(ctx, group, ep, local)
+    drop, per_expert, straggle = _routing(ctx, group * etp, ep, local)  # per_expert: a set's, gathered
     send = group * m.top_k * m.d_model * ctx.b * straggle
     fp8_dispatch = ctx.dispatch != "nccl" and dtype_bytes(ctx.dtype) < 2
     send_in = send * (1.0 + 4.0 / 128.0) / ctx.b if fp8_dispatch else send  # fp8 values + a scale per 128
-    active = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (group * ep)) if decode else local
-    up = 2 if m.gated_ffn else 1
-    experts = ctx.mm(per_expert, up * m.expert_d_ff, m.d_model, active) + ctx.mm(
-        per_expert, m.d_model, m.expert_d_ff, active) + ctx.mem(3 * per_expert * active * m.expert_d_ff * ctx.b)
-    flops = 2.0 * per_expert * active * (up + 1) * m.expert_d_ff * m.d_model
+    active = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (group * etp * ep)) if decode else local
+    up, width = (2 if m.gated_ffn else 1), m.expert_d_ff / etp
+    experts = ctx.mm(per_expert, up * width, m.d_model, active) + ctx.mm(
+        per_expert, m.d_model, width, active) + ctx.mem(3 * per_expert * active * width * ctx.b)
+    flops = 2.0 * per_expert * active * (up + 1) * width * m.d_model
     shared = _ffn(ctx, tokens, m.num_shared_experts * m.expert_d_ff, block=False)
+    gathered = send * etp * (etp > 1)  # the set's received tokens, all-gathered, and the partial outputs
+    etp_s = ctx.coll("all_gather", gathered, "expert_tensor") + ctx.coll("reduce_scatter", gathered, "expert_tensor")
     out.update(experts_s=experts + shared["s"] + _elementwise_s(ctx, tokens), experts_flops=flops + shared["flops"],
-               shared_tp_s=shared["tp_s"],
-               shared_tp_bytes=shared["tp_bytes"], drop=drop, send=send * (ep > 1), send_in=send_in * (ep > 1),
+               shared_tp_s=shared["tp_s"] + etp_s, shared_tp_bytes=shared["tp_bytes"] + 2.0 * gathered,
+               drop=drop, send=send * (ep > 1), send_in=send_in * (ep > 1), gathered=gathered,
                dispatch_s=ctx.dispatch_a2a(send_in * (ep > 1)), combine_s=ctx.dispatch_a2a(send * (ep > 1)),
                permute_s=ctx.mem(2 * send))
     return _one_expert_is_an_ffn(ctx, tokens, out)
@@ -228,7 +234,8 @@ def _one_expert_is_an_ffn(ctx: Context, tokens, out: dict) -> dict:
     if not np.any(dense):
         return out
     ffn = _ffn(ctx, tokens, (m.top_k + m.num_shared_experts) * m.expert_d_ff)
-    swap = {"router_s": 0.0, "router_flops": 0.0, "drop": 0.0, "send": 0.0, "send_in": 0.0, "dispatch_s": 0.0,
+    swap = {"router_s": 0.0, "router_flops": 0.0, "drop": 0.0, "send": 0.0, "send_in": 0.0, "gathered": 0.0,
+            "dispatch_s": 0.0,
             "combine_s": 0.0, "permute_s": 0.0, "experts_s": ffn["s"], "experts_flops": ffn["flops"],
             "shared_tp_s": ffn["tp_s"], "shared_tp_bytes": ffn["tp_bytes"]}
     return {k: where(dense, swap[k], v) if k in swap else v for k, v in out.items()}
@@ -317,7 +324,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
                     "fsdp_gather:bytes": sync["fsdp_bytes"], "optimizer": optimizer,
                     "optimizer:bytes": 30.0 * (dense_local + expert_local)})
     step = stage_s * (mb + (pp - 1) / v) + grad_sync + fsdp_gather + optimizer
-    out.update(_train_memory(ctx, counts, tokens, mb, moe["send"]))
+    out.update(_train_memory(ctx, counts, tokens, mb, moe["send"], moe["gathered"]))
     out["step_time_s"] = step
     out["tokens_per_s"] = gbt / step
     out["model_flops"] = M.model_flops_per_token(m, True) * gbt
@@ -390,7 +397,7 @@ def _activation_bytes_per_token_layer(ctx: Context):
     return attn + (dense * m.n_dense_layers + moe * m.n_moe_layers) / m.n_layers
 
 
-def _train_memory(ctx: Context, counts: dict, tokens, mb, send) -> dict[str, np.ndarray]:
+def _train_memory(ctx: Context, counts: dict, tokens, mb, send, gathered) -> dict[str, np.ndarray]:
     m, p = ctx.m, ctx.plan
     pp, t = p.pipeline, p.tensor
     params = counts["non_expert"] / (pp * p.dense_weight_shards) + counts["expert"] / (pp * p.expert_weight_shards)
@@ -409,7 +416,7 @@ def _train_memory(ctx: Context, counts: dict, tokens, mb, send) -> dict[str, np.
     stored = where(full, tokens / t * m.d_model * ctx.b * layers * in_flight + tokens / t * per_token_layer,
                    tokens / t * per_token_layer * layers * in_flight)
     mem["mem:activations"] = stored + tokens * m.vocab_size / t * 4.0  # fp32 logits of the last stage
-    mem["mem:a2a_buffers"] = 4.0 * send
+    mem["mem:a2a_buffers"] = 4.0 * send + 2.0 * gathered  # dispatch/combine in and out; expert-tensor gathers
     mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, 2.0 if mixed else 4.0)
     mem["memory_per_device_bytes"] = sum(mem.values())
     return mem
@@ -422,9 +429,9 @@ def _fsdp_gathered_bytes(ctx: Context, weight_bytes: float):
     m, p = ctx.m, ctx.plan
     attn = M.attention_params(m)
     dense_block = where(m.n_dense_layers > 0, (attn + M.ffn_params(m, m.d_ff)) * (p.fsdp > 1) / p.tensor, 0.0)
-    experts_sharded = p.expert_weight_shards > p.expert
+    experts_sharded = p.expert_weight_shards > p.expert_block
     moe_block = where(m.n_moe_layers > 0, M.dense_params_per_moe_layer(m) * (p.fsdp > 1) / p.tensor
-                      + M.expert_params_per_layer(m) * experts_sharded / p.expert, 0.0)
+                      + M.expert_params_per_layer(m) * experts_sharded / p.expert_block, 0.0)
     return 2.0 * maximum(dense_block, moe_block) * weight_bytes
 
 
@@ -539,10 +546,10 @@ def _inference(ctx: Context, mode: str, gbt: int, hbm_reserve: float = HBM_RESER
         dense = _ffn(ctx, tokens, m.d_ff)
         parts.append(("dense_ffn", "compute", dense["s"] + dense["tp_s"], dense["flops"], dense["tp_bytes"],
                       m.n_dense_layers))
-    drop, send = 0.0, 0.0
+    drop, send, gathered = 0.0, 0.0, 0.0
     if m.n_moe_layers:
         moe = _moe(ctx, tokens, decode=decode)
-        drop, send = float(moe["drop"]), float(moe["send"])
+        drop, send, gathered = float(moe["drop"]), float(moe["send"]), float(moe["gathered"])
         k = m.n_moe_layers
         parts += [("router", "compute", moe["router_s"], moe["router_flops"], 0.0, k),
                   ("dispatch_a2a", "a2a", moe["dispatch_s"] + moe["permute_s"], 0.0, moe["send_in"], k),
@@ -570,7 +577,7 @@ def _inference(ctx: Context, mode: str, gbt: int, hbm_reserve: float = HBM_RESER
     memory = {"weights": params * weight_bytes,
               "kv_cache": sequences * m.seq_len * M.kv_cache_bytes_per_token(m, ctx.b) / (pp * int(p.tensor)),
               "activations": float(tokens * _activation_bytes_per_token_layer(ctx) / p.tensor),
-              "a2a_buffers": 2.0 * send}
+              "a2a_buffers": 2.0 * send + gathered}
     flops = M.model_flops_per_token(m.base, training=False) * gbt
     est = _finish(topo, mode, step, flops, gbt, memory, rows, drop, 1, hbm_reserve)
     est.details.update({

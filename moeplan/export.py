@@ -7,11 +7,10 @@ YAML that reproduces the estimate.
   ``remat_policy`` (recompute "full" -> "full", "selective" -> "save_qkv_proj": projections kept,
   attention recomputed, "none" -> "minimal") and the model's shape (``base_*`` keys of MaxText's
   ``base.yml``).
-* ``megatron_args``: Megatron-Core's command line: tensor, pipeline, virtual, expert and
-  expert-tensor (1: this planner does not split experts over tensor ranks) and context (1) parallel
-  sizes, micro and global batch (sequences), router top-k, capacity factor (omitted for dropless),
-  recompute granularity, sequence parallelism, distributed optimizer, the token dispatcher (``flex``
-  for DeepEP) and the model's shape.
+* ``megatron_args``: Megatron-Core's command line: tensor, pipeline, virtual, expert, expert-tensor
+  and context (1) parallel sizes, micro and global batch (sequences), router top-k, capacity factor
+  (omitted for dropless), recompute granularity, sequence parallelism, distributed optimizer, the token
+  dispatcher (``flex`` for DeepEP) and the model's shape.
 * ``plan_document`` / ``load_plan``: model, topology, layout, batch, dtype and framework as YAML;
   ``estimate_plan`` of the loaded document gives the same estimate.
 
@@ -70,7 +69,7 @@ def maxtext_config(model: MoEModel, topo: Topology, layout: Layout, global_batch
         "sparse_matmul": model.capacity_factor is None, "interleave_moe_layer_step": model.moe_every,
         "first_num_dense_layers": model.first_dense_layers, "shared_experts": model.num_shared_experts,
         "dtype": "bfloat16" if dtype in ("bf16", "fp8", "mxfp8") else "float32",
-        "moeplan_expert_degree": layout.expert,
+        "moeplan_expert_degree": layout.expert, "moeplan_expert_tensor_degree": layout.expert_tensor,
     }
     if dtype in ("fp8", "mxfp8"):
         out["quantization"] = "fp8"
@@ -82,6 +81,7 @@ def parse_maxtext(config: dict) -> Layout:
     return Layout(data=int(config["dcn_data_parallelism"]) * int(config["ici_data_parallelism"]),
                   fsdp=int(config["ici_fsdp_parallelism"]), tensor=int(config["ici_tensor_parallelism"]),
                   pipeline=int(config["ici_pipeline_parallelism"]), expert=int(config["moeplan_expert_degree"]),
+                  expert_tensor=int(config.get("moeplan_expert_tensor_degree", 1)),
                   recompute={v: k for k, v in _REMAT.items()}[config["remat_policy"]])
 
 
@@ -94,7 +94,7 @@ def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_
     sequences = _sequences(model, global_batch_tokens)
     args = ["--tensor-model-parallel-size", layout.tensor, "--pipeline-model-parallel-size", layout.pipeline,
             "--context-parallel-size", 1, "--expert-model-parallel-size", layout.expert,
-            "--expert-tensor-parallel-size", 1, "--micro-batch-size", layout.micro_batch_size,
+            "--expert-tensor-parallel-size", layout.expert_tensor, "--micro-batch-size", layout.micro_batch_size,
             "--global-batch-size", sequences, "--seq-length", model.seq_len, "--max-position-embeddings",
             model.seq_len, "--num-layers", model.n_layers, "--hidden-size", model.d_model, "--num-attention-heads",
             model.n_heads, "--kv-channels", model.d_head, "--ffn-hidden-size", model.d_ff or model.expert_d_ff]
@@ -137,7 +137,8 @@ def parse_megatron(args: list[str], devices: int) -> Layout:
     """The layout Megatron arguments from ``megatron_args`` describe on ``devices`` GPUs."""
     parser = argparse.ArgumentParser(add_help=False)
     for name in ("tensor-model-parallel-size", "pipeline-model-parallel-size", "expert-model-parallel-size",
-                 "micro-batch-size", "num-layers", "num-layers-per-virtual-pipeline-stage"):
+                 "expert-tensor-parallel-size", "micro-batch-size", "num-layers",
+                 "num-layers-per-virtual-pipeline-stage"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--recompute-granularity", default="none")
     for flag in ("sequence-parallel", "use-distributed-optimizer", "use-torch-fsdp2"):
@@ -149,7 +150,8 @@ def parse_megatron(args: list[str], devices: int) -> Layout:
     virtual = known.num_layers // (p * known.num_layers_per_virtual_pipeline_stage) \
         if known.num_layers_per_virtual_pipeline_stage else 1
     return Layout(data=replicas // fsdp, fsdp=fsdp, tensor=t, pipeline=p, virtual_pipeline=virtual,
-                  expert=known.expert_model_parallel_size, micro_batch_size=known.micro_batch_size,
+                  expert=known.expert_model_parallel_size, expert_tensor=known.expert_tensor_parallel_size or 1,
+                  micro_batch_size=known.micro_batch_size,
                   recompute=known.recompute_granularity, sequence_parallel=known.sequence_parallel or t == 1,
                   shard_optimizer=known.use_distributed_optimizer)
 

@@ -19,7 +19,8 @@ from moeplan.plan import Plan
 from moeplan.topology import Topology
 
 MODEL_KNOBS = ("num_experts", "top_k", "capacity_factor", "moe_every", "expert_d_ff")
-LAYOUT_KNOBS = ("expert", "tensor", "pipeline", "fsdp", "virtual_pipeline", "micro_batch_size", "recompute")
+LAYOUT_KNOBS = ("expert", "expert_tensor", "tensor", "pipeline", "fsdp", "virtual_pipeline", "micro_batch_size",
+                "recompute")
 KNOBS = MODEL_KNOBS + LAYOUT_KNOBS  # the axes of the search grid, in order
 
 
@@ -55,7 +56,8 @@ def valid(g: dict[str, np.ndarray], model: M.MoEModel, topo: Topology, gbt: int)
     block = data * g["fsdp"] * g["tensor"]
     seqs = gbt // model.seq_len
     shards = np.maximum(data * g["fsdp"], 1)
-    ok = (data >= 1) & (g["num_experts"] % g["expert"] == 0) & (block % g["expert"] == 0)
+    ok = (data >= 1) & (g["num_experts"] % g["expert"] == 0) & (block % (g["expert"] * g["expert_tensor"]) == 0)
+    ok = ok & ((g["expert_tensor"] == 1) | ((g["expert_d_ff"] % g["expert_tensor"] == 0) & (g["num_experts"] > 1)))
     ok = ok & (g["top_k"] <= g["num_experts"]) & (model.n_heads % g["tensor"] == 0)
     ok = ok & ((model.n_kv_heads % g["tensor"] == 0) | (g["tensor"] % model.n_kv_heads == 0))
     ok = ok & (g["expert_d_ff"] % g["tensor"] == 0) & ((model.d_ff % g["tensor"] == 0) | (model.d_ff == 0))

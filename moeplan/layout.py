@@ -7,6 +7,13 @@ expert group sits on the fastest links. Non-expert layers shard the batch over d
 their weights over fsdp x tensor x pipeline; expert weights are sharded over the expert group,
 then over whatever part of fsdp the expert group does not already cover.
 
+Expert-tensor parallelism (``expert_tensor``, Megatron-Core's ``--expert-tensor-parallel-size``) splits
+each expert's FFN width over ``expert_tensor`` devices, innermost: an expert group is then ``expert``
+such sets of ``expert_tensor`` devices (ids strided by ``expert_tensor``), and ``expert x expert_tensor``
+divides data x fsdp x tensor. The tokens a set's devices receive are all-gathered inside the set before
+the expert FFN and reduce-scattered after it. ``expert_tensor = 1`` (the default, Megatron's for
+fine-grained MoE) keeps whole experts on a device.
+
 The logical mesh, outermost axis first, is (pipeline, data, fsdp, tensor): weights shard inside the
 replicas, as MaxText's mesh (data outermost, with its DCN part across slices) and PyTorch's hybrid
 sharding (shard inside a node, replicate across) place them.
@@ -22,7 +29,8 @@ from moeplan.moe import MoEModel
 from moeplan.topology import Topology
 
 RECOMPUTE = ("none", "selective", "full")
-_INT_FIELDS = ("data", "fsdp", "expert", "tensor", "pipeline", "virtual_pipeline", "micro_batch_size")
+_INT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "pipeline", "virtual_pipeline",
+               "micro_batch_size")
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class Layout:
     tensor: int = 1
     pipeline: int = 1
     virtual_pipeline: int = 1
+    expert_tensor: int = 1  # devices one expert's FFN width is split over (expert-tensor parallelism)
     micro_batch_size: int = 1  # sequences per micro-batch on one batch shard (one data x fsdp rank)
     recompute: str = "selective"  # activation recomputation: none | selective (attention) | full
     sequence_parallel: bool = True  # Megatron SP: norms/dropout sharded over tensor, AG/RS instead of AR
@@ -49,6 +58,9 @@ class Layout:
             raise ValueError(
                 f"layout.expert: got {self.expert}; expected a divisor of data x fsdp x tensor = {self.batch_block}"
             )
+        if self.batch_block % (self.expert * self.expert_tensor):
+            raise ValueError(f"layout.expert_tensor: got {self.expert_tensor}; expected expert x expert_tensor = "
+                             f"{self.expert * self.expert_tensor} to divide data x fsdp x tensor = {self.batch_block}")
         if self.virtual_pipeline > 1 and self.pipeline == 1:
             raise ValueError("layout.virtual_pipeline: expected 1 without pipeline parallelism")
 
@@ -68,7 +80,7 @@ class Layout:
     @property
     def expert_weight_shards(self) -> int:
         """Ways one MoE layer's expert weights are split (pipeline stages aside)."""
-        return int(expert_weight_shards(self.expert, self.tensor, self.fsdp))
+        return int(expert_weight_shards(self.expert * self.expert_tensor, self.tensor, self.fsdp))
 
     @property
     def dense_weight_shards(self) -> int:
@@ -118,10 +130,14 @@ def check_layout(model: MoEModel, topo: Topology, layout: Layout) -> None:
     for name, width in (("d_ff", model.d_ff), ("expert_d_ff", model.expert_d_ff)):
         if width and width % layout.tensor:
             raise ValueError(f"layout.tensor: got {layout.tensor}; expected a divisor of {name} ({width})")
+    if layout.expert_tensor > 1 and (model.num_experts < 2 or model.expert_d_ff % layout.expert_tensor):
+        raise ValueError(f"layout.expert_tensor: got {layout.expert_tensor}; expected a divisor of expert_d_ff "
+                         f"({model.expert_d_ff}) in a model with routed experts ({model.num_experts})")
 
 
 def expert_weight_shards(expert, tensor, fsdp):
-    """Ways expert weights are split: over the expert group, then over the part of fsdp the group does
-    not already cover (it fills tensor first, then fsdp). Integers or integer arrays."""
+    """Ways expert weights are split: over the expert group (``expert`` devices: the expert degree times the
+    expert-tensor degree), then over the part of fsdp the group does not already cover (it fills tensor first,
+    then fsdp). Integers or integer arrays."""
     cover = where(expert > tensor, expert // gcd(expert, tensor), 1)
     return expert * (fsdp // gcd(fsdp, maximum(cover, 1)))

@@ -31,7 +31,8 @@ from moeplan.routing import Routing
 from moeplan.topology import Topology
 from moeplan.units import dtype_bytes
 
-LAYOUT_FIELDS = ("data", "fsdp", "expert", "tensor", "pipeline", "virtual_pipeline", "micro_batch_size")
+LAYOUT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "pipeline", "virtual_pipeline",
+                 "micro_batch_size")
 
 
 # ------------------------------------------------------------------ plans
@@ -44,6 +45,7 @@ class Plan:
     data: np.ndarray
     fsdp: np.ndarray
     expert: np.ndarray
+    expert_tensor: np.ndarray
     tensor: np.ndarray
     pipeline: np.ndarray
     virtual_pipeline: np.ndarray
@@ -73,9 +75,14 @@ class Plan:
     def batch_block(self) -> np.ndarray:
         return self.data * self.fsdp * self.tensor
 
+    @property
+    def expert_block(self) -> np.ndarray:
+        """Devices one MoE layer's experts are spread over: the expert degree x the expert-tensor degree."""
+        return self.expert * self.expert_tensor
+
     @cached_property
     def expert_weight_shards(self) -> np.ndarray:
-        return expert_weight_shards(self.expert, self.tensor, self.fsdp)
+        return expert_weight_shards(self.expert_block, self.tensor, self.fsdp)
 
     @property
     def dense_weight_shards(self) -> np.ndarray:
@@ -102,8 +109,8 @@ def _ids_expert_data(block, expert, tensor, fsdp, covered_fsdp):
     return ids[(ids // tensor) % fsdp < covered_fsdp]
 
 
-_GROUP_IDS = {"tensor": _ids_range, "expert": _ids_range, "data": _ids_strided, "fsdp": _ids_strided,
-              "pipeline": _ids_pipeline, "expert_data": _ids_expert_data}
+_GROUP_IDS = {"tensor": _ids_range, "expert_tensor": _ids_range, "expert": _ids_strided, "data": _ids_strided,
+              "fsdp": _ids_strided, "pipeline": _ids_pipeline, "expert_data": _ids_expert_data}
 
 
 class Context:
@@ -131,16 +138,18 @@ class Context:
     def _group(self, kind: str) -> tuple:
         """The degrees that place device 0's ``kind`` group (``_GROUP_IDS[kind]`` turns them into ids)."""
         p = self.plan
-        if kind in ("tensor", "expert"):
+        if kind in ("tensor", "expert_tensor"):
             return (getattr(p, kind),)
+        if kind == "expert":  # one device of each expert-tensor set
+            return p.expert, p.expert_tensor
         if kind == "data":
             return p.data, p.fsdp * p.tensor
         if kind == "fsdp":
             return p.fsdp, p.tensor
         if kind == "pipeline":
             return p.pipeline, p.batch_block
-        covered = p.fsdp * p.expert // np.maximum(p.expert_weight_shards, 1)  # expert_data: replicas of a shard
-        return p.batch_block, p.expert, p.tensor, p.fsdp, covered
+        covered = p.fsdp * p.expert_block // np.maximum(p.expert_weight_shards, 1)  # expert_data: a shard's replicas
+        return p.batch_block, p.expert_block, p.tensor, p.fsdp, covered
 
     def coll(self, op: str, nbytes, kind: str):
         """Collective time per candidate (the broadcast shape of ``nbytes`` and the group's degrees)."""
@@ -157,14 +166,15 @@ class Context:
             return self.coll("all_to_all", nbytes, "expert")
         m = self.m
         experts, top_k = np.broadcast_arrays(m.num_experts, m.top_k)
-        shape = np.broadcast_shapes(np.shape(nbytes), np.shape(experts), np.shape(self.plan.expert))
+        ep, etp = self.plan.expert, self.plan.expert_tensor
+        shape = np.broadcast_shapes(np.shape(nbytes), np.shape(experts), np.shape(ep), np.shape(etp))
         size = np.broadcast_to(np.asarray(nbytes, dtype=float), shape)
         out = np.zeros(shape)
-        keys = np.stack([np.broadcast_to(a, shape).reshape(-1) for a in (experts, top_k, self.plan.expert)], axis=1)
+        keys = np.stack([np.broadcast_to(a, shape).reshape(-1) for a in (experts, top_k, ep, etp)], axis=1)
         unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-        for row, (e, k, ep) in enumerate(unique):
+        for row, (e, k, ep_one, etp_one) in enumerate(unique):
             sel = inverse.reshape(-1) == row
-            ids = _ids(self.topo, "expert", (int(ep),))
+            ids = _ids(self.topo, "expert", (int(ep_one), int(etp_one)))
             if ids is not None:
                 out.reshape(-1)[sel] = _dispatch_s(self.topo, size.reshape(-1)[sel], ids, self.comm, self.dispatch,
                                                    int(e), int(k), m.route_node_limit)

@@ -42,6 +42,7 @@ class SearchSpace:
     moe_every: list[int] | None = None
     expert_d_ff: list[int] | None = None
     expert: list[int] | None = None
+    expert_tensor: list[int] | None = None  # expert-tensor parallel degrees (default [1]: whole experts)
     tensor: list[int] | None = None
     pipeline: list[int] | None = None
     fsdp: list[int] | None = None
@@ -69,7 +70,7 @@ class SearchSpace:
         defaults = {
             "num_experts": [model.num_experts], "top_k": [model.top_k], "capacity_factor": [model.capacity_factor],
             "moe_every": [model.moe_every], "expert_d_ff": [model.expert_d_ff],
-            "expert": [p for p in powers if p <= model.num_experts * 4],
+            "expert": [p for p in powers if p <= model.num_experts * 4], "expert_tensor": [1],
             "tensor": [p for p in powers if p <= min(per_node, 8)],
             "pipeline": [p for p in powers if p <= min(model.n_layers, 64)],
             # GPUs: no FSDP, hybrid sharding inside a node, FSDP over every device (PyTorch FSDP/HSDP, Megatron's
@@ -108,6 +109,8 @@ class SearchSpace:
             "pipeline": lambda v: devices % v and f"does not divide the {devices} devices" or v > model.n_layers and (
                 f"is more stages than the model's {model.n_layers} layers"),
             "fsdp": lambda v: devices % v and f"does not divide the {devices} devices",
+            "expert_tensor": lambda v: devices % v and f"does not divide the {devices} devices" or v > 1 and all(
+                w % v for w in out["expert_d_ff"]) and f"divides none of the expert widths {out['expert_d_ff']}",
             "expert": lambda v: devices % v and f"does not divide the {devices} devices" or all(
                 e % v for e in out["num_experts"]) and f"divides none of the expert counts {out['num_experts']}",
             "virtual_pipeline": lambda v: v > 1 and max(out["pipeline"]) == 1 and "needs a pipeline of 2 or more",

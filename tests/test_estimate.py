@@ -84,6 +84,8 @@ def test_capacity_factor_pads_compute_and_drops_tokens():
         (dict(data=2, tensor=4, expert=8), None),  # fine
         (dict(data=1, tensor=8, expert=8), "n_kv_heads"),  # mixtral: 8 kv heads / 8 is fine, heads 32 / 8 fine
         (dict(data=8, micro_batch_size=3), "global_batch_tokens"),
+        (dict(data=8, expert=8, expert_tensor=2), "layout.expert_tensor"),  # 16 devices of experts on 8
+        (dict(data=8, expert=4, expert_tensor=3), "layout.expert_tensor"),
     ],
 )
 def test_impossible_layouts_are_named(layout, message):
@@ -359,3 +361,49 @@ def test_hbm_is_binary_and_a_reserve_is_kept_for_workspaces():
     assert "GiB" in mp.estimate(model, topo, mp.Layout(data=8, expert=8), 8 * model.seq_len, hbm_reserve=tight).reason
     with pytest.raises(ValueError, match="hbm_reserve"):
         mp.estimate(model, topo, mp.Layout(data=8, expert=8), 8 * model.seq_len, hbm_reserve=1.5)
+
+
+def test_expert_tensor_parallelism_by_hand():
+    """Experts split in halves over pairs (expert=4, expert_tensor=2) do the FLOPs and hold the weights of whole
+    experts over 8 (expert=8); the pair all-gathers what it received and reduce-scatters the partial outputs,
+    each pass: the experts' communication row is those two collectives on devices (0, 1), by hand."""
+    from moeplan.collectives import collective_time_s
+
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=4, capacity_factor=1.0)  # capacities come out whole
+    topo = mp.load_topology("dgx-h100")
+    gbt = 16 * model.seq_len
+    whole = mp.estimate(model, topo, mp.Layout(data=8, expert=8), gbt)
+    split = mp.estimate(model, topo, mp.Layout(data=8, expert=4, expert_tensor=2), gbt)
+    rows = {r.name: r for r in split.layers}
+    assert rows["experts"].flops == pytest.approx({r.name: r for r in whole.layers}["experts"].flops, rel=1e-12)
+    assert split.memory["weights"] == pytest.approx(whole.memory["weights"], rel=1e-12)
+    passes, count = 2.0, rows["dispatch_a2a"].count  # selective recompute: forward + backward
+    received = rows["dispatch_a2a"].bytes / (passes * count)  # one device's all-to-all buffer
+    pair = collective_time_s(topo, "all_gather", 2 * received, [0, 1]) + collective_time_s(
+        topo, "reduce_scatter", 2 * received, [0, 1])
+    assert rows["experts_tp"].time_s == pytest.approx(count * passes * pair, rel=1e-9)
+    assert split.memory["a2a_buffers"] == pytest.approx(4 * received + 2 * 2 * received, rel=1e-12)
+    assert "experts_tp" not in {r.name for r in whole.layers}
+
+
+def test_expert_groups_step_over_expert_tensor_sets():
+    """With expert_tensor=2 the all-to-all joins one device of each pair: on 2 nodes of 8, expert=8 spans both
+    nodes (ids 0, 2, ..., 14) where expert=8 alone stays in one; the search scores the same layouts."""
+    from moeplan.plan import _GROUP_IDS, Context, Plan
+
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=4)
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    layout = mp.Layout(data=16, expert=8, expert_tensor=2)
+    ctx = Context(Plan.from_layout(model, layout), topo, "bf16", None, None, None)
+    assert _GROUP_IDS["expert"](*ctx._group("expert")).tolist() == list(range(0, 16, 2))
+    assert _GROUP_IDS["expert_tensor"](*ctx._group("expert_tensor")).tolist() == [0, 1]
+    gbt = 32 * model.seq_len
+    space = mp.SearchSpace(expert=[4, 8], expert_tensor=[1, 2], tensor=[1], pipeline=[1], fsdp=[1],
+                           virtual_pipeline=[1], micro_batch_size=[1], recompute=["selective"])
+    result = mp.search(model, topo, space, global_batch_tokens=gbt, objective="step_time", top=10)
+    assert {(r["expert"], r["expert_tensor"]) for r in result.table} == {(4, 1), (8, 1), (4, 2), (8, 2)}
+    for r in result.table:
+        est = mp.estimate(model, topo, mp.Layout(data=16, expert=r["expert"], expert_tensor=r["expert_tensor"]), gbt)
+        assert r["step_time_s"] == pytest.approx(est.step_time_s, rel=1e-9)
+    with pytest.raises(ValueError, match="space.expert_tensor"):
+        mp.search(model, topo, mp.SearchSpace(expert_tensor=[3]), global_batch_tokens=gbt)

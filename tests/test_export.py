@@ -17,7 +17,7 @@ from moeplan.export import (
     plan_document,
 )
 
-KEYS = ("data", "fsdp", "tensor", "pipeline", "expert", "recompute")
+KEYS = ("data", "fsdp", "tensor", "pipeline", "expert", "expert_tensor", "recompute")
 
 
 def _same(a: mp.Layout, b: mp.Layout, keys=KEYS):
@@ -26,7 +26,8 @@ def _same(a: mp.Layout, b: mp.Layout, keys=KEYS):
 
 @pytest.mark.parametrize("layout", [mp.Layout(fsdp=128, expert=8), mp.Layout(data=8, fsdp=16, expert=4,
                                                                                 recompute="full"),
-                                    mp.Layout(data=32, fsdp=4, recompute="none")])
+                                    mp.Layout(data=32, fsdp=4, recompute="none"),
+                                    mp.Layout(data=16, fsdp=8, expert=8, expert_tensor=2)])
 def test_maxtext_fragment_parses_back_to_the_layout(layout):
     model = mp.load_model("st-moe-like-8b")
     topo = mp.load_topology("tpu-v5p", shape=(4, 4, 8))
@@ -49,7 +50,9 @@ def test_maxtext_puts_data_across_slices_over_dcn():
 
 @pytest.mark.parametrize("layout,dispatch", [(mp.Layout(data=16, expert=8, pipeline=4, virtual_pipeline=2), "nccl"),
                                              (mp.Layout(data=8, tensor=2, expert=8, pipeline=4, recompute="full"),
-                                              "deepep_normal")])
+                                              "deepep_normal"),
+                                             (mp.Layout(data=16, tensor=1, expert=4, expert_tensor=2, pipeline=4),
+                                              "nccl")])
 def test_megatron_arguments_parse_back_to_the_layout(layout, dispatch):
     model = mp.load_model("mixtral-8x7b")
     topo = mp.load_topology("dgx-h100", nodes=8)

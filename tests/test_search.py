@@ -232,12 +232,13 @@ def test_pieces_are_bounded_whatever_the_axis_lengths_and_cover_the_grid_once():
     their indices partition the grid; no whole-grid index array is needed."""
     grid = G.build({k: list(range(1, 4)) if k not in ("capacity_factor", "recompute") else
                     ([1.0, 1.25, None] if k == "capacity_factor" else ["none", "selective", "full"])
-                    for k in G.KNOBS})  # 3^12 = 531,441 points
+                    for k in G.KNOBS})  # 3^13 = 1,594,323 points
+    points = 3 ** len(G.KNOBS)
     pieces = G.pieces(grid, chunk=1000)
     sizes = [idx.size for _, idx in pieces]
-    assert max(sizes) <= 1000 and sum(sizes) == 3**12
+    assert max(sizes) <= 1000 and sum(sizes) == points
     seen = np.concatenate([idx for _, idx in pieces])
-    assert np.unique(seen).size == 3**12
+    assert np.unique(seen).size == points
     piece, idx = pieces[7]
     shape = G.shape_of(piece)
     assert math.prod(shape) == idx.size
