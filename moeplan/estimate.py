@@ -1,10 +1,12 @@
 """estimate(model, topology, layout) -> per-layer breakdown, step time, tokens/s, MFU and memory.
 
 One device's view of one step. A training step runs ``m`` micro-batches through ``p`` pipeline
-stages (1F1B, ``v`` virtual stages): time = (m + (p - 1) / v) x (forward + backward of one
-micro-batch on the slowest stage), plus the exposed data-parallel gradient sync and FSDP gathers,
-plus the optimizer. Inside a stage every layer is computed by roofline (``compute``) and every
-collective by ``collectives`` on the layout's actual device groups.
+stages (1F1B, ``v`` virtual stages): time = m x (forward + backward of one micro-batch on the slowest
+stage) + the fill and drain, in which every other stage's time passes once, over v ((p - 1) / v stage
+times with an even split; the output layer's time is the last stage's alone), plus the exposed
+data-parallel gradient sync and FSDP gathers, plus the optimizer. Inside a stage every layer is
+computed by roofline (``compute``) and every collective by ``collectives`` on the layout's actual
+device groups.
 
 The formulas are written once, over arrays: ``plan_costs`` scores a ``Plan`` (layout degrees and
 MoE fields as numpy values that broadcast together) and ``estimate`` is that same function on a plan
@@ -46,7 +48,7 @@ from moeplan.collectives import CommParams
 from moeplan.compute import attention_time_s
 from moeplan.dispatch import KERNELS
 from moeplan.hardware import ComputeEfficiency
-from moeplan.layout import RECOMPUTE, Layout, check_layout
+from moeplan.layout import RECOMPUTE, Layout, check_layout, stage_layers
 from moeplan.plan import Context, Plan, distinct_rows, make_context
 from moeplan.routing import Routing, max_device_load, routing_stats
 from moeplan.topology import Topology
@@ -269,9 +271,10 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     mb, valid = _micro_batches(plan, gbt)
     pp, v = p.pipeline, p.virtual_pipeline
     tokens = p.micro_batch_size * m.seq_len  # per batch shard and micro-batch
-    stage = -(-m.n_layers // (pp * v)) * v / m.n_layers  # slowest stage: ceil(L / (p v)) layers per chunk
-    n_attn = (m.n_layers + m.n_cross_attention_layers) * stage
-    n_moe, n_dense = m.n_moe_layers * stage, m.n_dense_layers * stage
+    stages = stage_layers(m.n_layers, pp, v, p.first_stage_layers, p.last_stage_layers)
+    per_layer = 1.0 / m.n_layers  # each kind's share of a layer: stages hold the model's mix of layers
+    n_attn = (m.n_layers + m.n_cross_attention_layers) * per_layer
+    n_moe, n_dense = m.n_moe_layers * per_layer, m.n_dense_layers * per_layer
     attn = _attention(ctx, tokens, m.seq_len, decode=False)
     dense = _ffn(ctx, tokens, m.d_ff)
     moe = _moe(ctx, tokens)
@@ -280,7 +283,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     full = p.recompute == RECOMPUTE.index("full")
     selective = p.recompute == RECOMPUTE.index("selective")
     compute_passes, comm_passes = 3.0 + full, 2.0 + full
-    # per layer kind, its count on the stage and its parts:
+    # per layer kind, its count in an average layer and its parts:
     # (name, kind, compute per micro-batch forward, comm per pass, flops, comm bytes)
     kinds = [
         (n_attn, [("attention", "compute", attn["proj_s"], attn["tp_s"], attn["proj_flops"], attn["tp_bytes"]),
@@ -292,23 +295,26 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
                  ("experts", "compute", moe["experts_s"], moe["shared_tp_s"], moe["experts_flops"],
                   moe["shared_tp_bytes"]),
                  ("combine_a2a", "a2a", moe["permute_s"], moe["combine_s"], 0.0, moe["send"])]),
-        (1.0, [("logits", "compute", logits["s"], 0.0, logits["flops"], 0.0)]),
     ]
+    logits_part = [("logits", "compute", logits["s"], 0.0, logits["flops"], 0.0)]
     out: dict = {}
-    stage_s = 0.0
+    layer_s, shares = 0.0, []
     for count, parts in kinds:
-        layer_s, exposed = _layer_time_s(parts, compute_passes, comm_passes, overlap)
-        stage_s = stage_s + layer_s * count
-        if breakdown:
-            _layer_rows(out, parts, compute_passes, comm_passes, exposed, count * mb)
+        kind_s, exposed = _layer_time_s(parts, compute_passes, comm_passes, overlap)
+        layer_s = layer_s + kind_s * count
+        shares.append((count, parts, exposed))
     act = tokens * m.d_model * ctx.b / p.tensor
     p2p = 2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline")
     p2p = p2p if overlap == "none" else 0.0  # interleaved 1F1B overlaps sends with other micro-batches
-    stage_s = stage_s + p2p
-    if breakdown:
+    pipe = _pipeline(stages, layer_s, _layer_time_s(logits_part, compute_passes, comm_passes, overlap)[0], p2p, pp, v)
+    stage_s = pipe["slowest_s"]
+    if breakdown:  # the slowest stage's layers, and the output layer when that stage is the last
+        for count, parts, exposed in shares:
+            _layer_rows(out, parts, compute_passes, comm_passes, exposed, count * pipe["slowest_layers"] * mb)
+        _layer_rows(out, logits_part, compute_passes, comm_passes, 1.0, pipe["last_is_slowest"] * mb)
         out["pipeline_p2p"] = p2p * mb
         out["pipeline_p2p:bytes"] = 2.0 * v * act * mb * (pp > 1)
-        out["pipeline_bubble"] = stage_s * (pp - 1) / v
+        out["pipeline_bubble"] = pipe["bubble_s"]
 
     counts = M.param_counts(m)
     dense_local = counts["non_expert"] / (pp * p.dense_weight_shards)
@@ -323,8 +329,8 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
         out.update({"grad_sync": grad_sync, "grad_sync:bytes": sync["grad_bytes"], "fsdp_gather": fsdp_gather,
                     "fsdp_gather:bytes": sync["fsdp_bytes"], "optimizer": optimizer,
                     "optimizer:bytes": 30.0 * (dense_local + expert_local)})
-    step = stage_s * (mb + (pp - 1) / v) + grad_sync + fsdp_gather + optimizer
-    out.update(_train_memory(ctx, counts, tokens, mb, moe["send"], moe["gathered"]))
+    step = stage_s * mb + pipe["bubble_s"] + grad_sync + fsdp_gather + optimizer
+    out.update(_train_memory(ctx, counts, tokens, mb, moe["send"], moe["gathered"], stages))
     out["step_time_s"] = step
     out["tokens_per_s"] = gbt / step
     out["model_flops"] = M.model_flops_per_token(m, True) * gbt
@@ -334,6 +340,20 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     out["valid"] = valid
     out["fits"] = out["memory_per_device_bytes"] <= usable_hbm_bytes(topo, hbm_reserve)
     return out
+
+
+def _pipeline(stages, layer_s, logits_s, p2p_s, pp, v) -> dict:
+    """One micro-batch's time on each stage (its layers at the average layer's time, the output layer on the
+    last, the sends), and the 1F1B step: m x the slowest stage, plus the fill and drain, in which every other
+    stage's time passes once (over v with interleaved virtual stages; (p - 1) / v stage times when even)."""
+    first_n, middle_n, last_n = stages
+    first, middle, last = first_n * layer_s + p2p_s, middle_n * layer_s + p2p_s, last_n * layer_s + logits_s + p2p_s
+    slowest = maximum(maximum(first, middle), last)
+    every = where(pp > 1, first + (pp - 2) * middle + last, last)
+    last_is_slowest = last >= maximum(first, middle)
+    layers = where(last_is_slowest, last_n, where(first >= middle, first_n, middle_n))
+    return {"slowest_s": slowest, "bubble_s": (every - slowest) / v, "slowest_layers": layers,
+            "last_is_slowest": 1.0 * last_is_slowest}
 
 
 def _layer_time_s(parts, compute_passes, comm_passes, overlap: str):
@@ -397,10 +417,36 @@ def _activation_bytes_per_token_layer(ctx: Context):
     return attn + (dense * m.n_dense_layers + moe * m.n_moe_layers) / m.n_layers
 
 
-def _train_memory(ctx: Context, counts: dict, tokens, mb, send, gathered) -> dict[str, np.ndarray]:
+def _train_memory(ctx: Context, counts: dict, tokens, mb, send, gathered, stages) -> dict[str, np.ndarray]:
+    """Memory of the device that needs the most. Even split: a stage's average (L / p layers, the embeddings
+    spread over the stages, p micro-batches in flight on 1F1B's first stage) and the output layer's fp32 logits.
+    Uneven split: the larger of the first stage (its layers, the input embedding, p micro-batches in flight)
+    and the last (its layers, the output layer and its logits, one micro-batch in flight)."""
     m, p = ctx.m, ctx.plan
-    pp, t = p.pipeline, p.tensor
-    params = counts["non_expert"] / (pp * p.dense_weight_shards) + counts["expert"] / (pp * p.expert_weight_shards)
+    pp = p.pipeline
+    in_flight = where(pp > 1, minimum(mb, pp) * (1.0 + (pp - 1) / (pp * p.virtual_pipeline)), 1.0)
+    parts = (ctx, counts, tokens, send, gathered)
+    even = _stage_memory(*parts, m.n_layers / pp, in_flight, counts["embedding"] / pp, True)
+    uneven = (p.first_stage_layers > 0) | (p.last_stage_layers > 0)
+    if not np.any(uneven):
+        return even
+    first_n, _, last_n = stages
+    table = m.vocab_size * m.d_model  # the input embedding on the first stage, the output layer on the last
+    first = _stage_memory(*parts, first_n, in_flight, table, False)
+    last = _stage_memory(*parts, last_n, 1.0, table, True)
+    first_wins = first["memory_per_device_bytes"] >= last["memory_per_device_bytes"]
+    return {k: where(uneven, where(first_wins, first[k], last[k]), even[k]) for k in even}
+
+
+def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, layers, in_flight, embedding,
+                  logits: bool) -> dict[str, np.ndarray]:
+    """One stage's memory: ``layers`` of the model's mix with ``embedding`` parameters of embedding tables,
+    ``in_flight`` micro-batches of activations, and the fp32 logits when it holds the output layer."""
+    m, p = ctx.m, ctx.plan
+    t = p.tensor
+    share = layers / m.n_layers
+    params = ((counts["non_expert"] - counts["embedding"]) * share + embedding) / p.dense_weight_shards \
+        + counts["expert"] * share / p.expert_weight_shards
     mixed = ctx.dtype != "fp32"
     optimizer = params * ((4.0 if mixed else 0.0) + 8.0)  # fp32 master, Adam m and v
     if p.shard_optimizer:  # distributed optimizer (ZeRO-1) over the data-parallel replicas
@@ -410,12 +456,10 @@ def _train_memory(ctx: Context, counts: dict, tokens, mb, send, gathered) -> dic
     if ctx.attention == "unfused":  # softmax output, dropout mask and output: 5 a s^2 b per sequence (Korthikanti
         kept = p.recompute == RECOMPUTE.index("none")  # et al. 2022 eq. 1), dropped by selective recompute
         per_token_layer = per_token_layer + kept * 2.5 * ctx.b * m.n_heads * m.seq_len
-    in_flight = where(pp > 1, minimum(mb, pp) * (1.0 + (pp - 1) / (pp * p.virtual_pipeline)), 1.0)
-    layers = m.n_layers / pp
     full = p.recompute == RECOMPUTE.index("full")
     stored = where(full, tokens / t * m.d_model * ctx.b * layers * in_flight + tokens / t * per_token_layer,
                    tokens / t * per_token_layer * layers * in_flight)
-    mem["mem:activations"] = stored + tokens * m.vocab_size / t * 4.0  # fp32 logits of the last stage
+    mem["mem:activations"] = stored + (tokens * m.vocab_size / t * 4.0 if logits else 0.0)  # fp32 logits
     mem["mem:a2a_buffers"] = 4.0 * send + 2.0 * gathered  # dispatch/combine in and out; expert-tensor gathers
     mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, 2.0 if mixed else 4.0)
     mem["memory_per_device_bytes"] = sum(mem.values())

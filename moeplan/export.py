@@ -8,9 +8,10 @@ YAML that reproduces the estimate.
   attention recomputed, "none" -> "minimal") and the model's shape (``base_*`` keys of MaxText's
   ``base.yml``).
 * ``megatron_args``: Megatron-Core's command line: tensor, pipeline, virtual, expert, expert-tensor
-  and context (1) parallel sizes, micro and global batch (sequences), router top-k, capacity factor
-  (omitted for dropless), recompute granularity, sequence parallelism, distributed optimizer, the token
-  dispatcher (``flex`` for DeepEP) and the model's shape.
+  and context (1) parallel sizes, an uneven pipeline split (first and last stage layers), micro and
+  global batch (sequences), router top-k, capacity factor (omitted for dropless), recompute
+  granularity, sequence parallelism, distributed optimizer, the token dispatcher (``flex`` for
+  DeepEP) and the model's shape.
 * ``plan_document`` / ``load_plan``: model, topology, layout, batch, dtype and framework as YAML;
   ``estimate_plan`` of the loaded document gives the same estimate.
 
@@ -49,6 +50,9 @@ def maxtext_config(model: MoEModel, topo: Topology, layout: Layout, global_batch
     if slices > 1 and dcn_data == 1:
         raise ValueError(f"layout.data: {layout.data} does not split over the {slices} slices; MaxText puts the "
                          "data axis across DCN, expected a multiple of the slice count")
+    if layout.first_stage_layers or layout.last_stage_layers:
+        raise ValueError("layout.first_stage_layers / last_stage_layers: MaxText splits layers evenly over pipeline "
+                         "stages; expected 0 (an even split) for a MaxText export")
     per_device = _sequences(model, global_batch_tokens) / topo.num_devices
     dense_data = layout.data // dcn_data
     out = {
@@ -98,6 +102,10 @@ def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_
             "--global-batch-size", sequences, "--seq-length", model.seq_len, "--max-position-embeddings",
             model.seq_len, "--num-layers", model.n_layers, "--hidden-size", model.d_model, "--num-attention-heads",
             model.n_heads, "--kv-channels", model.d_head, "--ffn-hidden-size", model.d_ff or model.expert_d_ff]
+    for flag, layers in (("--decoder-first-pipeline-num-layers", layout.first_stage_layers),
+                         ("--decoder-last-pipeline-num-layers", layout.last_stage_layers)):
+        if layers:
+            args += [flag, layers]
     if layout.pipeline > 1 and layout.virtual_pipeline > 1:
         args += ["--num-layers-per-virtual-pipeline-stage", model.n_layers // (layout.pipeline
                                                                              * layout.virtual_pipeline)]
@@ -138,7 +146,8 @@ def parse_megatron(args: list[str], devices: int) -> Layout:
     parser = argparse.ArgumentParser(add_help=False)
     for name in ("tensor-model-parallel-size", "pipeline-model-parallel-size", "expert-model-parallel-size",
                  "expert-tensor-parallel-size", "micro-batch-size", "num-layers",
-                 "num-layers-per-virtual-pipeline-stage"):
+                 "num-layers-per-virtual-pipeline-stage", "decoder-first-pipeline-num-layers",
+                 "decoder-last-pipeline-num-layers"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--recompute-granularity", default="none")
     for flag in ("sequence-parallel", "use-distributed-optimizer", "use-torch-fsdp2"):
@@ -151,6 +160,8 @@ def parse_megatron(args: list[str], devices: int) -> Layout:
         if known.num_layers_per_virtual_pipeline_stage else 1
     return Layout(data=replicas // fsdp, fsdp=fsdp, tensor=t, pipeline=p, virtual_pipeline=virtual,
                   expert=known.expert_model_parallel_size, expert_tensor=known.expert_tensor_parallel_size or 1,
+                  first_stage_layers=known.decoder_first_pipeline_num_layers or 0,
+                  last_stage_layers=known.decoder_last_pipeline_num_layers or 0,
                   micro_batch_size=known.micro_batch_size,
                   recompute=known.recompute_granularity, sequence_parallel=known.sequence_parallel or t == 1,
                   shard_optimizer=known.use_distributed_optimizer)

@@ -14,6 +14,11 @@ divides data x fsdp x tensor. The tokens a set's devices receive are all-gathere
 the expert FFN and reduce-scattered after it. ``expert_tensor = 1`` (the default, Megatron's for
 fine-grained MoE) keeps whole experts on a device.
 
+Pipeline stages split the layers evenly (``ceil(L / (p v))`` per chunk) unless ``first_stage_layers`` or
+``last_stage_layers`` is set (Megatron-Core's ``--decoder-first/last-pipeline-num-layers``): those stages
+take that many layers and the others share the rest equally; the first stage also holds the input
+embedding, the last the output layer.
+
 The logical mesh, outermost axis first, is (pipeline, data, fsdp, tensor): weights shard inside the
 replicas, as MaxText's mesh (data outermost, with its DCN part across slices) and PyTorch's hybrid
 sharding (shard inside a node, replicate across) place them.
@@ -30,7 +35,7 @@ from moeplan.topology import Topology
 
 RECOMPUTE = ("none", "selective", "full")
 _INT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "pipeline", "virtual_pipeline",
-               "micro_batch_size")
+               "micro_batch_size", "first_stage_layers", "last_stage_layers")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class Layout:
     virtual_pipeline: int = 1
     expert_tensor: int = 1  # devices one expert's FFN width is split over (expert-tensor parallelism)
     micro_batch_size: int = 1  # sequences per micro-batch on one batch shard (one data x fsdp rank)
+    first_stage_layers: int = 0  # layers on the first pipeline stage (0: an even split)
+    last_stage_layers: int = 0  # layers on the last pipeline stage (0: an even split)
     recompute: str = "selective"  # activation recomputation: none | selective (attention) | full
     sequence_parallel: bool = True  # Megatron SP: norms/dropout sharded over tensor, AG/RS instead of AR
     shard_optimizer: bool = True  # distributed optimizer (ZeRO-1): Adam states split over the data replicas
@@ -63,6 +70,10 @@ class Layout:
                              f"{self.expert * self.expert_tensor} to divide data x fsdp x tensor = {self.batch_block}")
         if self.virtual_pipeline > 1 and self.pipeline == 1:
             raise ValueError("layout.virtual_pipeline: expected 1 without pipeline parallelism")
+        for name in ("first_stage_layers", "last_stage_layers"):
+            if getattr(self, name) and (self.pipeline == 1 or self.virtual_pipeline > 1):
+                raise ValueError(f"layout.{name}: got {getattr(self, name)}; an uneven split needs pipeline > 1 "
+                                 "and virtual_pipeline = 1")
 
     @property
     def devices(self) -> int:
@@ -127,6 +138,7 @@ def check_layout(model: MoEModel, topo: Topology, layout: Layout) -> None:
     if model.n_layers < stages:
         raise ValueError(f"layout.pipeline: {layout.pipeline} x virtual {layout.virtual_pipeline} stages; expected "
                          f"at most n_layers ({model.n_layers})")
+    _check_stages(model.n_layers, layout)
     for name, width in (("d_ff", model.d_ff), ("expert_d_ff", model.expert_d_ff)):
         if width and width % layout.tensor:
             raise ValueError(f"layout.tensor: got {layout.tensor}; expected a divisor of {name} ({width})")
@@ -141,3 +153,28 @@ def expert_weight_shards(expert, tensor, fsdp):
     then fsdp). Integers or integer arrays."""
     cover = where(expert > tensor, expert // gcd(expert, tensor), 1)
     return expert * (fsdp // gcd(fsdp, maximum(cover, 1)))
+
+
+def _check_stages(n_layers: int, layout: Layout) -> None:
+    first, last, p = layout.first_stage_layers, layout.last_stage_layers, layout.pipeline
+    if not (first or last):
+        return
+    others = p - (first > 0) - (last > 0)
+    rest = n_layers - first - last
+    if rest < others or (others and rest % others) or (not others and rest):
+        raise ValueError(f"layout.first_stage_layers / last_stage_layers: {first} and {last} of {n_layers} layers "
+                         f"leave {rest} for the other {others} stages; expected an equal whole number (at least 1) "
+                         "each")
+
+
+def stage_layers(n_layers, pipeline, virtual, first, last):
+    """Layers on the (first, each middle, last) pipeline stage of a device (every chunk of it with virtual
+    stages). Even split: ``ceil(L / (p v))`` per chunk on every stage; with ``first`` or ``last`` set (> 0) those
+    stages hold that many and the others share the rest. Integers or integer arrays."""
+    even = -(-n_layers // (pipeline * virtual)) * virtual
+    has_first, has_last = first > 0, last > 0
+    others = pipeline - has_first - has_last
+    middle = where(others > 0, (n_layers - first - last) / maximum(others, 1), 0)
+    uneven = has_first | has_last
+    return (where(uneven, where(has_first, first, middle), even), where(uneven, middle, even),
+            where(uneven, where(has_last, last, middle), even))

@@ -53,6 +53,8 @@ class Plan:
     recompute: np.ndarray  # index into layout.RECOMPUTE
     sequence_parallel: bool = True
     shard_optimizer: bool = True
+    first_stage_layers: int = 0  # an uneven pipeline split (layout.stage_layers); 0: even
+    last_stage_layers: int = 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -65,7 +67,9 @@ class Plan:
         """One candidate: plain Python integers (the formulas' arithmetic on them is the cheapest)."""
         degrees = {f: int(getattr(layout, f)) for f in LAYOUT_FIELDS}
         return cls(M.ModelView(model), recompute=RECOMPUTE.index(layout.recompute),
-                   sequence_parallel=layout.sequence_parallel, shard_optimizer=layout.shard_optimizer, **degrees)
+                   sequence_parallel=layout.sequence_parallel, shard_optimizer=layout.shard_optimizer,
+                   first_stage_layers=layout.first_stage_layers, last_stage_layers=layout.last_stage_layers,
+                   **degrees)
 
     @property
     def batch_shards(self) -> np.ndarray:

@@ -356,8 +356,9 @@ def _training_row(point: dict) -> ValidationRow:
     recompute = lay.get("recompute") or ("full" if "remat" in notes and "offload" in notes else "selective")
     flags = {k: bool(lay[k]) for k in ("sequence_parallel", "shard_optimizer") if lay.get(k) is not None}
     expert_tensor = int(lay.get("expert_tensor") or lay.get("etp") or 1)  # Megatron's expert-tensor-parallel size
+    stages = {k: int(lay.get(k) or 0) for k in ("first_stage_layers", "last_stage_layers")}  # 0: an even split
     layout = Layout(data=data, fsdp=fsdp, tensor=tensor, pipeline=pipeline, expert=int(lay.get("expert") or 1),
-                    expert_tensor=expert_tensor, virtual_pipeline=int(lay.get("virtual_pipeline") or 1),
+                    expert_tensor=expert_tensor, **stages, virtual_pipeline=int(lay.get("virtual_pipeline") or 1),
                     micro_batch_size=int(lay.get("micro_batch_per_device") or 1), recompute=recompute, **flags)
     topo = _training_topology(family, chips, int(lay.get("dcn_data") or 0) or None)
     balanced = "force-balance" in point.get("notes", "")

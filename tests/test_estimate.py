@@ -407,3 +407,40 @@ def test_expert_groups_step_over_expert_tensor_sets():
         assert r["step_time_s"] == pytest.approx(est.step_time_s, rel=1e-9)
     with pytest.raises(ValueError, match="space.expert_tensor"):
         mp.search(model, topo, mp.SearchSpace(expert_tensor=[3]), global_batch_tokens=gbt)
+
+
+def test_pipeline_step_is_the_slowest_stage_per_micro_batch_plus_every_other_stage_once():
+    """1F1B with stages of unequal time, by hand: m x the slowest, plus the rest once (over v interleaved)."""
+    from moeplan.estimate import _pipeline
+
+    pipe = _pipeline((1, 3, 2), layer_s=1.0, logits_s=0.5, p2p_s=0.0, pp=4, v=1)
+    assert pipe["slowest_s"] == 3.0 and pipe["slowest_layers"] == 3 and pipe["last_is_slowest"] == 0.0
+    assert pipe["bubble_s"] == pytest.approx(1 + 3 + 2.5)  # first + the other middle + last
+    even = _pipeline((2, 2, 2), layer_s=1.0, logits_s=0.5, p2p_s=0.25, pp=4, v=2)
+    assert even["slowest_s"] == 2.75 and even["last_is_slowest"] == 1.0
+    assert even["bubble_s"] == pytest.approx(3 * 2.25 / 2)  # (p - 1) / v stages, the output layer not among them
+    single = _pipeline((8, 8, 8), layer_s=1.0, logits_s=0.5, p2p_s=0.0, pp=1, v=1)
+    assert single["slowest_s"] == 8.5 and single["bubble_s"] == 0.0
+
+
+def test_uneven_pipeline_split_moves_layers_off_the_output_stage():
+    """A large vocabulary makes the last stage (its layers and the output layer) the slowest; giving it fewer
+    layers (Megatron's --decoder-last-pipeline-num-layers) balances the stages and shortens the step. The
+    breakdown still adds up, the first stage's memory holds its extra layer, and bad splits are named."""
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=8, vocab_size=128_000)
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    gbt = 64 * model.seq_len
+    even = mp.estimate(model, topo, mp.Layout(data=4, pipeline=4, expert=4), gbt)
+    split = mp.estimate(model, topo, mp.Layout(data=4, pipeline=4, expert=4, first_stage_layers=3,
+                                               last_stage_layers=1), gbt)
+    assert split.step_time_s < even.step_time_s
+    rows = {r.name: r for r in split.layers}
+    assert sum(r.time_s for r in split.layers) == pytest.approx(split.step_time_s, rel=1e-9)
+    assert rows["attention"].count == pytest.approx(3 * split.micro_batches)  # the first stage is now slowest
+    assert rows["logits"].time_s == 0.0
+    assert split.memory["activations"] > even.memory["activations"]
+    with pytest.raises(ValueError, match="last_stage_layers"):
+        mp.estimate(model, topo, mp.Layout(data=4, pipeline=4, expert=4, first_stage_layers=1,
+                                           last_stage_layers=2), gbt)  # 5 layers over 2 stages
+    with pytest.raises(ValueError, match="first_stage_layers"):
+        mp.Layout(data=8, first_stage_layers=2)  # no pipeline

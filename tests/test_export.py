@@ -17,7 +17,8 @@ from moeplan.export import (
     plan_document,
 )
 
-KEYS = ("data", "fsdp", "tensor", "pipeline", "expert", "expert_tensor", "recompute")
+KEYS = ("data", "fsdp", "tensor", "pipeline", "expert", "expert_tensor", "recompute", "first_stage_layers",
+        "last_stage_layers")
 
 
 def _same(a: mp.Layout, b: mp.Layout, keys=KEYS):
@@ -51,8 +52,8 @@ def test_maxtext_puts_data_across_slices_over_dcn():
 @pytest.mark.parametrize("layout,dispatch", [(mp.Layout(data=16, expert=8, pipeline=4, virtual_pipeline=2), "nccl"),
                                              (mp.Layout(data=8, tensor=2, expert=8, pipeline=4, recompute="full"),
                                               "deepep_normal"),
-                                             (mp.Layout(data=16, tensor=1, expert=4, expert_tensor=2, pipeline=4),
-                                              "nccl")])
+                                             (mp.Layout(data=16, tensor=1, expert=4, expert_tensor=2, pipeline=4,
+                                                        first_stage_layers=7, last_stage_layers=9), "nccl")])
 def test_megatron_arguments_parse_back_to_the_layout(layout, dispatch):
     model = mp.load_model("mixtral-8x7b")
     topo = mp.load_topology("dgx-h100", nodes=8)
