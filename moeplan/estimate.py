@@ -66,6 +66,19 @@ def usable_hbm_bytes(topo: Topology, hbm_reserve: float = HBM_RESERVE) -> float:
     return topo.chip.hbm_capacity_bytes * (1.0 - hbm_reserve)
 OVERLAPS = ("none", "dp", "full")
 
+# The measurable part each breakdown row belongs to (what a profiler trace's named scopes time, calibrate.trace):
+# a profile's per-part time scales (fitted by ``calibrate --from-trace``) multiply every row of their part.
+ROW_PART = {"attention": "attention", "attention_scores": "attention", "attention_tp": "attention",
+            "router": "router", "dispatch_a2a": "dispatch_a2a", "experts": "experts", "experts_tp": "experts",
+            "combine_a2a": "combine_a2a", "dense_ffn": "dense_ffn", "dense_ffn_tp": "dense_ffn", "logits": "logits",
+            "grad_sync": "grad_sync", "optimizer": "optimizer", "fsdp_gather": "grad_sync"}
+MEASURED_PARTS = tuple(dict.fromkeys(ROW_PART.values()))
+
+
+def part_scales(profile) -> dict[str, float]:
+    """A profile's per-part time scales ({} without a profile, or for one fitted without traces)."""
+    return dict(getattr(profile, "part_scales", None) or {})
+
 
 @dataclass(frozen=True)
 class LayerRow:
@@ -297,6 +310,10 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
                  ("combine_a2a", "a2a", moe["permute_s"], moe["combine_s"], 0.0, moe["send"])]),
     ]
     logits_part = [("logits", "compute", logits["s"], 0.0, logits["flops"], 0.0)]
+    scales = part_scales(profile)
+    if scales:  # a profile's measured per-part time scales, on every row of their part
+        kinds = [(count, _scaled(parts, scales)) for count, parts in kinds]
+        logits_part = _scaled(logits_part, scales)
     out: dict = {}
     layer_s, shares = 0.0, []
     for count, parts in kinds:
@@ -320,11 +337,11 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     dense_local = counts["non_expert"] / (pp * p.dense_weight_shards)
     expert_local = counts["expert"] / (pp * p.expert_weight_shards)
     sync = _data_parallel(ctx, counts, mb)
-    grad_sync, fsdp_gather = sync["grad_s"], sync["fsdp_s"]
+    grad_sync, fsdp_gather = (sync[k] * scales.get("grad_sync", 1.0) for k in ("grad_s", "fsdp_s"))
     if overlap != "none":  # the gradient sync hides behind the last backward, FSDP gathers behind compute
         grad_sync = maximum(0.0, grad_sync - stage_s * (2.0 / 3.0))
         fsdp_gather = maximum(0.0, fsdp_gather - stage_s * mb)
-    optimizer = ctx.mem(30.0 * (dense_local + expert_local))
+    optimizer = ctx.mem(30.0 * (dense_local + expert_local)) * scales.get("optimizer", 1.0)
     if breakdown:
         out.update({"grad_sync": grad_sync, "grad_sync:bytes": sync["grad_bytes"], "fsdp_gather": fsdp_gather,
                     "fsdp_gather:bytes": sync["fsdp_bytes"], "optimizer": optimizer,
@@ -339,6 +356,15 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     out["micro_batches"] = mb
     out["valid"] = valid
     out["fits"] = out["memory_per_device_bytes"] <= usable_hbm_bytes(topo, hbm_reserve)
+    return out
+
+
+def _scaled(parts, scales: dict[str, float]):
+    """Layer parts with compute and communication times multiplied by their part's scale."""
+    out = []
+    for name, kind, compute, comm, flops, nbytes in parts:
+        scale = scales.get(ROW_PART[name], 1.0)
+        out.append((name, kind, compute * scale, comm * scale, flops, nbytes))
     return out
 
 
@@ -601,8 +627,9 @@ def _inference(ctx: Context, mode: str, gbt: int, hbm_reserve: float = HBM_RESER
                   ("combine_a2a", "a2a", moe["combine_s"] + moe["permute_s"], 0.0, moe["send"], k)]
     parts.append(("logits", "compute", ctx.mm(tokens, m.vocab_size / p.tensor, m.d_model, dtype=ctx.high),
                   2.0 * tokens * m.vocab_size / p.tensor * m.d_model, 0.0, 1.0))
-    rows = [LayerRow(name, kind, float(t * count), float(f * count), float(b * count), float(count))
-            for name, kind, t, f, b, count in parts]
+    scales = part_scales(ctx.profile)
+    rows = [LayerRow(name, kind, float(t * count * scales.get(ROW_PART[name], 1.0)), float(f * count),
+                     float(b * count), float(count)) for name, kind, t, f, b, count in parts]
     pp = int(p.pipeline)
     counts = M.param_counts(m)
     if pp > 1:
@@ -611,7 +638,7 @@ def _inference(ctx: Context, mode: str, gbt: int, hbm_reserve: float = HBM_RESER
         rows.append(LayerRow("pipeline_p2p", "comm", p2p, 0.0, act * (pp - 1), pp - 1))
     if p.fsdp > 1:  # FSDP weights are gathered for every forward
         dense_stage = counts["non_expert"] / (pp * int(p.tensor)) * ctx.b
-        gather = pp * float(ctx.coll("all_gather", dense_stage, "fsdp"))
+        gather = pp * float(ctx.coll("all_gather", dense_stage, "fsdp")) * scales.get("grad_sync", 1.0)
         rows.append(LayerRow("fsdp_gather", "comm", gather, 0.0, dense_stage * pp, 1.0))
     step = sum(r.time_s for r in rows)
     params = float(counts["non_expert"] / (pp * p.dense_weight_shards)

@@ -132,6 +132,7 @@ class Context:
         self._codes: dict = {}
         self._keys: dict = {}  # one candidate: the placement key of each group kind
         self.scalar = plan.shape == ()
+        self.profile = None  # the calibration profile, when one is used (make_context)
 
     def mm(self, m, n, k, count=1.0, dtype: str | None = None):
         return matmul_time_s(m, n, k, self.topo.chip, dtype or self.dtype, self.eff, count)
@@ -241,7 +242,9 @@ def _coll_one(topo: Topology, op: str, nbytes: float, kind: str, key: tuple[int,
 def make_context(plan, topo, dtype, profile, routing, dispatch: str = "nccl", attention: str = "flash") -> Context:
     eff = getattr(profile, "compute", None) or topo.chip.efficiency
     comm = getattr(profile, "comm", None) or DEFAULT_PARAMS
-    return Context(plan, topo, dtype, eff, comm, routing or Routing(), dispatch, attention)
+    ctx = Context(plan, topo, dtype, eff, comm, routing or Routing(), dispatch, attention)
+    ctx.profile = profile
+    return ctx
 
 
 # ------------------------------------------------------------------ grouping helpers

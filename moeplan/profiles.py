@@ -97,6 +97,7 @@ class Profile:
         latency = k.number("step_latency_s", minimum=0.0, strict=False)
         link = Efficiency(k.number("link_efficiency"), 0.0, 0.5, f"calibration profile {path}")
         k.finish()
+        self.part_scales = _part_scales(fitted, path)
         fitted.finish()
         self.comm = CommParams(nccl_base_latency_s=latency, node_step_latency_s=latency).with_efficiency(
             node=link, nvls=link)
@@ -122,6 +123,26 @@ class Profile:
             raise ValueError(f"{self.path}: topology: got {short_repr(self.topology)}; "
                              f"expected a bundled family, one of {bundled}")
         return name
+
+
+def _part_scales(fitted, path: str) -> dict[str, float]:
+    """``fitted.parts``: per-part time scales (measured / predicted), each a part of ``estimate.MEASURED_PARTS``."""
+    from moeplan.estimate import MEASURED_PARTS
+
+    raw = fitted.data.get("parts")
+    fitted._seen.add("parts")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise fitted.fail("parts", raw, "a mapping of part name to time scale")
+    out = {}
+    for name, value in raw.items():
+        if name not in MEASURED_PARTS:
+            raise fitted.fail("parts", name, f"a part among {list(MEASURED_PARTS)}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 1e-3 <= value <= 1e3:
+            raise fitted.fail(f"parts.{name}", value, "a time scale in [0.001, 1000]")
+        out[name] = float(value)
+    return out
 
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:

@@ -444,3 +444,34 @@ def test_uneven_pipeline_split_moves_layers_off_the_output_stage():
                                            last_stage_layers=2), gbt)  # 5 layers over 2 stages
     with pytest.raises(ValueError, match="first_stage_layers"):
         mp.Layout(data=8, first_stage_layers=2)  # no pipeline
+
+
+def test_per_part_time_scales_of_a_profile_multiply_their_rows():
+    """A profile's ``fitted.parts`` scales every breakdown row of its part (training and inference); an
+    unknown part or a non-positive scale is named."""
+    import copy
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    data = yaml.safe_load((ROOT / "profiles" / "cpu-host.yaml").read_text())
+    scaled = copy.deepcopy(data)
+    scaled["fitted"]["parts"] = {"optimizer": 0.25, "dispatch_a2a": 2.0, "attention": 1.5, "grad_sync": 0.5}
+    plain, with_parts = mp.Profile(data), mp.Profile(scaled)
+    assert with_parts.part_scales == scaled["fitted"]["parts"] and plain.part_scales == {}
+    model = mp.load_model("st-moe-like-8b").with_(n_layers=4)
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    layout = mp.Layout(data=16, expert=16)
+    for mode, batch in (("train", 64 * model.seq_len), ("prefill", 16 * model.seq_len)):
+        a = {r.name: r.time_s for r in mp.estimate(model, topo, layout, batch, mode=mode, profile=plain).layers}
+        b = {r.name: r.time_s for r in mp.estimate(model, topo, layout, batch, mode=mode, profile=with_parts).layers}
+        for name, scale in (("dispatch_a2a", 2.0), ("attention", 1.5), ("attention_scores", 1.5), ("experts", 1.0)):
+            assert b[name] == pytest.approx(scale * a[name], rel=1e-9), (mode, name)
+        if mode == "train":
+            assert b["optimizer"] == pytest.approx(0.25 * a["optimizer"], rel=1e-9)
+            assert b["grad_sync"] == pytest.approx(0.5 * a["grad_sync"], rel=1e-9)
+    for parts, message in (({"optimiser": 1.0}, "a part among"), ({"router": 0.0}, "time scale")):
+        scaled["fitted"]["parts"] = parts
+        with pytest.raises(ValueError, match=message):
+            mp.Profile(scaled)

@@ -105,6 +105,7 @@ def test_calibrate_from_traces_recorded_here_beats_the_defaults_on_a_held_out_tr
     assert errors["after_median_abs"] < errors["before_median_abs"]
     loaded = mp.load_profile(tmp_path / "p.yaml")
     assert loaded.compute.matmul == pytest.approx(profile["fitted"]["compute"]["matmul"])
+    assert loaded.part_scales == profile["fitted"]["parts"] and {"optimizer", "grad_sync"} <= set(loaded.part_scales)
     # the CLI on the same traces: the model as a YAML file, each trace @ its layout
     s = runs[0]
     keys = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_size", "seq_len", "d_ff", "num_experts",

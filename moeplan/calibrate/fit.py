@@ -41,12 +41,15 @@ UPPER = np.array([1.0, 1.0, 1e-2, 1e-2, 1.0])
 _LAYER_KERNELS = 10  # router, softmax/top-k, one-hot, dispatch, 2 expert matmuls, activation, combine, 2 a2a
 
 
-def fitted_section(eff: ComputeEfficiency, comm: CommParams) -> dict:
-    """The ``fitted`` mapping of a profile file for these parameters."""
-    return {"compute": {"matmul": float(eff.matmul), "attention": float(eff.attention), "memory": float(eff.memory),
-                        "matmul_tile": int(eff.matmul_tile), "kernel_overhead_s": float(eff.kernel_overhead_s)},
-            "comm": {"step_latency_s": float(comm.node_step_latency_s),
-                     "link_efficiency": float(comm.eff("node").e_max)}}
+def fitted_section(eff: ComputeEfficiency, comm: CommParams, part_scales: dict[str, float] | None = None) -> dict:
+    """The ``fitted`` mapping of a profile file for these parameters (and per-part time scales, when fitted)."""
+    out = {"compute": {"matmul": float(eff.matmul), "attention": float(eff.attention), "memory": float(eff.memory),
+                       "matmul_tile": int(eff.matmul_tile), "kernel_overhead_s": float(eff.kernel_overhead_s)},
+           "comm": {"step_latency_s": float(comm.node_step_latency_s),
+                    "link_efficiency": float(comm.eff("node").e_max)}}
+    if part_scales:
+        out["parts"] = dict(part_scales)
+    return out
 
 
 def theta_from(eff: ComputeEfficiency, comm: CommParams) -> np.ndarray:

@@ -24,21 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from moeplan.calibrate.trace import OTHER, PARTS, hlo_parts, part_times_s
+from moeplan.estimate import ROW_PART, estimate
 from moeplan.families import load_topology
 from moeplan.layout import Layout
 from moeplan.moe import MoEModel
 from moeplan.profiles import write_json
 
-# estimate().layers row -> the part of the profiled step it is compared with
-ROW_PART = {"attention": "attention", "attention_scores": "attention", "attention_tp": "attention",
-            "router": "router", "dispatch_a2a": "dispatch_a2a", "experts": "experts", "experts_tp": "experts",
-            "combine_a2a": "combine_a2a", "dense_ffn": "dense_ffn", "dense_ffn_tp": "dense_ffn", "logits": "logits",
-            "grad_sync": "grad_sync", "optimizer": "optimizer", "fsdp_gather": "grad_sync"}
-
 
 def predicted_parts(model: MoEModel, layout: Layout, topo, batch_tokens: int, profile=None) -> dict[str, float]:
-    from moeplan.estimate import estimate
-
     est = estimate(model, topo, layout, batch_tokens, dtype="fp32", profile=profile, overlap="none")
     parts: dict[str, float] = {}
     for row in est.layers:
