@@ -110,6 +110,9 @@ class CommParams:
     dcn_step_latency_s: float = 25.0e-6
     efficiency: dict[str, Efficiency] = field(default_factory=lambda: dict(DEFAULT_EFFICIENCY))
     source: str = _NCCL
+    # Per-op corrections a calibration fits (empty by default): op -> (latency_s, efficiency); the op then
+    # takes latency_s + (the model's time) / efficiency, efficiency relative to the model (may exceed 1).
+    ops: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("nccl_base_latency_s", "node_step_latency_s", "net_step_latency_s", "net_tree_step_latency_s",
@@ -118,13 +121,20 @@ class CommParams:
         if not isinstance(self.efficiency, dict) or not all(
                 isinstance(k, str) and isinstance(v, Efficiency) for k, v in self.efficiency.items()):
             raise ValueError("comm.efficiency: expected a mapping of fabric name to Efficiency")
+        for op, pair in self.ops.items():
+            if op not in OPS or not isinstance(pair, tuple) or len(pair) != 2:
+                raise ValueError(f"comm.ops: got {op!r}: {pair!r}; expected an op of {list(OPS)} mapped to "
+                                 "(latency_s, efficiency)")
+            bounds.check_number(f"comm.ops.{op}.latency_s", pair[0], 0.0, 1.0)
+            bounds.check_number(f"comm.ops.{op}.efficiency", pair[1], 0.01, 100.0)
 
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")
         if cached is None:
             cached = hash((self.nccl_base_latency_s, self.node_step_latency_s, self.net_step_latency_s,
                            self.net_tree_step_latency_s, self.nvls_latency_s, self.xla_base_latency_s,
-                           self.dcn_step_latency_s, tuple(sorted(self.efficiency.items()))))
+                           self.dcn_step_latency_s, tuple(sorted(self.efficiency.items())),
+                           tuple(sorted(self.ops.items()))))
             object.__setattr__(self, "_hash", cached)
         return cached
 
@@ -598,13 +608,14 @@ def collective_cost(
         if algorithm not in candidates:
             raise ValueError(f"algorithm: {algorithm!r} not available for {op} on this group; expected one of {names}")
         names = [algorithm]
+    latency, efficiency = params.ops.get(op, (0.0, 1.0))  # a calibration's per-op correction
     if size.size == 1:  # the scalar path of estimate(): no stacking
         best_name = min(names, key=lambda a: float(np.asarray(candidates[a]).reshape(-1)[0]))
-        value = 0.0 if size[0] == 0 else float(np.asarray(candidates[best_name]).reshape(-1)[0])
+        value = 0.0 if size[0] == 0 else latency + float(np.asarray(candidates[best_name]).reshape(-1)[0]) / efficiency
         return CollectiveCost(np.array([value]), np.array([best_name], dtype=object))
     times = np.stack([np.broadcast_to(candidates[a], size.shape) for a in names])
     best = np.argmin(times, axis=0)
-    chosen = np.take_along_axis(times, best[None], axis=0)[0]
+    chosen = latency + np.take_along_axis(times, best[None], axis=0)[0] / efficiency
     chosen = np.where(size == 0, 0.0, chosen)
     return CollectiveCost(chosen, np.asarray(names, dtype=object)[best])
 

@@ -96,10 +96,11 @@ class Profile:
         k = fitted.section("comm")
         latency = k.number("step_latency_s", minimum=0.0, strict=False)
         link = Efficiency(k.number("link_efficiency"), 0.0, 0.5, f"calibration profile {path}")
+        ops = _comm_ops(k)
         k.finish()
         self.part_scales = _part_scales(fitted, path)
         fitted.finish()
-        self.comm = CommParams(nccl_base_latency_s=latency, node_step_latency_s=latency).with_efficiency(
+        self.comm = CommParams(nccl_base_latency_s=latency, node_step_latency_s=latency, ops=ops).with_efficiency(
             node=link, nvls=link)
         self.errors = top.section("errors").data
         self.measurements = top.data.get("measurements") or []
@@ -123,6 +124,30 @@ class Profile:
             raise ValueError(f"{self.path}: topology: got {short_repr(self.topology)}; "
                              f"expected a bundled family, one of {bundled}")
         return name
+
+
+def _comm_ops(comm) -> dict[str, tuple[float, float]]:
+    """``fitted.comm.ops``: per collective op, its own latency_s and efficiency (collectives.CommParams.ops)."""
+    from moeplan.collectives import OPS
+
+    raw = comm.data.get("ops")
+    comm._seen.add("ops")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise comm.fail("ops", raw, "a mapping of collective op to {latency_s, efficiency}")
+    out = {}
+    for op, pair in raw.items():
+        if op not in OPS or not isinstance(pair, dict) or set(pair) != {"latency_s", "efficiency"}:
+            raise comm.fail("ops", op, f"an op of {list(OPS)} mapped to latency_s and efficiency")
+        values = []
+        for key, low, high in (("latency_s", 0.0, 1.0), ("efficiency", 0.01, 100.0)):
+            value = pair[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise comm.fail(f"ops.{op}.{key}", value, f"a number in [{low}, {high}]")
+            values.append(float(value))
+        out[op] = (values[0], values[1])
+    return out
 
 
 def _part_scales(fitted, path: str) -> dict[str, float]:

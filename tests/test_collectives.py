@@ -243,6 +243,20 @@ def test_tree_bandwidth_carries_nccls_mid_size_correction():
     assert tree == pytest.approx(latency + uncorrected / np.array([0.5, 1.0]), rel=1e-9)
 
 
+def test_a_calibrated_op_takes_its_own_latency_and_efficiency():
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    sizes = np.array([1e3, 1e6, 1e9])
+    model = collective_cost(topo, "all_to_all", sizes).time_s
+    params = CommParams(ops={"all_to_all": (5e-5, 0.5)})
+    assert collective_cost(topo, "all_to_all", sizes, params=params).time_s == pytest.approx(5e-5 + model / 0.5)
+    assert collective_time_s(topo, "all_to_all", 1e6, params=params) == pytest.approx(5e-5 + model[1] / 0.5)
+    assert collective_cost(topo, "all_reduce", sizes, params=params).time_s == pytest.approx(
+        collective_cost(topo, "all_reduce", sizes).time_s)  # other ops keep the model's
+    for ops, message in (({"alltoall": (0.0, 1.0)}, "comm.ops"), ({"all_to_all": (0.0, 0.0)}, "efficiency")):
+        with pytest.raises(ValueError, match=message):
+            CommParams(ops=ops)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

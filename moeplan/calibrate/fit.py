@@ -47,6 +47,8 @@ def fitted_section(eff: ComputeEfficiency, comm: CommParams, part_scales: dict[s
                        "matmul_tile": int(eff.matmul_tile), "kernel_overhead_s": float(eff.kernel_overhead_s)},
            "comm": {"step_latency_s": float(comm.node_step_latency_s),
                     "link_efficiency": float(comm.eff("node").e_max)}}
+    if comm.ops:
+        out["comm"]["ops"] = {op: {"latency_s": lat, "efficiency": e} for op, (lat, e) in sorted(comm.ops.items())}
     if part_scales:
         out["parts"] = dict(part_scales)
     return out
@@ -57,12 +59,14 @@ def theta_from(eff: ComputeEfficiency, comm: CommParams) -> np.ndarray:
                      comm.eff("node").e_max])
 
 
-def models_from(theta: np.ndarray, base_eff: ComputeEfficiency, base_comm: CommParams, source: str):
-    """(ComputeEfficiency, CommParams) carrying ``theta``; other fields from the bases."""
+def models_from(theta: np.ndarray, base_eff: ComputeEfficiency, base_comm: CommParams, source: str,
+                ops: dict[str, tuple[float, float]] | None = None):
+    """(ComputeEfficiency, CommParams) carrying ``theta`` (and per-op collective corrections); other fields
+    from the bases."""
     matmul, memory, overhead, latency, link = (float(v) for v in theta)
     eff = replace(base_eff, matmul=matmul, memory=memory, kernel_overhead_s=overhead, source=source)
     node = Efficiency(link, 0.0, 0.5, source)
-    comm = replace(base_comm, node_step_latency_s=latency, nccl_base_latency_s=latency)
+    comm = replace(base_comm, node_step_latency_s=latency, nccl_base_latency_s=latency, ops=dict(ops or {}))
     return eff, comm.with_efficiency(node=node, nvls=node)
 
 
@@ -115,30 +119,54 @@ def errors(measurements: list[dict], topo: Topology, eff: ComputeEfficiency, com
 
 
 def fit(train: list[dict], topo: Topology, eff: ComputeEfficiency, comm: CommParams, source: str):
-    """Least squares on log(predicted / measured), in two stages: the collective parameters on the
-    collective benchmarks, then the compute parameters on the training MoE layers with the collectives
-    held. Standalone matmuls are measured and reported, not fitted: XLA runs a lone dot with other
-    kernels than the layer's fused einsums, and on the CPU host adding them to the second stage makes
-    held-out layers slightly worse. Three compute parameters are not too many for the layers: fits
-    without the per-kernel overhead, or with only two of the three free, predict held-out layers
-    no better. Returns fitted (eff, comm, theta)."""
+    """Least squares on log(predicted / measured), in three stages: the shared collective parameters on the
+    collective benchmarks; each collective op's own latency and efficiency on that op's benchmarks
+    (``fit_ops``: one step latency and link efficiency cannot serve ops whose errors differ in sign, as on
+    the CPU host, where all-reduce runs faster than the model and all-to-all slower); then the compute
+    parameters on the training MoE layers with the collectives held. Standalone matmuls are measured and
+    reported, not fitted: XLA runs a lone dot with other kernels than the layer's fused einsums, and on the
+    CPU host adding them to the compute stage makes held-out layers slightly worse. Three compute
+    parameters are not too many for the layers: fits without the per-kernel overhead, or with only two of
+    the three free, predict held-out layers no better. Returns fitted (eff, comm, theta)."""
     theta = np.clip(theta_from(eff, comm), LOWER + 1e-9, UPPER - 1e-9)
     theta[2] = max(theta[2], 1e-5)
     theta[3] = max(theta[3], 1e-6)
     scale = np.array([0.1, 0.1, 1e-4, 1e-5, 0.1])
     stages = [([3, 4], [m for m in train if m["kind"] == "collective"]),
               ([0, 1, 2], [m for m in train if m["kind"] == "moe_layer"])]
+    ops: dict[str, tuple[float, float]] = {}
     for free, subset in stages:
         if not subset:
             continue
 
-        def residuals(values, free=free, subset=subset):
+        def residuals(values, free=free, subset=subset, ops=ops):
             full = theta.copy()
             full[free] = values
-            e, c = models_from(full, eff, comm, source)
+            e, c = models_from(full, eff, comm, source, ops)
             return np.log([max(predict_s(m, topo, e, c), 1e-12) / m["time_s"] for m in subset])
 
         result = least_squares(residuals, theta[free], bounds=(LOWER[free], UPPER[free]), x_scale=scale[free])
         theta[free] = result.x
-    fitted_eff, fitted_comm = models_from(theta, eff, comm, source)
+        if free == [3, 4]:
+            ops = fit_ops(subset, topo, *models_from(theta, eff, comm, source))
+    fitted_eff, fitted_comm = models_from(theta, eff, comm, source, ops)
     return fitted_eff, fitted_comm, theta
+
+
+def fit_ops(measurements: list[dict], topo: Topology, eff: ComputeEfficiency, comm: CommParams):
+    """Per collective op with two or more benchmarks: the (latency_s, efficiency) that the op's time takes
+    on top of the model's (``CommParams.ops``), least squares on log(predicted / measured)."""
+    out = {}
+    for op in sorted({m["op"] for m in measurements}):
+        mine = [m for m in measurements if m["op"] == op]
+        if len(mine) < 2:
+            continue
+        model_s = np.array([predict_s(m, topo, eff, comm) for m in mine])
+        measured = np.array([m["time_s"] for m in mine])
+
+        def residuals(values, model_s=model_s, measured=measured):
+            return np.log((values[0] + model_s / values[1]) / measured)
+
+        result = least_squares(residuals, [1e-5, 1.0], bounds=([0.0, 0.01], [1e-2, 100.0]), x_scale=[1e-4, 1.0])
+        out[op] = (float(result.x[0]), float(result.x[1]))
+    return out

@@ -57,9 +57,11 @@ def _plan(quick: bool, devices: int) -> list[tuple[str, dict]]:
         layers += [(n * 2, 256, 64, 512, n * 2, 2, 2.0), (n, 1024, 128, 256, n, 2, 1.25),
                    (n * 2, 512, 256, 256, n * 2, 2, 1.5)]
     out = [("train", {"kind": "matmul", "m": m, "n": n, "k": k}) for m, n, k in mats]
-    if devices > 1:
+    if devices > 1:  # sizes between the fitted ones are held out: each op's own latency and efficiency are fitted
         out += [("train", {"kind": "collective", "op": op, "bytes": b, "devices": devices}) for op in ops
                 for b in sizes]
+        out += [("held_out", {"kind": "collective", "op": op, "bytes": b, "devices": devices}) for op in ops
+                for b in (1 << 16, 1 << 20) if b not in sizes]
     last = len(layers) - 1
     for i, (g, s, d, f, e, k, cf) in enumerate(layers):
         held = i % 2 == 1 and i != last  # the smallest and the largest shape are fitted
@@ -186,7 +188,8 @@ def calibrate(out: str | os.PathLike[str], quick: bool = False, devices: int | N
                              "passes": len(done[_spec_key(spec)])}}
                for split, spec in plan]
     train = [_as_model_input(r) for r in records if r["split"] == "train"]
-    held = [_as_model_input(r) for r in records if r["split"] == "held_out"]
+    held = [_as_model_input(r) for r in records if r["split"] == "held_out" and r["spec"]["kind"] == "moe_layer"]
+    held_ops = [_as_model_input(r) for r in records if r["split"] == "held_out" and r["spec"]["kind"] == "collective"]
     base_eff, base_comm = topo.chip.efficiency, CommParams()
     before = errors(held, topo, base_eff, base_comm)
     source = f"calibrated on {n} x {kind} ({platform.node()}), {dt.date.today().isoformat()}"
@@ -206,13 +209,30 @@ def calibrate(out: str | os.PathLike[str], quick: bool = False, devices: int | N
                    "train_before_rms_log": _rms_log(train_before), "train_after_rms_log": _rms_log(train_after),
                    "matmul_after_median_abs": _median_abs(errors([m for m in train if m["kind"] == "matmul"], topo,
                                                                  eff, comm)),
-                   "initial_parameters": [float(v) for v in theta_from(base_eff, base_comm)]},
+                   "initial_parameters": [float(v) for v in theta_from(base_eff, base_comm)],
+                   **_by_op(held_ops, topo, (base_eff, base_comm), (eff, comm))},
         "measurements": [{"split": r["split"], **r["measured"]} for r in records],
     }
     if writer:
         write_yaml(out, profile)
     _report(held, topo, eff, comm, before, after, say)
+    by_op = profile["errors"]
+    for op, error in by_op.get("collective_after_max_abs_by_op", {}).items():
+        say(f"held-out {op}: largest |error| {error:.1%} after the fit "
+            f"(before {by_op['collective_before_max_abs_by_op'][op]:.1%})")
     return profile
+
+
+def _by_op(held_ops: list[dict], topo, before: tuple, after: tuple) -> dict:
+    """Held-out collective benchmarks: per op, the largest |error| before and after the fit."""
+    from moeplan.calibrate.fit import errors
+
+    out: dict = {"collective_held_out": len(held_ops)}
+    for name, (eff, comm) in (("before", before), ("after", after)):
+        out[f"collective_{name}_max_abs_by_op"] = {
+            op: float(np.max(np.abs(errors([m for m in held_ops if m["op"] == op], topo, eff, comm))))
+            for op in sorted({m["op"] for m in held_ops})}
+    return out
 
 
 def _report(held, topo, eff, comm, before, after, say) -> None:
