@@ -1,8 +1,11 @@
 """moeplan planning dashboard (Streamlit). Run: `moeplan dashboard` or `make dashboard`.
 
-Four pages on the public API: Topology, Estimate, Search, Calibration. Nothing imports this file;
-it is the only place that imports streamlit. Heavy results are cached with st.cache_data.
-Invalid input is shown as an error beside the form, never as a traceback.
+Five pages on the public API. Plan (the landing page): a model, one or more hardware options, tokens to
+train and a time or money budget in; the recommended configurations, the Pareto front, a comparison
+across the options, and for a chosen row its breakdown, timeline, memory and runnable exports out.
+Topology, Estimate, Search and Calibration go into each part. Nothing imports this file; it is the only
+place that imports streamlit. Heavy results are cached with st.cache_data. Invalid input is shown as an
+error beside the form, never as a traceback.
 """
 
 from __future__ import annotations
@@ -15,14 +18,19 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
+import yaml
 
 import moeplan as mp
 from moeplan import report
+from moeplan.cost import load_prices, step_cost
+from moeplan.export import maxtext_config, megatron_args
+from moeplan.families import load_family
+from moeplan.moe import model_from_mapping
 from moeplan.profiles import profile_from_upload
-from moeplan.schema import MAX_YAML_BYTES
+from moeplan.schema import MAX_YAML_BYTES, parse_yaml_mapping
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ("Topology", "Estimate", "Search", "Calibration")
+PAGES = ("Plan", "Topology", "Estimate", "Search", "Calibration")
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 MAX_UPLOAD_BYTES = MAX_YAML_BYTES  # the upload label shows it; profile_from_upload enforces it
 
@@ -62,6 +70,214 @@ def topology_picker(key: str) -> tuple[str, str]:
     label = "Slice shape (e.g. 4x4x8)" if torus else "Nodes"
     size = st.text_input(label, value=default, key=f"{key}_size_{name}")
     return name, size.strip()
+
+
+# ------------------------------------------------------------------ Plan (the landing page)
+PLAN_SPACE = dict(top_k=[1, 2], capacity_factor=[1.0, 1.25, None], moe_every=[1, 2], micro_batch_size=[1, 2])
+HARDWARE_DEFAULTS = (("tpu-v5p", "4x4x4"), ("dgx-h100", "8"), ("gb200-nvl72", "1"))
+SHOWN = 8  # configurations offered for a closer look
+
+
+def sizes_offered(name: str) -> list[str]:
+    """The sizes a family offers (slice shapes from its allowed axis lengths, or node counts), smallest first."""
+    fam = load_family(name).layout
+    if hasattr(fam, "max_nodes"):
+        nodes = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= fam.max_nodes} | {fam.default_nodes})
+        return [str(n) for n in nodes]
+    import itertools
+    import math
+
+    axes = len(fam.default_shape)
+    shapes = {tuple(sorted(c)) for c in itertools.combinations_with_replacement(fam.allowed_axis_sizes, axes)
+              if math.prod(c) <= min(fam.max_chips, 4096)}
+    return ["x".join(map(str, s)) for s in sorted(shapes, key=lambda s: (math.prod(s), s))]
+
+
+def hardware_option(i: int) -> tuple[str, str]:
+    names = mp.list_topologies()
+    family, size = HARDWARE_DEFAULTS[i % len(HARDWARE_DEFAULTS)]
+    c = st.columns(2)
+    name = c[0].selectbox(f"Hardware {i + 1}", names, index=names.index(family), key=f"plan_hw{i}")
+    offered = sizes_offered(name)
+    default = size if size in offered else ("x".join(map(str, mp.load_topology(name).shape))
+                                           if mp.load_topology(name).kind == "torus" else offered[0])
+    label = "slice shape" if mp.load_topology(name).kind == "torus" else "nodes"
+    size = c[1].selectbox(f"Hardware {i + 1} {label}", offered, index=offered.index(default) if default in offered
+                          else 0, key=f"plan_size{i}_{name}")
+    return name, size
+
+
+def plan_model() -> dict | None:
+    upload = st.file_uploader(f"Model YAML (optional, at most {MAX_UPLOAD_BYTES // 2**20} MiB)",
+                              type=["yaml", "yml"], key="plan_up")
+    if upload is None:
+        return model_editor("plan")
+    try:
+        return model_fields(model_from_mapping(parse_yaml_mapping(upload.getvalue(), upload.name[:100], "model"),
+                                               upload.name[:100]))
+    except ValueError as exc:
+        st.error(f"Invalid model: {exc}")
+        return None
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)  # shared, never copied: the results are only read
+def run_plan(fields: dict, options: tuple, batch: int, tokens: float, budget: tuple[str, float]) -> list[dict]:
+    """Per hardware option: its search (objective quality_per_time within the budget) or why it has none."""
+    model = mp.MoEModel(**fields)
+    space = mp.SearchSpace(num_experts=sorted({8, 16, 32, 64, model.num_experts}), **PLAN_SPACE)
+    out = []
+    for name, size in options:
+        topo = topology(name, size)
+        kind, amount = budget
+        try:
+            result = mp.search(model, topo, space, global_batch_tokens=batch, objective="quality_per_time",
+                               **({"time_budget_s": amount * 86400.0} if kind == "days" else {"budget_usd": amount}))
+        except ValueError as exc:
+            out.append({"option": f"{name} {size}", "name": name, "size": size, "error": str(exc)})
+            continue
+        rows = [_plan_row(name, size, topo, c, batch, tokens) for c in result.configurations[:SHOWN]]
+        out.append({"option": f"{name} {size}", "name": name, "size": size, "result": result, "rows": rows})
+    return out
+
+
+def _plan_row(name: str, size: str, topo, c, batch: int, tokens: float) -> dict:
+    money = step_cost(topo, c.step_time_s, batch, tokens_to_train=tokens) if topo.family in load_prices().families \
+        else {}
+    cf = "dropless" if c.model.capacity_factor is None else f"{c.model.capacity_factor:g}"
+    lay = c.layout
+    return {"hardware": f"{name} {size}", "devices": topo.num_devices, "experts": c.model.num_experts,
+            "top_k": c.model.top_k, "capacity": cf, "moe_every": c.model.moe_every,
+            "layout": f"data {lay.data} fsdp {lay.fsdp} expert {lay.expert} tensor {lay.tensor} pipeline "
+                      f"{lay.pipeline} mbs {lay.micro_batch_size} {lay.recompute}",
+            "loss": round(c.loss, 4), "step_s": c.step_time_s, "tokens/s": round(c.tokens_per_s),
+            "MFU": round(c.mfu, 3), "days": tokens / c.tokens_per_s / 86400.0,
+            "run $": money.get("run_usd"), "$/Mtok": money.get("usd_per_million_tokens"),
+            "MWh": money.get("run_mwh")}
+
+
+def page_plan() -> None:
+    st.header("Plan")
+    fields = plan_model()
+    count = int(st.number_input("Hardware options", 1, 3, 2, key="plan_count"))
+    options = tuple(hardware_option(i) for i in range(count))
+    c = st.columns(4)
+    tokens = float(c[0].number_input("Tokens to train", 1e6, 1e15, 1e11, format="%.3g", key="plan_tokens"))
+    batch = int(c[1].number_input("Global batch (tokens)", 4096, 1 << 34, 256 * 4096, key="plan_batch"))
+    kind = c[2].radio("Budget", ("days", "dollars"), horizontal=True, key="plan_budget_kind")
+    amount = float(c[3].number_input(f"Budget ({kind})", 0.01, 1e12, 30.0 if kind == "days" else 1e6,
+                                     key=f"plan_budget_{kind}"))
+    if fields is None:
+        return
+    try:
+        with st.spinner("Searching each hardware option..."):
+            plans = run_plan(fields, options, batch, tokens, (kind, amount))
+    except ValueError as exc:
+        st.error(str(exc))
+        return
+    for p in plans:
+        if "error" in p:
+            st.warning(f"{p['option']}: {p['error']}")
+    found = [p for p in plans if p.get("rows")]
+    if not found:
+        st.warning("No configuration fits on any option: try more devices, a larger budget or a smaller model.")
+        return
+    st.subheader("Across the hardware options: the best configuration of each")
+    st.dataframe([p["rows"][0] for p in found], key="plan_compare")
+    st.plotly_chart(plan_front_figure(found, kind), key="plan_front")
+    st.subheader("Recommended configurations")
+    st.dataframe([r for p in found for r in p["rows"]], key="plan_rows")
+    closer_look(found, batch)
+
+
+@st.fragment
+def closer_look(found: list[dict], batch: int) -> None:
+    """The chosen row in detail; a fragment: choosing another row reruns this part alone."""
+    rows = [r for p in found for r in p["rows"]]
+    labels = [f"{i + 1}. {r['hardware']}: E={r['experts']} k={r['top_k']} {r['capacity']} every {r['moe_every']}, "
+              f"{r['layout']}" for i, r in enumerate(rows)]
+    pick = st.radio("Look closer at", range(len(rows)), format_func=lambda i: labels[i], key="plan_pick")
+    chosen = [(p, c) for p in found for c in p["result"].configurations[:SHOWN]][pick]
+    plan_details(chosen[0], chosen[1], batch)
+
+
+def plan_front_figure(found: list[dict], kind: str) -> go.Figure:
+    """Loss against days to train (or run dollars) per hardware option, its non-dominated points joined."""
+    fig = go.Figure()
+    x_key = "days" if kind == "days" else "run $"
+    for p in found:
+        points = sorted((r[x_key], r["loss"]) for r in p["rows"] if r[x_key] is not None)
+        front = [pt for i, pt in enumerate(points) if all(pt[1] < q[1] for q in points[:i])]
+        fig.add_trace(go.Scatter(x=[a for a, _ in points], y=[b for _, b in points], mode="markers",
+                                 name=p["option"], marker=dict(size=8)))
+        fig.add_trace(go.Scatter(x=[a for a, _ in front], y=[b for _, b in front], mode="lines",
+                                 name=f"{p['option']} front", showlegend=False))
+    fig.update_layout(title=f"Predicted loss vs {'days to train' if kind == 'days' else 'dollars to train'}",
+                      xaxis_title="days" if kind == "days" else "US$", yaxis_title="predicted loss (nats/token)",
+                      template="plotly_white", height=420)
+    return fig
+
+
+@st.cache_data(show_spinner=False)
+def plan_estimate(name: str, size: str, model_fields_: dict, layout_fields: dict, batch: int):
+    return mp.estimate(mp.MoEModel(**model_fields_), topology(name, size), mp.Layout(**layout_fields), batch)
+
+
+def plan_details(plan: dict, candidate, batch: int) -> None:
+    """The chosen configuration: its estimate by part, one layer's timeline, memory against HBM, exports."""
+    topo = topology(plan["name"], plan["size"])
+    est = plan_estimate(plan["name"], plan["size"], model_fields(candidate.model),
+                        dataclasses.asdict(candidate.layout), batch)
+    m = st.columns(4)
+    m[0].metric("Step time", f"{est.step_time_s * 1e3:,.1f} ms")
+    m[1].metric("Tokens/s", f"{est.tokens_per_s:,.0f}")
+    m[2].metric("MFU", f"{est.mfu:.1%}")
+    m[3].metric("Memory / device", f"{est.memory_per_device_bytes / 2**30:,.1f} GiB")
+    c = st.columns(2)
+    c[0].plotly_chart(report.breakdown_figure({plan["option"]: est}, "Step time by part"), key="plan_bars")
+    c[1].plotly_chart(memory_figure(est, topo), key="plan_mem")
+    st.plotly_chart(timeline_figure(est), key="plan_timeline")
+    exports = st.columns(2)
+    for col, label, make, file in ((exports[0], "MaxText config", _maxtext_text, "maxtext.yml"),
+                                   (exports[1], "Megatron arguments", _megatron_text, "megatron_args.txt")):
+        try:
+            text = make(candidate, topo, batch)
+        except ValueError as exc:
+            col.info(f"{label}: {exc}")
+            continue
+        col.download_button(f"Download {label}", text, file, "text/plain", key=f"dl_{file}")
+
+
+def _maxtext_text(candidate, topo, batch: int) -> str:
+    return yaml.safe_dump(maxtext_config(candidate.model, topo, candidate.layout, batch), sort_keys=False)
+
+
+def _megatron_text(candidate, topo, batch: int) -> str:
+    return " ".join(megatron_args(candidate.model, topo, candidate.layout, batch)) + "\n"
+
+
+def memory_figure(est, topo) -> go.Figure:
+    """The memory stack per device against the chip's HBM."""
+    fig = go.Figure([go.Bar(x=["per device"], y=[v / 2**30], name=k) for k, v in est.memory.items()])
+    fig.add_hline(y=topo.chip.hbm_capacity_bytes / 2**30, line_dash="dash", annotation_text="HBM")
+    fig.update_layout(barmode="stack", title="Memory per device (GiB)", template="plotly_white", height=450)
+    return fig
+
+
+def timeline_figure(est) -> go.Figure:
+    """One layer of each kind, part after part on one micro-batch's time line: compute and communication."""
+    fig = go.Figure()
+    start = 0.0
+    for row in est.layers:
+        if row.count <= 0 or row.time_s <= 0 or row.kind in ("bubble", "optimizer"):
+            continue
+        width = row.time_s / row.count
+        fig.add_trace(go.Bar(y=["compute" if row.kind == "compute" else "communication"], x=[width], base=[start],
+                             orientation="h", name=row.name, marker_color=report.KIND_COLOURS.get(row.kind, "#888"),
+                             hovertext=f"{row.name}: {width * 1e3:.3f} ms", hoverinfo="text"))
+        start += width
+    fig.update_layout(title="One layer of each kind, one micro-batch (forward + backward)", barmode="overlay",
+                      xaxis_title="seconds", template="plotly_white", height=260)
+    return fig
 
 
 def page_topology() -> None:
@@ -324,7 +540,7 @@ def main() -> None:
     st.set_page_config(page_title="moeplan", layout="wide")
     st.sidebar.title("moeplan")
     page = st.sidebar.radio("Page", PAGES, key="page")
-    {"Topology": page_topology, "Estimate": page_estimate, "Search": page_search,
+    {"Plan": page_plan, "Topology": page_topology, "Estimate": page_estimate, "Search": page_search,
      "Calibration": page_calibration}[page]()
 
 

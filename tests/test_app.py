@@ -32,6 +32,45 @@ def _metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
 
 
+def test_plan_is_the_landing_page_and_compares_hardware_options():
+    at = AppTest.from_file(APP, default_timeout=300).run()
+    assert not at.exception and at.sidebar.radio(key="page").value == "Plan"
+    assert len(at.dataframe) == 2 and len(at.get("plotly_chart")) >= 4  # comparison, rows; front, details
+    compare = at.dataframe[0].value
+    assert len(compare) == 2 and {"tpu-v5p 4x4x4", "dgx-h100 8"} == set(compare["hardware"])
+    assert {b.label for b in at.get("download_button")} == {"Download MaxText config", "Download Megatron arguments"}
+    first = [m.value for m in at.metric]
+    pick = at.radio(key="plan_pick")
+    other = next(i for i, label in enumerate(pick.options) if "dgx-h100" in label)
+    pick.set_value(other).run()
+    assert not at.exception and [m.value for m in at.metric] != first
+    at.selectbox(key="plan_hw1").set_value("dgx-b200").run()
+    assert not at.exception and "dgx-b200 8" in set(at.dataframe[0].value["hardware"])
+    at.radio(key="plan_budget_kind").set_value("dollars").run()  # a money budget: both families are priced
+    assert not at.exception and not at.warning
+
+
+def test_plan_offers_only_sizes_that_load_and_takes_an_uploaded_model():
+    import yaml
+
+    at = AppTest.from_file(APP, default_timeout=300).run()
+    for i, family in ((0, "tpu-v6e"), (1, "gb200-nvl72")):
+        at.selectbox(key=f"plan_hw{i}").set_value(family).run()
+        sizes = at.selectbox(key=f"plan_size{i}_{family}").options
+        for size in sizes:
+            import moeplan as mp
+
+            topo = mp.load_topology(family, **({"shape": size} if "x" in size else {"nodes": int(size)}))
+            assert topo.num_devices >= 1
+        assert not at.exception
+    model = yaml.safe_load((ROOT / "models" / "mixtral-8x7b.yaml").read_text())
+    at.file_uploader(key="plan_up").set_value(("m.yaml", yaml.safe_dump({**model, "n_layers": 8}).encode(),
+                                                "text/yaml")).run()
+    assert not at.exception and not at.error and at.dataframe
+    at.file_uploader(key="plan_up").set_value(("m.yaml", b"d_model: [1", "text/yaml")).run()
+    assert at.error and "Invalid model" in at.error[0].value and not at.exception
+
+
 def test_topology_page_changes_with_family_and_size():
     at = _app("Topology")
     assert _metric(at, "Devices") == "8"
@@ -145,6 +184,7 @@ def test_every_page_in_headless_chromium(server):
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(server, wait_until="networkidle")
+        page.wait_for_selector(".js-plotly-plot", timeout=120_000)  # the landing page: Plan
         for name, change in [("Topology", ("Nodes", "4")), ("Estimate", ("Global batch (tokens; decode: sequences)",
                                                                           "65536")),
                              ("Search", ("Experts to try", "8,16")), ("Calibration", None)]:
@@ -162,3 +202,45 @@ def test_every_page_in_headless_chromium(server):
                 assert _figure_text(page) != before, f"{name}: the figure did not change"
             page.screenshot(path=str(ARTIFACTS / f"{name.lower()}.png"), full_page=True)
         browser.close()
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Chromium is not installed and could not be (see .ci/run)")
+def test_plan_page_end_to_end_in_headless_chromium(server, tmp_path):
+    """A new user's path: the Plan page, a second hardware option changed, a closer look at another row, its
+    breakdown, and both exports downloaded and read back."""
+    import re
+
+    import yaml
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        page = browser.new_page(viewport={"width": 1400, "height": 1400}, accept_downloads=True)
+        page.goto(server, wait_until="networkidle")
+        page.wait_for_selector(".js-plotly-plot", timeout=120_000)
+        page.get_by_label("Hardware 2", exact=True).click()
+        page.get_by_role("option", name="dgx-b200", exact=True).click()
+        page.get_by_role("radio", name=re.compile(r"^\d+\. dgx-b200 ")).first.wait_for(timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "plan.png"), full_page=True)
+        metrics = page.locator('[data-testid="stMetric"]')
+        before = metrics.all_inner_texts()
+        page.get_by_role("radio", name=re.compile(r"^\d+\. dgx-b200 ")).first.click(force=True)
+        page.wait_for_timeout(3000)
+        assert "Traceback" not in page.content()
+        assert page.locator(".js-plotly-plot").count() >= 4  # front, breakdown, memory, timeline
+        assert metrics.all_inner_texts() != before
+        page.screenshot(path=str(ARTIFACTS / "plan_selected.png"), full_page=True)
+        texts = {}
+        for label in ("Download MaxText config", "Download Megatron arguments"):
+            with page.expect_download(timeout=60_000) as info:
+                page.get_by_role("button", name=label).click()
+            target = tmp_path / info.value.suggested_filename
+            info.value.save_as(target)
+            texts[label] = target.read_text()
+        browser.close()
+    config = yaml.safe_load(texts["Download MaxText config"])
+    assert {"ici_fsdp_parallelism", "num_experts", "num_experts_per_tok", "remat_policy"} <= set(config)
+    megatron = texts["Download Megatron arguments"].split()
+    assert "--tensor-model-parallel-size" in megatron and "--expert-model-parallel-size" in megatron
