@@ -365,20 +365,58 @@ def model_editor(key: str) -> dict | None:
     return base
 
 
+@st.cache_data(show_spinner=False)
+def fitting_layout(name: str, size: str, fields: dict, batch: int) -> dict:
+    """The fastest layout that fits this model at this size (the model's own MoE knobs), as widget defaults;
+    pure data parallelism when none fits."""
+    topo = topology(name, size)
+    model = mp.MoEModel(**fields)
+    try:
+        best = mp.search(model, topo, mp.SearchSpace(virtual_pipeline=[1], recompute=["selective"]),
+                         global_batch_tokens=batch, objective="step_time", top=1).best
+    except ValueError:
+        best = None
+    layout = best.layout if best is not None else mp.Layout(data=topo.num_devices)
+    return {k: getattr(layout, k) for k in ("fsdp", "expert", "tensor", "pipeline", "micro_batch_size")}
+
+
+def layout_widgets(name: str, size: str, fields: dict, batch: int) -> dict | None:
+    """Layout degrees offered as divisors of the device count (data is what they leave), defaulting to a
+    layout that fits; None (the reason shown) when the choices leave no whole data degree."""
+    devices = topology(name, size).num_devices
+    divisors = [d for d in range(1, devices + 1) if devices % d == 0]
+    default = fitting_layout(name, size, fields, batch)
+    c = st.columns(6)
+    layout = {}
+    for i, k in enumerate(("fsdp", "expert", "tensor", "pipeline")):
+        layout[k] = c[i].selectbox(k, divisors, index=divisors.index(default[k]) if default[k] in divisors else 0,
+                                   key=f"est_{k}_{name}_{size}")
+    layout["micro_batch_size"] = int(c[4].number_input("micro_batch_size", 1, 4096, default["micro_batch_size"],
+                                                       key=f"est_mbs_{name}_{size}"))
+    rest = layout["fsdp"] * layout["tensor"] * layout["pipeline"]
+    if devices % rest:
+        st.error(f"fsdp x tensor x pipeline = {rest} does not divide the {devices} devices")
+        return None
+    layout["data"] = devices // rest
+    c[5].metric("data (the rest)", layout["data"])
+    return layout
+
+
 def page_estimate() -> None:
     st.header("Estimate")
     name, size = topology_picker("est")
     fields = model_editor("est")
-    c = st.columns(6)
-    layout = {k: int(c[i].number_input(k, 1, 4096, v, key=f"est_{k}")) for i, (k, v) in enumerate(
-        [("data", 8), ("fsdp", 1), ("expert", 8), ("tensor", 1), ("pipeline", 1), ("micro_batch_size", 1)])}
     c2 = st.columns(3)
-    batch = int(c2[0].number_input("Global batch (tokens; decode: sequences)", 1, 1 << 32, 8 * 4096, key="est_batch"))
+    batch = int(c2[0].number_input("Global batch (tokens; decode: sequences)", 1, 1 << 32, 64 * 4096,
+                                   key="est_batch"))
     mode = c2[1].selectbox("Mode", ("train", "prefill", "decode"), key="est_mode")
     dtype = c2[2].selectbox("dtype", ("bf16", "fp8", "fp32"), key="est_dtype")
     if fields is None:
         return
     try:
+        layout = layout_widgets(name, size, fields, batch if mode == "train" else 64 * 4096)
+        if layout is None:
+            return
         est = run_estimate(name, size, fields, layout, batch, mode, dtype)
     except ValueError as exc:
         st.error(str(exc))

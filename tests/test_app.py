@@ -82,15 +82,22 @@ def test_topology_page_changes_with_family_and_size():
     assert at.error and "not offered" in at.error[0].value and not at.exception
 
 
-def test_estimate_page_reacts_and_reports_bad_layouts():
+def test_estimate_page_defaults_fit_and_its_layout_follows_the_device_count():
     at = _app("Estimate")
+    assert not at.warning and not at.error  # the default layout fits
     first = _metric(at, "Step time")
     at.number_input(key="est_batch").set_value(16 * 4096).run()
     assert _metric(at, "Step time") != first
     at.selectbox(key="est_mode").set_value("decode").run()
     assert not at.exception
-    at.number_input(key="est_expert").set_value(3).run()
-    assert at.error and "layout.expert" in at.error[0].value and not at.exception
+    at.selectbox(key="est_mode").set_value("train").run()
+    at.selectbox(key="est_family").set_value("tpu-v5p").run()  # 64 chips: every choice a divisor of 64
+    assert not at.exception and not at.error and not at.warning
+    widget = {s.key.split("_")[1]: s for s in at.selectbox if s.key.startswith(("est_tensor_", "est_pipeline_"))}
+    assert widget["tensor"].options == ["1", "2", "4", "8", "16", "32", "64"]
+    widget["tensor"].set_value(64).run()
+    next(s for s in at.selectbox if s.key.startswith("est_pipeline_")).set_value(2).run()
+    assert at.error and "does not divide the 64 devices" in at.error[0].value and not at.exception
 
 
 def test_search_page_ranks_and_reports_bad_lists():
