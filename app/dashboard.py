@@ -197,6 +197,8 @@ def closer_look(found: list[dict], batch: int) -> None:
               f"{r['layout']}" for i, r in enumerate(rows)]
     pick = st.radio("Look closer at", range(len(rows)), format_func=lambda i: labels[i], key="plan_pick")
     chosen = [(p, c) for p in found for c in p["result"].configurations[:SHOWN]][pick]
+    row = rows[pick]
+    st.subheader(f"Row {pick + 1}: {row['hardware']}, {row['experts']} experts, top-{row['top_k']}")
     plan_details(chosen[0], chosen[1], batch)
 
 
@@ -217,25 +219,29 @@ def plan_front_figure(found: list[dict], kind: str) -> go.Figure:
     return fig
 
 
-@st.cache_data(show_spinner=False)
-def plan_estimate(name: str, size: str, model_fields_: dict, layout_fields: dict, batch: int):
-    return mp.estimate(mp.MoEModel(**model_fields_), topology(name, size), mp.Layout(**layout_fields), batch)
+@st.cache_resource(show_spinner=False, max_entries=64)  # shared, never copied: the figures are only read
+def plan_estimate(name: str, size: str, model_fields_: dict, layout_fields: dict, batch: int, option: str):
+    """A configuration's estimate and its three figures (breakdown, memory against HBM, timeline)."""
+    topo = topology(name, size)
+    est = mp.estimate(mp.MoEModel(**model_fields_), topo, mp.Layout(**layout_fields), batch)
+    return est, (report.breakdown_figure({option: est}, "Step time by part"), memory_figure(est, topo),
+                 timeline_figure(est))
 
 
 def plan_details(plan: dict, candidate, batch: int) -> None:
     """The chosen configuration: its estimate by part, one layer's timeline, memory against HBM, exports."""
     topo = topology(plan["name"], plan["size"])
-    est = plan_estimate(plan["name"], plan["size"], model_fields(candidate.model),
-                        dataclasses.asdict(candidate.layout), batch)
+    est, (bars, memory, timeline) = plan_estimate(plan["name"], plan["size"], model_fields(candidate.model),
+                                                  dataclasses.asdict(candidate.layout), batch, plan["option"])
     m = st.columns(4)
     m[0].metric("Step time", f"{est.step_time_s * 1e3:,.1f} ms")
     m[1].metric("Tokens/s", f"{est.tokens_per_s:,.0f}")
     m[2].metric("MFU", f"{est.mfu:.1%}")
     m[3].metric("Memory / device", f"{est.memory_per_device_bytes / 2**30:,.1f} GiB")
     c = st.columns(2)
-    c[0].plotly_chart(report.breakdown_figure({plan["option"]: est}, "Step time by part"), key="plan_bars")
-    c[1].plotly_chart(memory_figure(est, topo), key="plan_mem")
-    st.plotly_chart(timeline_figure(est), key="plan_timeline")
+    c[0].plotly_chart(bars, key="plan_bars")
+    c[1].plotly_chart(memory, key="plan_mem")
+    st.plotly_chart(timeline, key="plan_timeline")
     exports = st.columns(2)
     for col, label, make, file in ((exports[0], "MaxText config", _maxtext_text, "maxtext.yml"),
                                    (exports[1], "Megatron arguments", _megatron_text, "megatron_args.txt")):
