@@ -263,27 +263,29 @@ def _megatron_text(candidate, topo, batch: int) -> str:
 
 def memory_figure(est, topo) -> go.Figure:
     """The memory stack per device against the chip's HBM."""
-    fig = go.Figure([go.Bar(x=["per device"], y=[v / 2**30], name=k) for k, v in est.memory.items()])
-    fig.add_hline(y=topo.chip.hbm_capacity_bytes / 2**30, line_dash="dash", annotation_text="HBM")
-    fig.update_layout(barmode="stack", title="Memory per device (GiB)", template="plotly_white", height=450)
-    return fig
+    hbm = topo.chip.hbm_capacity_bytes / 2**30
+    bars = [dict(type="bar", x=["per device"], y=[v / 2**30], name=k) for k, v in est.memory.items()]
+    line = dict(type="scatter", x=["per device"], y=[hbm], mode="markers+text", text=["HBM"], name="HBM",
+                textposition="top center", marker=dict(symbol="line-ew-open", size=60, color="#333"))
+    return report.quick_figure(bars + [line], dict(barmode="stack", title=dict(text="Memory per device (GiB)"),
+                                                   height=450))
 
 
 def timeline_figure(est) -> go.Figure:
     """One layer of each kind, part after part on one micro-batch's time line: compute and communication."""
-    fig = go.Figure()
-    start = 0.0
+    traces, start = [], 0.0
     for row in est.layers:
         if row.count <= 0 or row.time_s <= 0 or row.kind in ("bubble", "optimizer"):
             continue
         width = row.time_s / row.count
-        fig.add_trace(go.Bar(y=["compute" if row.kind == "compute" else "communication"], x=[width], base=[start],
-                             orientation="h", name=row.name, marker_color=report.KIND_COLOURS.get(row.kind, "#888"),
-                             hovertext=f"{row.name}: {width * 1e3:.3f} ms", hoverinfo="text"))
+        traces.append(dict(type="bar", y=["compute" if row.kind == "compute" else "communication"], x=[width],
+                           base=[start], orientation="h", name=row.name,
+                           marker=dict(color=report.KIND_COLOURS.get(row.kind, "#888")),
+                           hovertext=f"{row.name}: {width * 1e3:.3f} ms", hoverinfo="text"))
         start += width
-    fig.update_layout(title="One layer of each kind, one micro-batch (forward + backward)", barmode="overlay",
-                      xaxis_title="seconds", template="plotly_white", height=260)
-    return fig
+    return report.quick_figure(traces, dict(title=dict(text="One layer of each kind, one micro-batch (forward + "
+                                                            "backward)"), barmode="overlay",
+                                            xaxis=dict(title=dict(text="seconds")), height=260))
 
 
 def page_topology() -> None:

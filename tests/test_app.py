@@ -28,6 +28,17 @@ def _app(page: str) -> AppTest:
     return at
 
 
+def _every_figure_passes_plotlys_full_check(at: AppTest) -> None:
+    """Figures built without plotly's per-property checks (report.quick_figure) must still be valid figures."""
+    import json
+
+    import plotly.graph_objects as go
+
+    for chart in at.get("plotly_chart"):
+        spec = json.loads(chart.proto.spec)
+        go.Figure(spec)  # raises on any property plotly does not know
+
+
 def _metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
 
@@ -39,6 +50,7 @@ def test_plan_is_the_landing_page_and_compares_hardware_options():
     compare = at.dataframe[0].value
     assert len(compare) == 2 and {"tpu-v5p 4x4x4", "dgx-h100 8"} == set(compare["hardware"])
     assert {b.label for b in at.get("download_button")} == {"Download MaxText config", "Download Megatron arguments"}
+    _every_figure_passes_plotlys_full_check(at)
     first = [m.value for m in at.metric]
     pick = at.radio(key="plan_pick")
     other = next(i for i, label in enumerate(pick.options) if "dgx-h100" in label)
