@@ -143,14 +143,17 @@ def _elementwise_s(ctx: Context, tokens):
 
 
 def _attention(ctx: Context, tokens, context: float, decode: bool) -> dict[str, np.ndarray]:
-    """Projections, norms, TP collectives and scores of one self-attention block."""
-    m, t = ctx.m, ctx.plan.tensor
+    """Projections, norms, TP collectives and scores of one self-attention block. With context parallelism
+    (``cp`` > 1) a device's ``tokens`` are its 1/cp of each sequence: its queries meet the keys and values of
+    the whole sequence, all-gathered over the context group (their gradients reduce-scattered back), which
+    runs under the scores' compute as Megatron's ring overlaps it; what the scores do not cover is exposed."""
+    m, t, cp = ctx.m, ctx.plan.tensor, ctx.plan.context
     width = M.attention_params(m) / m.d_model / t  # output features per rank, projections together
     out = {"proj_s": ctx.mm(tokens, width, m.d_model) + _elementwise_s(ctx, tokens),
            "proj_flops": 2.0 * tokens * width * m.d_model}
     out["tp_s"], out["tp_bytes"] = _tp_comm(ctx, tokens)
     flops = M.attention_score_flops(m) * context / m.seq_len * tokens / t
-    sequences = tokens if decode else tokens / m.seq_len
+    sequences = tokens if decode else tokens * cp / m.seq_len
     nbytes = sequences * context * M.kv_cache_bytes_per_token(m, ctx.b) / m.n_layers / t
     nbytes = nbytes + tokens * m.n_heads * m.d_head * 2 * ctx.b / t
     # causal self-attention skips the masked half of the score blocks (FlashAttention) in training and
@@ -163,6 +166,10 @@ def _attention(ctx: Context, tokens, context: float, decode: bool) -> dict[str, 
                            + ctx.mm(m.seq_len, m.d_head, context, heads, dtype=ctx.high)
                            + ctx.mem(_UNFUSED_SCORE_BYTES / 2 * ctx.b * heads * m.seq_len * context))
     out["scores_flops"] = flops
+    kv = sequences * m.seq_len * M.kv_cache_bytes_per_token(m, ctx.b) / m.n_layers / t * (cp > 1) * (not decode)
+    gather = ctx.coll("all_gather", kv, "context")
+    out["tp_s"] = out["tp_s"] + maximum(gather - out["scores_s"], 0.0)
+    out["tp_bytes"] = out["tp_bytes"] + kv
     return out
 
 
@@ -283,7 +290,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     m, p = ctx.m, plan
     mb, valid = _micro_batches(plan, gbt)
     pp, v = p.pipeline, p.virtual_pipeline
-    tokens = p.micro_batch_size * m.seq_len  # per batch shard and micro-batch
+    tokens = p.micro_batch_size * m.seq_len / p.context  # per device of a batch shard, per micro-batch
     stages = stage_layers(m.n_layers, pp, v, p.first_stage_layers, p.last_stage_layers)
     per_layer = 1.0 / m.n_layers  # each kind's share of a layer: stages hold the model's mix of layers
     n_attn = (m.n_layers + m.n_cross_attention_layers) * per_layer
@@ -416,9 +423,10 @@ def _data_parallel(ctx: Context, counts: dict, mb) -> dict[str, np.ndarray]:
     dense_stage = counts["non_expert"] / (p.pipeline * p.tensor)  # before FSDP sharding
     grad_bytes = 4.0 * dense_stage
     has_fsdp, no_fsdp = p.fsdp > 1, p.fsdp == 1
+    # the replicas of a dense shard: data x context (weights are whole on every context rank, as on every data rank)
     grad = where(has_fsdp, ctx.coll("reduce_scatter", grad_bytes * has_fsdp, "fsdp")
-                 + ctx.coll("all_reduce", grad_bytes / p.fsdp * has_fsdp, "data"),
-                 ctx.coll("all_reduce", grad_bytes * no_fsdp, "data"))
+                 + ctx.coll("all_reduce", grad_bytes / p.fsdp * has_fsdp, "replicas"),
+                 ctx.coll("all_reduce", grad_bytes * no_fsdp, "replicas"))
     expert_shard = 4.0 * counts["expert"] / (p.pipeline * p.expert_weight_shards)
     grad = grad + ctx.coll("all_reduce", expert_shard, "expert_data")
     gather = 2.0 * ctx.coll("all_gather", dense_stage * ctx.b * has_fsdp, "fsdp") * mb  # forward and backward
@@ -530,6 +538,9 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
     check_inputs(model, topo, layout, profile, routing)
     check_layout(model, topo, layout)
     plan = Plan.from_layout(model, layout)
+    if mode != "train" and layout.context > 1:
+        raise ValueError(f"layout.context: got {layout.context}; context parallelism is modelled for training; "
+                         "expected 1 for prefill and decode")
     if mode != "train":
         return _inference(make_context(plan, topo, dtype, profile, routing, dispatch, preset.attention), mode,
                           int(global_batch_tokens), hbm_reserve)

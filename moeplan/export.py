@@ -2,13 +2,13 @@
 YAML that reproduces the estimate.
 
 * ``maxtext_config``: the mesh as ``ici_*`` / ``dcn_*`` parallelism (data across TPU slices over DCN,
-  the rest inside a slice), ``per_device_batch_size``, the MoE fields (``num_experts``,
-  ``num_experts_per_tok``, ``capacity_factor``, -1 for dropless with ``sparse_matmul``), the
+  the rest inside a slice, context as ``ici_context_parallelism``), ``per_device_batch_size``, the MoE
+  fields (``num_experts``, ``num_experts_per_tok``, ``capacity_factor``, -1 for dropless with ``sparse_matmul``), the
   ``remat_policy`` (recompute "full" -> "full", "selective" -> "save_qkv_proj": projections kept,
   attention recomputed, "none" -> "minimal") and the model's shape (``base_*`` keys of MaxText's
   ``base.yml``).
 * ``megatron_args``: Megatron-Core's command line: tensor, pipeline, virtual, expert, expert-tensor
-  and context (1) parallel sizes, an uneven pipeline split (first and last stage layers), micro and
+  and context parallel sizes, an uneven pipeline split (first and last stage layers), micro and
   global batch (sequences), router top-k, capacity factor (omitted for dropless), recompute
   granularity, sequence parallelism, distributed optimizer, the token dispatcher (``flex`` for
   DeepEP) and the model's shape.
@@ -57,7 +57,8 @@ def maxtext_config(model: MoEModel, topo: Topology, layout: Layout, global_batch
     dense_data = layout.data // dcn_data
     out = {
         "dcn_data_parallelism": dcn_data, "ici_data_parallelism": dense_data, "ici_fsdp_parallelism": layout.fsdp,
-        "ici_tensor_parallelism": layout.tensor, "ici_pipeline_parallelism": layout.pipeline,
+        "ici_tensor_parallelism": layout.tensor, "ici_context_parallelism": layout.context,
+        "ici_pipeline_parallelism": layout.pipeline,
         "ici_expert_parallelism": 1,  # experts fold into data/fsdp: expert_shard below
         "expert_shard_attention_option": "fsdp",
         "per_device_batch_size": per_device, "max_target_length": model.seq_len,
@@ -84,6 +85,7 @@ def parse_maxtext(config: dict) -> Layout:
     """The layout a MaxText fragment from ``maxtext_config`` describes."""
     return Layout(data=int(config["dcn_data_parallelism"]) * int(config["ici_data_parallelism"]),
                   fsdp=int(config["ici_fsdp_parallelism"]), tensor=int(config["ici_tensor_parallelism"]),
+                  context=int(config.get("ici_context_parallelism", 1)),
                   pipeline=int(config["ici_pipeline_parallelism"]), expert=int(config["moeplan_expert_degree"]),
                   expert_tensor=int(config.get("moeplan_expert_tensor_degree", 1)),
                   recompute={v: k for k, v in _REMAT.items()}[config["remat_policy"]])
@@ -97,7 +99,7 @@ def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_
                          "expected data=1 with fsdp, or fsdp=1")
     sequences = _sequences(model, global_batch_tokens)
     args = ["--tensor-model-parallel-size", layout.tensor, "--pipeline-model-parallel-size", layout.pipeline,
-            "--context-parallel-size", 1, "--expert-model-parallel-size", layout.expert,
+            "--context-parallel-size", layout.context, "--expert-model-parallel-size", layout.expert,
             "--expert-tensor-parallel-size", layout.expert_tensor, "--micro-batch-size", layout.micro_batch_size,
             "--global-batch-size", sequences, "--seq-length", model.seq_len, "--max-position-embeddings",
             model.seq_len, "--num-layers", model.n_layers, "--hidden-size", model.d_model, "--num-attention-heads",
@@ -145,6 +147,7 @@ def parse_megatron(args: list[str], devices: int) -> Layout:
     """The layout Megatron arguments from ``megatron_args`` describe on ``devices`` GPUs."""
     parser = argparse.ArgumentParser(add_help=False)
     for name in ("tensor-model-parallel-size", "pipeline-model-parallel-size", "expert-model-parallel-size",
+                 "context-parallel-size",
                  "expert-tensor-parallel-size", "micro-batch-size", "num-layers",
                  "num-layers-per-virtual-pipeline-stage", "decoder-first-pipeline-num-layers",
                  "decoder-last-pipeline-num-layers"):
@@ -153,12 +156,12 @@ def parse_megatron(args: list[str], devices: int) -> Layout:
     for flag in ("sequence-parallel", "use-distributed-optimizer", "use-torch-fsdp2"):
         parser.add_argument(f"--{flag}", action="store_true")
     known, _ = parser.parse_known_args(args)
-    t, p = known.tensor_model_parallel_size, known.pipeline_model_parallel_size
-    replicas = devices // (t * p)
+    t, p, cp = known.tensor_model_parallel_size, known.pipeline_model_parallel_size, known.context_parallel_size or 1
+    replicas = devices // (t * p * cp)
     fsdp = replicas if known.use_torch_fsdp2 else 1
     virtual = known.num_layers // (p * known.num_layers_per_virtual_pipeline_stage) \
         if known.num_layers_per_virtual_pipeline_stage else 1
-    return Layout(data=replicas // fsdp, fsdp=fsdp, tensor=t, pipeline=p, virtual_pipeline=virtual,
+    return Layout(data=replicas // fsdp, fsdp=fsdp, tensor=t, context=cp, pipeline=p, virtual_pipeline=virtual,
                   expert=known.expert_model_parallel_size, expert_tensor=known.expert_tensor_parallel_size or 1,
                   first_stage_layers=known.decoder_first_pipeline_num_layers or 0,
                   last_stage_layers=known.decoder_last_pipeline_num_layers or 0,

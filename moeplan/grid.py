@@ -19,8 +19,8 @@ from moeplan.plan import Plan
 from moeplan.topology import Topology
 
 MODEL_KNOBS = ("num_experts", "top_k", "capacity_factor", "moe_every", "expert_d_ff")
-LAYOUT_KNOBS = ("expert", "expert_tensor", "tensor", "pipeline", "fsdp", "virtual_pipeline", "micro_batch_size",
-                "recompute")
+LAYOUT_KNOBS = ("expert", "expert_tensor", "tensor", "context", "pipeline", "fsdp", "virtual_pipeline",
+                "micro_batch_size", "recompute")
 KNOBS = MODEL_KNOBS + LAYOUT_KNOBS  # the axes of the search grid, in order
 
 
@@ -50,10 +50,11 @@ def shape_of(grid: dict[str, np.ndarray]) -> tuple[int, ...]:
 def valid(g: dict[str, np.ndarray], model: M.MoEModel, topo: Topology, gbt: int) -> np.ndarray:
     """Vectorised layout.check_layout plus batch divisibility, over the grid; sets ``g["data"]``."""
     n = topo.num_devices
-    rest = g["fsdp"] * g["tensor"] * g["pipeline"]
+    rest = g["fsdp"] * g["context"] * g["tensor"] * g["pipeline"]
     data = np.where(n % rest == 0, n // np.maximum(rest, 1), 0)
     g["data"] = data
-    block = data * g["fsdp"] * g["tensor"]
+    block = data * g["fsdp"] * g["context"] * g["tensor"]
+    ok_context = (g["context"] == 1) | (model.seq_len % (2 * g["context"]) == 0)
     seqs = gbt // model.seq_len
     shards = np.maximum(data * g["fsdp"], 1)
     ok = (data >= 1) & (g["num_experts"] % g["expert"] == 0) & (block % (g["expert"] * g["expert_tensor"]) == 0)
@@ -65,7 +66,7 @@ def valid(g: dict[str, np.ndarray], model: M.MoEModel, topo: Topology, gbt: int)
     ok = ok & ((g["virtual_pipeline"] == 1) | (g["pipeline"] > 1))
     moe_layers = M.layer_census(model.n_layers, g["moe_every"], model.first_dense_layers, model.encoder_decoder)
     ok = ok & ((model.d_ff > 0) | (moe_layers == model.n_layers))  # dense blocks need a dense FFN width
-    ok = ok & (gbt % model.seq_len == 0) & (seqs % shards == 0)
+    ok = ok & ok_context & (gbt % model.seq_len == 0) & (seqs % shards == 0)
     ok = ok & ((seqs // shards) % g["micro_batch_size"] == 0) & (seqs // shards >= g["micro_batch_size"])
     return np.broadcast_to(ok, shape_of(g))
 

@@ -1,6 +1,6 @@
-"""Layout: how a model is spread over devices (data / fsdp / expert / tensor / pipeline), and checks.
+"""Layout: how a model is spread over devices (data / fsdp / expert / context / tensor / pipeline), and checks.
 
-devices = data x fsdp x tensor x pipeline. Expert parallelism folds into the other axes, as in
+devices = data x fsdp x context x tensor x pipeline. Expert parallelism folds into the other axes, as in
 Megatron-Core's parallel folding and MaxText's expert axis: ``expert`` divides data x fsdp x
 tensor and takes the innermost devices of that block (tensor first, then fsdp, then data), so an
 expert group sits on the fastest links. Non-expert layers shard the batch over data x fsdp and
@@ -19,7 +19,12 @@ Pipeline stages split the layers evenly (``ceil(L / (p v))`` per chunk) unless `
 take that many layers and the others share the rest equally; the first stage also holds the input
 embedding, the last the output layer.
 
-The logical mesh, outermost axis first, is (pipeline, data, fsdp, tensor): weights shard inside the
+Context parallelism (``context``, Megatron-Core's ``--context-parallel-size``) splits every sequence over
+``context`` devices (each holds seq / context tokens, load-balanced for causal attention); attention
+gathers the keys and values of the whole sequence over the context group (reduce-scatters their gradients
+in the backward pass), and weights are replicated over it, so gradients are also reduced over it.
+
+The logical mesh, outermost axis first, is (pipeline, data, fsdp, context, tensor): weights shard inside the
 replicas, as MaxText's mesh (data outermost, with its DCN part across slices) and PyTorch's hybrid
 sharding (shard inside a node, replicate across) place them.
 """
@@ -34,7 +39,7 @@ from moeplan.moe import MoEModel
 from moeplan.topology import Topology
 
 RECOMPUTE = ("none", "selective", "full")
-_INT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "pipeline", "virtual_pipeline",
+_INT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "context", "pipeline", "virtual_pipeline",
                "micro_batch_size", "first_stage_layers", "last_stage_layers")
 
 
@@ -47,6 +52,7 @@ class Layout:
     pipeline: int = 1
     virtual_pipeline: int = 1
     expert_tensor: int = 1  # devices one expert's FFN width is split over (expert-tensor parallelism)
+    context: int = 1  # devices one sequence is split over (context parallelism)
     micro_batch_size: int = 1  # sequences per micro-batch on one batch shard (one data x fsdp rank)
     first_stage_layers: int = 0  # layers on the first pipeline stage (0: an even split)
     last_stage_layers: int = 0  # layers on the last pipeline stage (0: an even split)
@@ -62,12 +68,12 @@ class Layout:
         if not isinstance(self.recompute, str) or self.recompute not in RECOMPUTE:
             raise ValueError(f"layout.recompute: got {self.recompute!r}; expected one of {list(RECOMPUTE)}")
         if self.batch_block % self.expert:
-            raise ValueError(
-                f"layout.expert: got {self.expert}; expected a divisor of data x fsdp x tensor = {self.batch_block}"
-            )
+            raise ValueError(f"layout.expert: got {self.expert}; expected a divisor of data x fsdp x context x "
+                             f"tensor = {self.batch_block}")
         if self.batch_block % (self.expert * self.expert_tensor):
             raise ValueError(f"layout.expert_tensor: got {self.expert_tensor}; expected expert x expert_tensor = "
-                             f"{self.expert * self.expert_tensor} to divide data x fsdp x tensor = {self.batch_block}")
+                             f"{self.expert * self.expert_tensor} to divide data x fsdp x context x tensor = "
+                             f"{self.batch_block}")
         if self.virtual_pipeline > 1 and self.pipeline == 1:
             raise ValueError("layout.virtual_pipeline: expected 1 without pipeline parallelism")
         for name in ("first_stage_layers", "last_stage_layers"):
@@ -77,7 +83,7 @@ class Layout:
 
     @property
     def devices(self) -> int:
-        return self.data * self.fsdp * self.tensor * self.pipeline
+        return self.data * self.fsdp * self.context * self.tensor * self.pipeline
 
     @property
     def batch_shards(self) -> int:
@@ -86,12 +92,12 @@ class Layout:
 
     @property
     def batch_block(self) -> int:
-        return self.data * self.fsdp * self.tensor
+        return self.data * self.fsdp * self.context * self.tensor
 
     @property
     def expert_weight_shards(self) -> int:
         """Ways one MoE layer's expert weights are split (pipeline stages aside)."""
-        return int(expert_weight_shards(self.expert * self.expert_tensor, self.tensor, self.fsdp))
+        return int(expert_weight_shards(self.expert * self.expert_tensor, self.context * self.tensor, self.fsdp))
 
     @property
     def dense_weight_shards(self) -> int:
@@ -126,9 +132,12 @@ def check_layout(model: MoEModel, topo: Topology, layout: Layout) -> None:
     """Raise a ValueError naming the field when the layout cannot run this model on this topology."""
     if layout.devices != topo.num_devices:
         raise ValueError(
-            f"layout: data x fsdp x tensor x pipeline = {layout.data} x {layout.fsdp} x {layout.tensor} x "
-            f"{layout.pipeline} = {layout.devices} devices; expected the {topo.num_devices} of {topo.name}"
-        )
+            f"layout: data x fsdp x context x tensor x pipeline = {layout.data} x {layout.fsdp} x {layout.context} x "
+            f"{layout.tensor} x {layout.pipeline} = {layout.devices} devices; expected the {topo.num_devices} of "
+            f"{topo.name}")
+    if layout.context > 1 and model.seq_len % (2 * layout.context):
+        raise ValueError(f"layout.context: got {layout.context}; expected 2 x context to divide seq_len "
+                         f"({model.seq_len}): each device holds two chunks of every sequence, for causal balance")
     if model.num_experts % layout.expert:
         raise ValueError(f"layout.expert: got {layout.expert}; expected a divisor of num_experts ({model.num_experts})")
     if model.n_heads % layout.tensor or model.n_kv_heads % layout.tensor and layout.tensor % model.n_kv_heads:
@@ -149,8 +158,8 @@ def check_layout(model: MoEModel, topo: Topology, layout: Layout) -> None:
 
 def expert_weight_shards(expert, tensor, fsdp):
     """Ways expert weights are split: over the expert group (``expert`` devices: the expert degree times the
-    expert-tensor degree), then over the part of fsdp the group does not already cover (it fills tensor first,
-    then fsdp). Integers or integer arrays."""
+    expert-tensor degree), then over the part of fsdp the group does not already cover (it fills the devices
+    inside an fsdp rank first, ``tensor``: tensor x context, then fsdp). Integers or integer arrays."""
     cover = where(expert > tensor, expert // gcd(expert, tensor), 1)
     return expert * (fsdp // gcd(fsdp, maximum(cover, 1)))
 

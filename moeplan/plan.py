@@ -31,7 +31,7 @@ from moeplan.routing import Routing
 from moeplan.topology import Topology
 from moeplan.units import dtype_bytes
 
-LAYOUT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "pipeline", "virtual_pipeline",
+LAYOUT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "context", "pipeline", "virtual_pipeline",
                  "micro_batch_size")
 
 
@@ -47,6 +47,7 @@ class Plan:
     expert: np.ndarray
     expert_tensor: np.ndarray
     tensor: np.ndarray
+    context: np.ndarray
     pipeline: np.ndarray
     virtual_pipeline: np.ndarray
     micro_batch_size: np.ndarray
@@ -77,7 +78,12 @@ class Plan:
 
     @property
     def batch_block(self) -> np.ndarray:
-        return self.data * self.fsdp * self.tensor
+        return self.data * self.fsdp * self.context * self.tensor
+
+    @property
+    def inner(self) -> np.ndarray:
+        """Devices inside one fsdp rank: context x tensor."""
+        return self.context * self.tensor
 
     @property
     def expert_block(self) -> np.ndarray:
@@ -86,7 +92,7 @@ class Plan:
 
     @cached_property
     def expert_weight_shards(self) -> np.ndarray:
-        return expert_weight_shards(self.expert_block, self.tensor, self.fsdp)
+        return expert_weight_shards(self.expert_block, self.inner, self.fsdp)
 
     @property
     def dense_weight_shards(self) -> np.ndarray:
@@ -102,19 +108,26 @@ def _ids_strided(size, stride):
     return np.arange(size) * stride
 
 
+def _ids_replicas(data, data_stride, context, context_stride):
+    """Devices holding the same weight shard: the data replicas and, inside each, the context ranks."""
+    return (np.arange(data)[:, None] * data_stride + np.arange(context)[None, :] * context_stride).reshape(-1)
+
+
 def _ids_pipeline(stages, stride):
     return np.array([0, stride]) if stages > 1 else np.array([0])
 
 
-def _ids_expert_data(block, expert, tensor, fsdp, covered_fsdp):
+def _ids_expert_data(block, expert, inner, fsdp, covered_fsdp):
     """Devices of the batch block holding device 0's expert shard: the first member of an expert group
-    (ids multiples of ``expert``) whose fsdp coordinate falls in the part of fsdp the group covers."""
+    (ids multiples of ``expert``) whose fsdp coordinate (ids over ``inner`` = context x tensor) falls in the part
+    of fsdp the group covers."""
     ids = np.arange(0, block, expert)
-    return ids[(ids // tensor) % fsdp < covered_fsdp]
+    return ids[(ids // inner) % fsdp < covered_fsdp]
 
 
 _GROUP_IDS = {"tensor": _ids_range, "expert_tensor": _ids_range, "expert": _ids_strided, "data": _ids_strided,
-              "fsdp": _ids_strided, "pipeline": _ids_pipeline, "expert_data": _ids_expert_data}
+              "fsdp": _ids_strided, "context": _ids_strided, "replicas": _ids_replicas, "pipeline": _ids_pipeline,
+              "expert_data": _ids_expert_data}
 
 
 class Context:
@@ -148,13 +161,17 @@ class Context:
         if kind == "expert":  # one device of each expert-tensor set
             return p.expert, p.expert_tensor
         if kind == "data":
-            return p.data, p.fsdp * p.tensor
+            return p.data, p.fsdp * p.inner
         if kind == "fsdp":
-            return p.fsdp, p.tensor
+            return p.fsdp, p.inner
+        if kind == "context":
+            return p.context, p.tensor
+        if kind == "replicas":
+            return p.data, p.fsdp * p.inner, p.context, p.tensor
         if kind == "pipeline":
             return p.pipeline, p.batch_block
         covered = p.fsdp * p.expert_block // np.maximum(p.expert_weight_shards, 1)  # expert_data: a shard's replicas
-        return p.batch_block, p.expert_block, p.tensor, p.fsdp, covered
+        return p.batch_block, p.expert_block, p.inner, p.fsdp, covered
 
     def coll(self, op: str, nbytes, kind: str):
         """Collective time per candidate (the broadcast shape of ``nbytes`` and the group's degrees)."""

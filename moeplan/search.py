@@ -44,6 +44,7 @@ class SearchSpace:
     expert: list[int] | None = None
     expert_tensor: list[int] | None = None  # expert-tensor parallel degrees (default [1]: whole experts)
     tensor: list[int] | None = None
+    context: list[int] | None = None  # context parallel degrees (default [1])
     pipeline: list[int] | None = None
     fsdp: list[int] | None = None
     virtual_pipeline: list[int] | None = None
@@ -71,7 +72,7 @@ class SearchSpace:
             "num_experts": [model.num_experts], "top_k": [model.top_k], "capacity_factor": [model.capacity_factor],
             "moe_every": [model.moe_every], "expert_d_ff": [model.expert_d_ff],
             "expert": [p for p in powers if p <= model.num_experts * 4], "expert_tensor": [1],
-            "tensor": [p for p in powers if p <= min(per_node, 8)],
+            "tensor": [p for p in powers if p <= min(per_node, 8)], "context": [1],
             "pipeline": [p for p in powers if p <= min(model.n_layers, 64)],
             # GPUs: no FSDP, hybrid sharding inside a node, FSDP over every device (PyTorch FSDP/HSDP, Megatron's
             # distributed optimizer); TPUs: every power of two (MaxText's ici_fsdp_parallelism)
@@ -109,6 +110,8 @@ class SearchSpace:
             "pipeline": lambda v: devices % v and f"does not divide the {devices} devices" or v > model.n_layers and (
                 f"is more stages than the model's {model.n_layers} layers"),
             "fsdp": lambda v: devices % v and f"does not divide the {devices} devices",
+            "context": lambda v: devices % v and f"does not divide the {devices} devices" or v > 1 and (
+                model.seq_len % (2 * v)) and f"leaves no two equal chunks per device of seq_len {model.seq_len}",
             "expert_tensor": lambda v: devices % v and f"does not divide the {devices} devices" or v > 1 and all(
                 w % v for w in out["expert_d_ff"]) and f"divides none of the expert widths {out['expert_d_ff']}",
             "expert": lambda v: devices % v and f"does not divide the {devices} devices" or all(

@@ -350,14 +350,16 @@ def _training_row(point: dict) -> ValidationRow:
     model = MoEModel(name=spec.get("name", point["id"]), **kwargs)
     lay = point["layout"]
     fsdp, tensor, pipeline = (int(lay.get(k) or 1) for k in ("fsdp", "tensor", "pipeline"))
-    data = chips // (fsdp * tensor * pipeline)  # the sources' data degree counts the expert axis too
+    context = int(lay.get("context") or lay.get("cp") or 1)  # context parallel size
+    data = chips // (fsdp * tensor * pipeline * context)  # the sources' data degree counts the expert axis too
     # MaxText's "remat ... offload" policies keep only each layer's input: a full recompute.
     notes = point.get("notes", "")
     recompute = lay.get("recompute") or ("full" if "remat" in notes and "offload" in notes else "selective")
     flags = {k: bool(lay[k]) for k in ("sequence_parallel", "shard_optimizer") if lay.get(k) is not None}
     expert_tensor = int(lay.get("expert_tensor") or lay.get("etp") or 1)  # Megatron's expert-tensor-parallel size
     stages = {k: int(lay.get(k) or 0) for k in ("first_stage_layers", "last_stage_layers")}  # 0: an even split
-    layout = Layout(data=data, fsdp=fsdp, tensor=tensor, pipeline=pipeline, expert=int(lay.get("expert") or 1),
+    layout = Layout(data=data, fsdp=fsdp, tensor=tensor, context=context, pipeline=pipeline,
+                    expert=int(lay.get("expert") or 1),
                     expert_tensor=expert_tensor, **stages, virtual_pipeline=int(lay.get("virtual_pipeline") or 1),
                     micro_batch_size=int(lay.get("micro_batch_per_device") or 1), recompute=recompute, **flags)
     topo = _training_topology(family, chips, int(lay.get("dcn_data") or 0) or None)

@@ -475,3 +475,48 @@ def test_per_part_time_scales_of_a_profile_multiply_their_rows():
         scaled["fitted"]["parts"] = parts
         with pytest.raises(ValueError, match=message):
             mp.Profile(scaled)
+
+
+def test_context_parallelism_by_hand():
+    """context=2: each device holds half of every sequence, so per step it does the attention work of data=16 on
+    half the tokens per micro-batch; the whole sequence's keys and values are gathered over the pair (the
+    attention's communication bytes), and gradients are all-reduced over data x context, one group (by hand)."""
+    from moeplan.collectives import collective_time_s
+    from moeplan.estimate import plan_costs
+    from moeplan.plan import _GROUP_IDS, Context, Plan
+
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=4)
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    gbt = 16 * model.seq_len
+    plain = mp.estimate(model, topo, mp.Layout(data=16, expert=8), gbt, overlap="none")
+    split = mp.estimate(model, topo, mp.Layout(data=8, context=2, expert=8), gbt, overlap="none")
+    a, b = ({r.name: r for r in e.layers} for e in (plain, split))
+    assert b["attention_scores"].flops == pytest.approx(a["attention_scores"].flops, rel=1e-12)
+    assert b["attention"].flops == pytest.approx(a["attention"].flops, rel=1e-12)
+    assert split.memory["activations"] < plain.memory["activations"]  # half of each sequence per device
+    kv = model.seq_len * 2 * model.n_kv_heads * model.d_head * 2  # bf16 keys and values of one sequence
+    passes, count = 2.0, b["attention"].count
+    plan = Plan.from_layout(model, mp.Layout(data=8, context=2, expert=8))
+    costs = plan_costs(plan, topo, gbt, overlap="none")  # the gather runs under the scores: no exposed row
+    assert costs["attention:bytes"] == pytest.approx(passes * count * kv, rel=1e-12)  # no tensor parallelism
+    ctx = Context(plan, topo, "bf16", None, None, None)
+    assert _GROUP_IDS["context"](*ctx._group("context")).tolist() == [0, 1]
+    assert _GROUP_IDS["data"](*ctx._group("data")).tolist() == list(range(0, 16, 2))
+    dense = 4.0 * mp.param_counts(model)["non_expert"]
+    expert = 4.0 * mp.param_counts(model)["expert"] / 8
+    replicas = list(range(0, 16, 8))  # the expert group (0..7) repeats every 8 devices
+    by_hand = (collective_time_s(topo, "all_reduce", dense, list(range(16)))  # the data x context replicas
+               + collective_time_s(topo, "all_reduce", expert, replicas))
+    assert b["grad_sync"].time_s == pytest.approx(by_hand, rel=1e-9)
+    with pytest.raises(ValueError, match="layout.context"):
+        mp.estimate(model.with_(seq_len=4098), topo, mp.Layout(data=4, context=4, expert=8), 4 * 4098)
+    with pytest.raises(ValueError, match="layout.context"):
+        mp.estimate(model, topo, mp.Layout(data=8, context=2, expert=8), gbt, mode="prefill")
+    space = mp.SearchSpace(expert=[8], context=[1, 2], tensor=[1], pipeline=[1], fsdp=[1], virtual_pipeline=[1],
+                           micro_batch_size=[1], recompute=["selective"])
+    result = mp.search(model, topo, space, global_batch_tokens=gbt, objective="step_time", overlap="none")
+    assert {r["context"] for r in result.table} == {1, 2}
+    for r in result.table:
+        layout = mp.Layout(data=r["data"], context=r["context"], expert=8)
+        assert r["step_time_s"] == pytest.approx(mp.estimate(model, topo, layout, gbt, overlap="none").step_time_s,
+                                                 rel=1e-9)

@@ -17,8 +17,8 @@ from moeplan.export import (
     plan_document,
 )
 
-KEYS = ("data", "fsdp", "tensor", "pipeline", "expert", "expert_tensor", "recompute", "first_stage_layers",
-        "last_stage_layers")
+KEYS = ("data", "fsdp", "tensor", "pipeline", "expert", "expert_tensor", "context", "recompute",
+        "first_stage_layers", "last_stage_layers")
 
 
 def _same(a: mp.Layout, b: mp.Layout, keys=KEYS):
@@ -28,7 +28,8 @@ def _same(a: mp.Layout, b: mp.Layout, keys=KEYS):
 @pytest.mark.parametrize("layout", [mp.Layout(fsdp=128, expert=8), mp.Layout(data=8, fsdp=16, expert=4,
                                                                                 recompute="full"),
                                     mp.Layout(data=32, fsdp=4, recompute="none"),
-                                    mp.Layout(data=16, fsdp=8, expert=8, expert_tensor=2)])
+                                    mp.Layout(data=16, fsdp=8, expert=8, expert_tensor=2),
+                                    mp.Layout(data=8, fsdp=8, context=2, expert=8)])
 def test_maxtext_fragment_parses_back_to_the_layout(layout):
     model = mp.load_model("st-moe-like-8b")
     topo = mp.load_topology("tpu-v5p", shape=(4, 4, 8))
@@ -53,7 +54,9 @@ def test_maxtext_puts_data_across_slices_over_dcn():
                                              (mp.Layout(data=8, tensor=2, expert=8, pipeline=4, recompute="full"),
                                               "deepep_normal"),
                                              (mp.Layout(data=16, tensor=1, expert=4, expert_tensor=2, pipeline=4,
-                                                        first_stage_layers=7, last_stage_layers=9), "nccl")])
+                                                        first_stage_layers=7, last_stage_layers=9), "nccl"),
+                                             (mp.Layout(data=4, tensor=2, context=4, expert=8, pipeline=2),
+                                              "nccl")])
 def test_megatron_arguments_parse_back_to_the_layout(layout, dispatch):
     model = mp.load_model("mixtral-8x7b")
     topo = mp.load_topology("dgx-h100", nodes=8)
