@@ -580,6 +580,51 @@ def page_calibration() -> None:
     c[2].metric("Held-out error after fit", after)
     st.plotly_chart(fig, key="cal_scatter")
     st.json({"fitted": profile.data.get("fitted"), "errors": errors, "versions": profile.versions}, expanded=False)
+    validation_results()
+
+
+def _validation_summary(data: bytes) -> dict:
+    """A ``moeplan validate`` results.json, checked: rows of part, model, measured and predicted seconds."""
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ValueError(f"the file has {len(data):,} bytes; expected at most {MAX_UPLOAD_BYTES:,}")
+    try:
+        summary = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    rows = summary.get("rows") if isinstance(summary, dict) else None
+    if not isinstance(rows, list) or not rows or not all(
+            isinstance(r, dict) and isinstance(r.get("part"), str) and isinstance(r.get("model"), str)
+            and all(isinstance(r.get(k), int | float) and r[k] >= 0 for k in ("measured_s", "predicted_s"))
+            for r in rows):
+        raise ValueError("expected a mapping with 'rows': [{part, model, measured_s, predicted_s}, ...] as "
+                         "moeplan validate writes to results.json")
+    tau = summary.get("kendall_tau")
+    if tau is not None and not isinstance(tau, int | float):
+        raise ValueError(f"kendall_tau: got {tau!r}; expected a number or null")
+    return summary
+
+
+def validation_results() -> None:
+    """Per-part predicted vs measured of a ``moeplan validate`` run (its results.json, uploaded)."""
+    st.subheader("Validated candidates (moeplan validate)")
+    upload = st.file_uploader("results.json of a `moeplan validate` run", type=["json"], key="val_up")
+    if upload is None:
+        st.caption("Run `moeplan validate --top 6` (or `mp.validate(...)`) here or on your accelerators, then "
+                   "upload its results.json to compare every part's predicted and measured time.")
+        return
+    try:
+        summary = _validation_summary(upload.getvalue())
+    except ValueError as exc:
+        st.error(f"Invalid results: {exc}")
+        return
+    tau = summary.get("kendall_tau")
+    c = st.columns(2)
+    c[0].metric("Step-time order, Kendall tau", "n/a" if tau is None else f"{tau:.2f}")
+    c[1].metric("Candidates", len({r["model"] + str(r.get("candidate", "")) for r in summary["rows"]}))
+    st.plotly_chart(report.validation_figure(summary), key="val_scatter")
+    by_part = summary.get("median_abs_error_by_part") or {}
+    if isinstance(by_part, dict) and by_part:
+        st.dataframe([{"part": k, "median |error|": v} for k, v in by_part.items()], key="val_parts")
 
 
 def main() -> None:

@@ -128,6 +128,25 @@ def test_calibration_page_shows_the_profile_and_rejects_garbage():
     assert len(at.get("plotly_chart")) == 1
 
 
+def test_calibration_page_shows_an_uploaded_validation_run_and_rejects_garbage():
+    import json
+
+    from moeplan.calibrate.validate import summarize  # numpy/scipy only
+
+    records = [{"key": f"c{i}", "model": f"m{i}", "measured": {"attention": 0.01 * (i + 1), "experts": 0.02},
+                "predicted": {"attention": 0.012 * (i + 1), "experts": 0.018}, "measured_step_s": 0.1 * (i + 1),
+                "predicted_step_s": 0.11 * (i + 1)} for i in range(3)]
+    summary = summarize(records)
+    at = _app("Calibration")
+    at.file_uploader(key="val_up").set_value(("results.json", json.dumps(summary).encode(), "application/json")).run()
+    assert not at.exception and not at.error
+    assert _metric(at, "Step-time order, Kendall tau") == "1.00" and _metric(at, "Candidates") == "3"
+    assert len(at.get("plotly_chart")) == 2 and at.dataframe
+    for bad in (b"{not json", json.dumps({"rows": [{"part": "x"}]}).encode()):
+        at.file_uploader(key="val_up").set_value(("results.json", bad, "application/json")).run()
+        assert at.error and "Invalid results" in at.error[0].value and not at.exception
+
+
 def test_an_uploaded_profile_cannot_make_the_server_read_a_path(tmp_path, monkeypatch):
     import yaml
 
