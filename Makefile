@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: plan test lint bench calibrate dashboard clean
+.PHONY: plan test lint bench calibrate dashboard notebooks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ $(VENV)/.app: pyproject.toml $(VENV)/.core
 
 dashboard: $(VENV)/.app
 	$(BIN)/moeplan dashboard
+
+# Execute every notebook and render it with its outputs to docs/notebooks/ (Markdown, figures as SVG).
+notebooks: $(VENV)/.dev
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python notebooks/render.py
 
 calibrate: $(VENV)/.dev
 	$(BIN)/moeplan calibrate --quick --out profiles/cpu-host.yaml

@@ -1,4 +1,5 @@
-"""The worked examples in notebooks/ run without error and are stored without outputs.
+"""The worked examples in notebooks/ run without error and are stored without outputs; their rendered copy
+under docs/notebooks/ (Markdown with every output, figures as SVG: ``make notebooks``) is current.
 
 Each notebook is executed with nbclient in a fresh kernel whose working directory is notebooks/. The
 kernel is a "python3" kernelspec written to a temporary folder that starts this interpreter
@@ -55,7 +56,7 @@ def kernel_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path, kernel_dir, monkeypatch):
+def test_notebook_executes_and_its_rendered_copy_is_current(path, kernel_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
     # JAX in notebook 04 sees 8 CPU devices (the notebook sets this itself too, before importing jax).
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -70,3 +71,15 @@ def test_notebook_executes(path, kernel_dir, monkeypatch):
     assert not errors
     # generous: the budget is 60 s per notebook on an idle 2-core host; a loaded CI host gets twice that
     assert seconds < 2 * BUDGET_S, f"{path.name} took {seconds:.0f} s"
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    try:
+        import render
+    finally:
+        sys.path.remove(str(ROOT / "notebooks"))
+    fresh = render.render(nb, path.stem, tmp_path)
+    committed = ROOT / "docs" / "notebooks" / f"{path.stem}.md"
+    assert committed.exists(), f"{committed} is missing: run `make notebooks`"
+    # the same text and figures, numbers aside (timings and measured calibrations differ from run to run)
+    assert render.masked(fresh) == render.masked(committed.read_text()), f"{committed.name}: run `make notebooks`"
+    for figure in tmp_path.glob("*.svg"):
+        assert (committed.parent / figure.name).exists(), f"{figure.name} is missing: run `make notebooks`"
