@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +86,6 @@ def sizes_offered(name: str) -> list[str]:
     if hasattr(fam, "max_nodes"):
         nodes = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= fam.max_nodes} | {fam.default_nodes})
         return [str(n) for n in nodes]
-    import itertools
-    import math
-
     axes = len(fam.default_shape)
     shapes = {tuple(sorted(c)) for c in itertools.combinations_with_replacement(fam.allowed_axis_sizes, axes)
               if math.prod(c) <= min(fam.max_chips, 4096)}
@@ -98,12 +97,11 @@ def hardware_option(i: int) -> tuple[str, str]:
     family, size = HARDWARE_DEFAULTS[i % len(HARDWARE_DEFAULTS)]
     c = st.columns(2)
     name = c[0].selectbox(f"Hardware {i + 1}", names, index=names.index(family), key=f"plan_hw{i}")
-    offered = sizes_offered(name)
-    default = size if size in offered else ("x".join(map(str, mp.load_topology(name).shape))
-                                           if mp.load_topology(name).kind == "torus" else offered[0])
-    label = "slice shape" if mp.load_topology(name).kind == "torus" else "nodes"
-    size = c[1].selectbox(f"Hardware {i + 1} {label}", offered, index=offered.index(default) if default in offered
-                          else 0, key=f"plan_size{i}_{name}")
+    offered, topo = sizes_offered(name), mp.load_topology(name)
+    torus = topo.kind == "torus"
+    default = size if size in offered else "x".join(map(str, topo.shape)) if torus else offered[0]
+    size = c[1].selectbox(f"Hardware {i + 1} {'slice shape' if torus else 'nodes'}", offered,
+                          index=offered.index(default) if default in offered else 0, key=f"plan_size{i}_{name}")
     return name, size
 
 

@@ -98,7 +98,7 @@ class Profile:
         link = Efficiency(k.number("link_efficiency"), 0.0, 0.5, f"calibration profile {path}")
         ops = _comm_ops(k)
         k.finish()
-        self.part_scales = _part_scales(fitted, path)
+        self.part_scales = _part_scales(fitted)
         fitted.finish()
         self.comm = CommParams(nccl_base_latency_s=latency, node_step_latency_s=latency, ops=ops).with_efficiency(
             node=link, nvls=link)
@@ -126,48 +126,49 @@ class Profile:
         return name
 
 
+def _optional_mapping(sec, key: str, names, expected_name: str, expected: str) -> dict:
+    """``sec[key]``: absent -> {}; else a mapping whose keys are among ``names`` (errors name the key)."""
+    raw = sec.data.get(key)
+    sec._seen.add(key)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise sec.fail(key, raw, expected)
+    for name in raw:
+        if name not in names:
+            raise sec.fail(key, name, expected_name)
+    return raw
+
+
+def _number_in(sec, where: str, value, low: float, high: float, expected: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise sec.fail(where, value, expected or f"a number in [{low}, {high}]")
+    return float(value)
+
+
 def _comm_ops(comm) -> dict[str, tuple[float, float]]:
     """``fitted.comm.ops``: per collective op, its own latency_s and efficiency (collectives.CommParams.ops)."""
     from moeplan.collectives import OPS
 
-    raw = comm.data.get("ops")
-    comm._seen.add("ops")
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise comm.fail("ops", raw, "a mapping of collective op to {latency_s, efficiency}")
+    raw = _optional_mapping(comm, "ops", OPS, f"an op of {list(OPS)} mapped to latency_s and efficiency",
+                            "a mapping of collective op to {latency_s, efficiency}")
     out = {}
     for op, pair in raw.items():
-        if op not in OPS or not isinstance(pair, dict) or set(pair) != {"latency_s", "efficiency"}:
+        if not isinstance(pair, dict) or set(pair) != {"latency_s", "efficiency"}:
             raise comm.fail("ops", op, f"an op of {list(OPS)} mapped to latency_s and efficiency")
-        values = []
-        for key, low, high in (("latency_s", 0.0, 1.0), ("efficiency", 0.01, 100.0)):
-            value = pair[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-                raise comm.fail(f"ops.{op}.{key}", value, f"a number in [{low}, {high}]")
-            values.append(float(value))
-        out[op] = (values[0], values[1])
+        out[op] = (_number_in(comm, f"ops.{op}.latency_s", pair["latency_s"], 0.0, 1.0),
+                   _number_in(comm, f"ops.{op}.efficiency", pair["efficiency"], 0.01, 100.0))
     return out
 
 
-def _part_scales(fitted, path: str) -> dict[str, float]:
+def _part_scales(fitted) -> dict[str, float]:
     """``fitted.parts``: per-part time scales (measured / predicted), each a part of ``estimate.MEASURED_PARTS``."""
     from moeplan.estimate import MEASURED_PARTS
 
-    raw = fitted.data.get("parts")
-    fitted._seen.add("parts")
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise fitted.fail("parts", raw, "a mapping of part name to time scale")
-    out = {}
-    for name, value in raw.items():
-        if name not in MEASURED_PARTS:
-            raise fitted.fail("parts", name, f"a part among {list(MEASURED_PARTS)}")
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 1e-3 <= value <= 1e3:
-            raise fitted.fail(f"parts.{name}", value, "a time scale in [0.001, 1000]")
-        out[name] = float(value)
-    return out
+    raw = _optional_mapping(fitted, "parts", MEASURED_PARTS, f"a part among {list(MEASURED_PARTS)}",
+                            "a mapping of part name to time scale")
+    return {name: _number_in(fitted, f"parts.{name}", value, 1e-3, 1e3, "a time scale in [0.001, 1000]")
+            for name, value in raw.items()}
 
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:

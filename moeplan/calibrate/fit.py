@@ -132,8 +132,8 @@ def fit(train: list[dict], topo: Topology, eff: ComputeEfficiency, comm: CommPar
     theta[2] = max(theta[2], 1e-5)
     theta[3] = max(theta[3], 1e-6)
     scale = np.array([0.1, 0.1, 1e-4, 1e-5, 0.1])
-    stages = [([3, 4], [m for m in train if m["kind"] == "collective"]),
-              ([0, 1, 2], [m for m in train if m["kind"] == "moe_layer"])]
+    collectives = [m for m in train if m["kind"] == "collective"]
+    stages = [([3, 4], collectives), ([0, 1, 2], [m for m in train if m["kind"] == "moe_layer"])]
     ops: dict[str, tuple[float, float]] = {}
     for free, subset in stages:
         if not subset:
@@ -147,7 +147,7 @@ def fit(train: list[dict], topo: Topology, eff: ComputeEfficiency, comm: CommPar
 
         result = least_squares(residuals, theta[free], bounds=(LOWER[free], UPPER[free]), x_scale=scale[free])
         theta[free] = result.x
-        if free == [3, 4]:
+        if subset is collectives:  # the shared pair held, each op its own on top
             ops = fit_ops(subset, topo, *models_from(theta, eff, comm, source))
     fitted_eff, fitted_comm = models_from(theta, eff, comm, source, ops)
     return fitted_eff, fitted_comm, theta
