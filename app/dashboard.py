@@ -489,6 +489,9 @@ def page_search() -> None:
     if result.best is None:
         st.warning("No layout meets the constraints (memory, divisibility, drop rate).")
         return
+    st.session_state["last_search"] = {  # what the Calibration page can run on this machine
+        "label": f"{fields['name']} on {name} {size}, {objective}",
+        "pairs": [(c.model, c.layout) for c in result.configurations[:MAX_VALIDATED]]}
     st.plotly_chart(report.pareto_figure(result), key="pareto")
     st.plotly_chart(report.heatmap_figure(result), key="heat")
     st.subheader("Distinct MoE configurations, each with its best layout")
@@ -578,7 +581,67 @@ def page_calibration() -> None:
     c[2].metric("Held-out error after fit", after)
     st.plotly_chart(fig, key="cal_scatter")
     st.json({"fitted": profile.data.get("fitted"), "errors": errors, "versions": profile.versions}, expanded=False)
+    validate_here(profile)
     validation_results()
+
+
+MAX_VALIDATED = 6  # a search's configurations the Calibration page offers to run
+
+
+@st.fragment
+def validate_here(profile) -> None:
+    """The last search's top configurations run on this machine (``moeplan validate``), the chosen profile
+    in the predictions; the result stays in the session and is shown like an uploaded results.json."""
+    st.subheader("Validate the current search on this machine")
+    last = st.session_state.get("last_search")
+    if last is None:
+        st.caption("Run a search on the Search page: its top configurations can then be run here as real JAX "
+                   "training steps under the profiler, each part measured against its estimate.")
+        return
+    pairs = last["pairs"]
+    c = st.columns(3)
+    count = int(c[0].number_input("Candidates", 1, len(pairs), min(3, len(pairs)), key="valh_count"))
+    steps = int(c[1].number_input("Profiled steps", 1, 10, 1, key="valh_steps"))
+    with_profile = c[2].checkbox("Predict with this profile", True, key="valh_profile")
+    st.caption(f"From the search of {last['label']}: widths are scaled down to what this machine holds (the "
+               "rule is printed per candidate); a rerun of the same candidates resumes.")
+    if st.button(f"Run {count} candidate(s) here", key="valh_run"):
+        summary = _run_validation(pairs[:count], steps, profile if with_profile else None)
+        if summary is not None:
+            st.session_state["validated_here"] = summary
+    summary = st.session_state.get("validated_here")
+    if summary is not None:
+        show_validation(summary, "valh")
+        st.dataframe([{"model": r["model"], "scaled to": r["rule"], "measured ms": r["measured_step_s"] * 1e3,
+                       "predicted ms": r["predicted_step_s"] * 1e3} for r in summary["candidates"]],
+                     key="valh_candidates")
+
+
+def _run_validation(pairs: list, steps: int, profile) -> dict | None:
+    import hashlib
+    import os
+
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # as the CLI, before jax
+    try:
+        from moeplan.calibrate.validate import validate
+    except ImportError as exc:
+        st.info(f"Validation runs JAX: install the 'jax' extra (pip install -e '.[jax]'). ({exc})")
+        return None
+    key = hashlib.sha256(repr((pairs, steps)).encode()).hexdigest()[:12]
+    bar = st.progress(0.0, text="compiling the first candidate")
+    said: list[str] = []
+
+    def say(text: str) -> None:
+        said.append(text)
+        bar.progress(min(len(said) / len(pairs), 1.0), text=text)
+
+    topology = profile.bundled_topology_name() if profile is not None else "cpu-host"
+    try:
+        return validate(pairs, ROOT / "artifacts" / "dashboard-validate" / key, steps=steps, profile=profile,
+                        topology=topology, say=say)
+    except (ValueError, RuntimeError) as exc:
+        st.error(f"Validation failed: {type(exc).__name__}: {str(exc)[:400]}")
+        return None
 
 
 def _validation_summary(data: bytes) -> dict:
@@ -615,14 +678,19 @@ def validation_results() -> None:
     except ValueError as exc:
         st.error(f"Invalid results: {exc}")
         return
+    show_validation(summary, "val")
+
+
+def show_validation(summary: dict, key: str) -> None:
+    """A validation summary: Kendall tau of the step-time order, predicted vs measured per part, errors."""
     tau = summary.get("kendall_tau")
     c = st.columns(2)
     c[0].metric("Step-time order, Kendall tau", "n/a" if tau is None else f"{tau:.2f}")
     c[1].metric("Candidates", len({r["model"] + str(r.get("candidate", "")) for r in summary["rows"]}))
-    st.plotly_chart(report.validation_figure(summary), key="val_scatter")
+    st.plotly_chart(report.validation_figure(summary), key=f"{key}_scatter")
     by_part = summary.get("median_abs_error_by_part") or {}
     if isinstance(by_part, dict) and by_part:
-        st.dataframe([{"part": k, "median |error|": v} for k, v in by_part.items()], key="val_parts")
+        st.dataframe([{"part": k, "median |error|": v} for k, v in by_part.items()], key=f"{key}_parts")
 
 
 def main() -> None:

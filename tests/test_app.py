@@ -147,6 +147,24 @@ def test_calibration_page_shows_an_uploaded_validation_run_and_rejects_garbage()
         assert at.error and "Invalid results" in at.error[0].value and not at.exception
 
 
+def test_calibration_page_validates_the_last_search_on_this_machine():
+    pytest.importorskip("jax", reason="the 'jax' extra is not installed")
+    at = _app("Calibration")
+    assert not at.button  # no search yet: nothing to run
+    at.sidebar.radio(key="page").set_value("Search").run()
+    at.text_input(key="srch_experts").set_value("4,16").run()
+    at.text_input(key="srch_cf").set_value("1.25").run()  # candidates that differ in experts, top-k or every
+    at.sidebar.radio(key="page").set_value("Calibration").run()
+    at.number_input(key="valh_count").set_value(2).run()
+    at.button(key="valh_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.exception or at.error]
+    assert _metric(at, "Candidates") == "2" and _metric(at, "Step-time order, Kendall tau") != "n/a"
+    shown = at.dataframe[-1].value  # the candidates, scaling rule and step times
+    assert len(shown) == 2 and (shown["measured ms"] > 0).all() and (shown["predicted ms"] > 0).all()
+    assert all("E=" in rule for rule in shown["scaled to"])
+    assert len(list((ROOT / "artifacts" / "dashboard-validate").glob("*/results.json"))) >= 1
+
+
 def test_an_uploaded_profile_cannot_make_the_server_read_a_path(tmp_path, monkeypatch):
     import yaml
 
