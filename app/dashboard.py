@@ -179,6 +179,9 @@ def page_plan() -> None:
     if not found:
         st.warning("No configuration fits on any option: try more devices, a larger budget or a smaller model.")
         return
+    st.session_state["last_search"] = {  # the plan's candidates, for the Calibration page to run here
+        "label": f"{fields['name']} on {', '.join(p['option'] for p in found)} (the plan)",
+        "pairs": [(c.model, c.layout) for p in found for c in p["result"].configurations[:SHOWN]][:MAX_VALIDATED]}
     st.subheader("Across the hardware options: the best configuration of each")
     st.dataframe([p["rows"][0] for p in found], key="plan_compare")
     st.plotly_chart(plan_front_figure(found, kind), key="plan_front")

@@ -149,12 +149,13 @@ def test_calibration_page_shows_an_uploaded_validation_run_and_rejects_garbage()
 
 def test_calibration_page_validates_the_last_search_on_this_machine():
     pytest.importorskip("jax", reason="the 'jax' extra is not installed")
-    at = _app("Calibration")
-    assert not at.button  # no search yet: nothing to run
+    at = _app("Calibration")  # the landing Plan page ran first: its candidates are offered
+    assert any("(the plan)" in c.value for c in at.caption) and at.button(key="valh_run")
     at.sidebar.radio(key="page").set_value("Search").run()
     at.text_input(key="srch_experts").set_value("4,16").run()
     at.text_input(key="srch_cf").set_value("1.25").run()  # candidates that differ in experts, top-k or every
     at.sidebar.radio(key="page").set_value("Calibration").run()
+    assert any("on dgx-h100 1" in c.value and "(the plan)" not in c.value for c in at.caption)  # the search's
     at.number_input(key="valh_count").set_value(2).run()
     at.button(key="valh_run").click().run()
     assert not at.exception and not at.error, [e.value for e in at.exception or at.error]
