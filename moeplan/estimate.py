@@ -13,12 +13,9 @@ MoE fields as numpy values that broadcast together) and ``estimate`` is that sam
 of one candidate. The layout search calls ``plan_costs`` on a grid with one axis per knob, so each
 intermediate spans only the knobs it depends on (``plan`` module).
 
-Overlap policy (``overlap``): "none" exposes every communication; "dp" (default, what Megatron-Core
-and MaxText do out of the box) hides the gradient sync behind the last micro-batch's backward, FSDP
-gathers behind each micro-batch's compute and pipeline sends behind other micro-batches, while
-tensor-parallel collectives and the MoE all-to-alls stay on the critical path; "full" is DualPipe's
-schedule: two micro-batches interleave, so a layer's all-to-all and tensor-parallel traffic runs under the
-other micro-batch's compute of the whole layer, and the layer takes max(compute, communication).
+A layer is a list of typed ``Part`` records (``layer_kinds``: the same composition for training, prefill
+and decode); the overlap policy (``overlap``: "none", "dp" by default, "full" DualPipe-style) is applied in
+one place, ``Overlap``, which says what hides behind what.
 With an 8-bit ``dtype`` the linear layers run at the fp8 rate while attention, the output layer,
 activations and communication stay in bf16, as in Transformer Engine's recipes.
 
@@ -38,6 +35,7 @@ micro-batches in flight, all-to-all buffers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -263,11 +261,95 @@ def _one_expert_is_an_ffn(ctx: Context, tokens, out: dict) -> dict:
     return {k: where(dense, swap[k], v) if k in swap else v for k, v in out.items()}
 
 
-# ------------------------------------------------------------------ training
-def _logits(ctx: Context, tokens) -> dict[str, np.ndarray]:
+# ------------------------------------------------------------------ a layer's parts, and the overlap policy
+class Part(NamedTuple):
+    """One piece of a layer, per device and micro-batch: forward compute, communication per pass (forward or
+    backward), forward FLOPs and the bytes handed to its collectives. Fields broadcast: numbers for one
+    estimate, arrays of the grid's shape for a search."""
+
+    name: str
+    kind: str  # compute | a2a
+    compute_s: Any
+    comm_s: Any
+    flops: Any
+    comm_bytes: Any
+
+
+def layer_kinds(ctx: Context, tokens, decode: bool = False, scores_passes=1.0) -> tuple[list, dict]:
+    """What the model's layers are made of, training and inference alike: per layer kind its number in the
+    model and its parts (attention; dense FFN; router, dispatch, experts, combine), and the MoE layer's
+    figures (drop rate, all-to-all send and gathered bytes). ``scores_passes``: the attention scores' compute
+    relative to the others' (selective recompute runs them once more)."""
+    m = ctx.m
+    attn = _attention(ctx, tokens, m.seq_len, decode)
+    dense = _ffn(ctx, tokens, m.d_ff)
+    moe = _moe(ctx, tokens, decode=decode)
+    kinds = [
+        (m.n_layers + m.n_cross_attention_layers,
+         [Part("attention", "compute", attn["proj_s"], attn["tp_s"], attn["proj_flops"], attn["tp_bytes"]),
+          Part("attention_scores", "compute", attn["scores_s"] * scores_passes, 0.0, attn["scores_flops"], 0.0)]),
+        (m.n_dense_layers,
+         [Part("dense_ffn", "compute", dense["s"], dense["tp_s"], dense["flops"], dense["tp_bytes"])]),
+        (m.n_moe_layers,
+         [Part("router", "compute", moe["router_s"], 0.0, moe["router_flops"], 0.0),
+          Part("dispatch_a2a", "a2a", moe["permute_s"], moe["dispatch_s"], 0.0, moe["send_in"]),
+          Part("experts", "compute", moe["experts_s"], moe["shared_tp_s"], moe["experts_flops"],
+               moe["shared_tp_bytes"]),
+          Part("combine_a2a", "a2a", moe["permute_s"], moe["combine_s"], 0.0, moe["send"])]),
+    ]
+    return kinds, moe
+
+
+def logits_part(ctx: Context, tokens, training: bool) -> Part:
+    """The output layer; in training its cross-entropy also reads and writes the fp32 logits (3 passes)."""
     m, t = ctx.m, ctx.plan.tensor
-    time = ctx.mm(tokens, m.vocab_size / t, m.d_model, dtype=ctx.high) + ctx.mem(3 * tokens * m.vocab_size / t * 4)
-    return {"s": time, "flops": 2.0 * tokens * m.vocab_size / t * m.d_model}
+    time = ctx.mm(tokens, m.vocab_size / t, m.d_model, dtype=ctx.high)
+    if training:
+        time = time + ctx.mem(3 * tokens * m.vocab_size / t * 4)
+    return Part("logits", "compute", time, 0.0, 2.0 * tokens * m.vocab_size / t * m.d_model, 0.0)
+
+
+def scaled_parts(parts: list[Part], scales: dict[str, float]) -> list[Part]:
+    """Parts with compute and communication times multiplied by their measured part's scale (a profile's)."""
+    if not scales:
+        return parts
+    return [part._replace(compute_s=part.compute_s * scales.get(ROW_PART[part.name], 1.0),
+                          comm_s=part.comm_s * scales.get(ROW_PART[part.name], 1.0)) for part in parts]
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """The overlap policy, the one place that says which communication hides behind which compute.
+
+    "none" exposes every communication. "dp" (Megatron-Core's and MaxText's default) hides the gradient sync
+    behind the last micro-batch's backward, FSDP gathers behind each micro-batch's compute and pipeline sends
+    behind other micro-batches; tensor-parallel collectives and the all-to-alls stay on the critical path.
+    "full" is DualPipe's schedule: two micro-batches interleave, so a layer's communication runs under the other
+    micro-batch's compute of the whole layer, and the layer takes max(compute, communication)."""
+
+    policy: str
+
+    def layer(self, parts: list[Part], compute_passes, comm_passes):
+        """One layer of a kind over every pass, and the fraction of its communication left exposed."""
+        compute = sum(part.compute_s * compute_passes for part in parts)
+        comm = sum(part.comm_s * comm_passes for part in parts)
+        if self.policy != "full":
+            return compute + comm, 1.0
+        layer_s = maximum(compute, comm)
+        return layer_s, where(comm > 0, (layer_s - compute) / maximum(comm, 1e-300), 0.0)
+
+    def pipeline_sends(self, p2p_s):
+        return p2p_s if self.policy == "none" else 0.0  # interleaved 1F1B sends under other micro-batches
+
+    def data_parallel(self, grad_s, fsdp_s, stage_s, micro_batches):
+        """Exposed gradient sync (under the last backward, 2/3 of a stage's time) and FSDP gathers (under
+        every micro-batch's compute)."""
+        if self.policy == "none":
+            return grad_s, fsdp_s
+        return maximum(0.0, grad_s - stage_s * (2.0 / 3.0)), maximum(0.0, fsdp_s - stage_s * micro_batches)
+
+
+# ------------------------------------------------------------------ training
 
 
 def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
@@ -292,50 +374,29 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     pp, v = p.pipeline, p.virtual_pipeline
     tokens = p.micro_batch_size * m.seq_len / p.context  # per device of a batch shard, per micro-batch
     stages = stage_layers(m.n_layers, pp, v, p.first_stage_layers, p.last_stage_layers)
-    per_layer = 1.0 / m.n_layers  # each kind's share of a layer: stages hold the model's mix of layers
-    n_attn = (m.n_layers + m.n_cross_attention_layers) * per_layer
-    n_moe, n_dense = m.n_moe_layers * per_layer, m.n_dense_layers * per_layer
-    attn = _attention(ctx, tokens, m.seq_len, decode=False)
-    dense = _ffn(ctx, tokens, m.d_ff)
-    moe = _moe(ctx, tokens)
-    logits = _logits(ctx, tokens)
-
     full = p.recompute == RECOMPUTE.index("full")
     selective = p.recompute == RECOMPUTE.index("selective")
     compute_passes, comm_passes = 3.0 + full, 2.0 + full
-    # per layer kind, its count in an average layer and its parts:
-    # (name, kind, compute per micro-batch forward, comm per pass, flops, comm bytes)
-    kinds = [
-        (n_attn, [("attention", "compute", attn["proj_s"], attn["tp_s"], attn["proj_flops"], attn["tp_bytes"]),
-                  ("attention_scores", "compute", attn["scores_s"] * (compute_passes + selective) / compute_passes,
-                   0.0, attn["scores_flops"], 0.0)]),
-        (n_dense, [("dense_ffn", "compute", dense["s"], dense["tp_s"], dense["flops"], dense["tp_bytes"])]),
-        (n_moe, [("router", "compute", moe["router_s"], 0.0, moe["router_flops"], 0.0),
-                 ("dispatch_a2a", "a2a", moe["permute_s"], moe["dispatch_s"], 0.0, moe["send_in"]),
-                 ("experts", "compute", moe["experts_s"], moe["shared_tp_s"], moe["experts_flops"],
-                  moe["shared_tp_bytes"]),
-                 ("combine_a2a", "a2a", moe["permute_s"], moe["combine_s"], 0.0, moe["send"])]),
-    ]
-    logits_part = [("logits", "compute", logits["s"], 0.0, logits["flops"], 0.0)]
-    scales = part_scales(profile)
-    if scales:  # a profile's measured per-part time scales, on every row of their part
-        kinds = [(count, _scaled(parts, scales)) for count, parts in kinds]
-        logits_part = _scaled(logits_part, scales)
+    kinds, moe = layer_kinds(ctx, tokens, scores_passes=(compute_passes + selective) / compute_passes)
+    scales = part_scales(profile)  # a profile's measured per-part time scales, on every row of their part
+    # stages hold the model's mix of layers: each kind's count in an average layer
+    kinds = [(count / m.n_layers, scaled_parts(parts, scales)) for count, parts in kinds]
+    last_parts = scaled_parts([logits_part(ctx, tokens, training=True)], scales)
+    policy = Overlap(overlap)
     out: dict = {}
     layer_s, shares = 0.0, []
     for count, parts in kinds:
-        kind_s, exposed = _layer_time_s(parts, compute_passes, comm_passes, overlap)
+        kind_s, exposed = policy.layer(parts, compute_passes, comm_passes)
         layer_s = layer_s + kind_s * count
         shares.append((count, parts, exposed))
     act = tokens * m.d_model * ctx.b / p.tensor
-    p2p = 2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline")
-    p2p = p2p if overlap == "none" else 0.0  # interleaved 1F1B overlaps sends with other micro-batches
-    pipe = _pipeline(stages, layer_s, _layer_time_s(logits_part, compute_passes, comm_passes, overlap)[0], p2p, pp, v)
+    p2p = policy.pipeline_sends(2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline"))
+    pipe = _pipeline(stages, layer_s, policy.layer(last_parts, compute_passes, comm_passes)[0], p2p, pp, v)
     stage_s = pipe["slowest_s"]
     if breakdown:  # the slowest stage's layers, and the output layer when that stage is the last
         for count, parts, exposed in shares:
             _layer_rows(out, parts, compute_passes, comm_passes, exposed, count * pipe["slowest_layers"] * mb)
-        _layer_rows(out, logits_part, compute_passes, comm_passes, 1.0, pipe["last_is_slowest"] * mb)
+        _layer_rows(out, last_parts, compute_passes, comm_passes, 1.0, pipe["last_is_slowest"] * mb)
         out["pipeline_p2p"] = p2p * mb
         out["pipeline_p2p:bytes"] = 2.0 * v * act * mb * (pp > 1)
         out["pipeline_bubble"] = pipe["bubble_s"]
@@ -344,10 +405,8 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     dense_local = counts["non_expert"] / (pp * p.dense_weight_shards)
     expert_local = counts["expert"] / (pp * p.expert_weight_shards)
     sync = _data_parallel(ctx, counts, mb)
-    grad_sync, fsdp_gather = (sync[k] * scales.get("grad_sync", 1.0) for k in ("grad_s", "fsdp_s"))
-    if overlap != "none":  # the gradient sync hides behind the last backward, FSDP gathers behind compute
-        grad_sync = maximum(0.0, grad_sync - stage_s * (2.0 / 3.0))
-        fsdp_gather = maximum(0.0, fsdp_gather - stage_s * mb)
+    grad_sync, fsdp_gather = policy.data_parallel(sync["grad_s"] * scales.get("grad_sync", 1.0),
+                                                  sync["fsdp_s"] * scales.get("grad_sync", 1.0), stage_s, mb)
     optimizer = ctx.mem(30.0 * (dense_local + expert_local)) * scales.get("optimizer", 1.0)
     if breakdown:
         out.update({"grad_sync": grad_sync, "grad_sync:bytes": sync["grad_bytes"], "fsdp_gather": fsdp_gather,
@@ -366,15 +425,6 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     return out
 
 
-def _scaled(parts, scales: dict[str, float]):
-    """Layer parts with compute and communication times multiplied by their part's scale."""
-    out = []
-    for name, kind, compute, comm, flops, nbytes in parts:
-        scale = scales.get(ROW_PART[name], 1.0)
-        out.append((name, kind, compute * scale, comm * scale, flops, nbytes))
-    return out
-
-
 def _pipeline(stages, layer_s, logits_s, p2p_s, pp, v) -> dict:
     """One micro-batch's time on each stage (its layers at the average layer's time, the output layer on the
     last, the sends), and the 1F1B step: m x the slowest stage, plus the fill and drain, in which every other
@@ -387,20 +437,6 @@ def _pipeline(stages, layer_s, logits_s, p2p_s, pp, v) -> dict:
     layers = where(last_is_slowest, last_n, where(first >= middle, first_n, middle_n))
     return {"slowest_s": slowest, "bubble_s": (every - slowest) / v, "slowest_layers": layers,
             "last_is_slowest": 1.0 * last_is_slowest}
-
-
-def _layer_time_s(parts, compute_passes, comm_passes, overlap: str):
-    """One layer of a kind, every pass, and the fraction of its communication left exposed.
-
-    "full" is DualPipe's schedule: two micro-batches interleave, so the layer's communication (all-to-alls,
-    tensor-parallel collectives) runs under the other micro-batch's compute of the whole layer; the layer
-    takes max(compute, communication). The other policies expose it: compute + communication."""
-    compute = sum(c * compute_passes for _, _, c, _, _, _ in parts)
-    comm = sum(k * comm_passes for _, _, _, k, _, _ in parts)
-    if overlap != "full":
-        return compute + comm, 1.0
-    layer_s = maximum(compute, comm)
-    return layer_s, where(comm > 0, (layer_s - compute) / maximum(comm, 1e-300), 0.0)
 
 
 def _layer_rows(out: dict, parts, compute_passes, comm_passes, exposed, times) -> None:
@@ -494,10 +530,17 @@ def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, layers, in
     stored = where(full, tokens / t * m.d_model * ctx.b * layers * in_flight + tokens / t * per_token_layer,
                    tokens / t * per_token_layer * layers * in_flight)
     mem["mem:activations"] = stored + (tokens * m.vocab_size / t * 4.0 if logits else 0.0)  # fp32 logits
-    mem["mem:a2a_buffers"] = 4.0 * send + 2.0 * gathered  # dispatch/combine in and out; expert-tensor gathers
+    mem["mem:a2a_buffers"] = a2a_buffer_bytes(send, gathered, training=True)
     mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, 2.0 if mixed else 4.0)
     mem["memory_per_device_bytes"] = sum(mem.values())
     return mem
+
+
+def a2a_buffer_bytes(send, gathered, training: bool):
+    """The all-to-all buffers of one MoE layer: a training step holds dispatch and combine apart, each with its
+    send and receive buffer (4 x send) and the expert-tensor set's gathered tokens and partial outputs
+    (2 x gathered); a forward alone reuses the dispatch buffers for the combine (2 x send, 1 x gathered)."""
+    return (4.0 * send + 2.0 * gathered) if training else (2.0 * send + gathered)
 
 
 def _fsdp_gathered_bytes(ctx: Context, weight_bytes: float):
@@ -619,28 +662,15 @@ def _inference(ctx: Context, mode: str, gbt: int, hbm_reserve: float = HBM_RESER
     if not decode and tokens % m.seq_len:
         raise ValueError(f"global_batch_tokens: prefill of {gbt} tokens; expected whole sequences of {m.seq_len} "
                          "per batch shard")
-    attn = _attention(ctx, tokens, m.seq_len, decode)
-    n_attn = m.n_layers + m.n_cross_attention_layers
-    parts = [("attention", "compute", attn["proj_s"] + attn["tp_s"], attn["proj_flops"], attn["tp_bytes"], n_attn),
-             ("attention_scores", "compute", attn["scores_s"], attn["scores_flops"], 0.0, n_attn)]
-    if m.n_dense_layers:
-        dense = _ffn(ctx, tokens, m.d_ff)
-        parts.append(("dense_ffn", "compute", dense["s"] + dense["tp_s"], dense["flops"], dense["tp_bytes"],
-                      m.n_dense_layers))
-    drop, send, gathered = 0.0, 0.0, 0.0
-    if m.n_moe_layers:
-        moe = _moe(ctx, tokens, decode=decode)
-        drop, send, gathered = float(moe["drop"]), float(moe["send"]), float(moe["gathered"])
-        k = m.n_moe_layers
-        parts += [("router", "compute", moe["router_s"], moe["router_flops"], 0.0, k),
-                  ("dispatch_a2a", "a2a", moe["dispatch_s"] + moe["permute_s"], 0.0, moe["send_in"], k),
-                  ("experts", "compute", moe["experts_s"] + moe["shared_tp_s"], moe["experts_flops"], 0.0, k),
-                  ("combine_a2a", "a2a", moe["combine_s"] + moe["permute_s"], 0.0, moe["send"], k)]
-    parts.append(("logits", "compute", ctx.mm(tokens, m.vocab_size / p.tensor, m.d_model, dtype=ctx.high),
-                  2.0 * tokens * m.vocab_size / p.tensor * m.d_model, 0.0, 1.0))
+    kinds, moe = layer_kinds(ctx, tokens, decode)
+    kinds.append((1.0, [logits_part(ctx, tokens, training=False)]))
     scales = part_scales(ctx.profile)
-    rows = [LayerRow(name, kind, float(t * count * scales.get(ROW_PART[name], 1.0)), float(f * count),
-                     float(b * count), float(count)) for name, kind, t, f, b, count in parts]
+    policy = Overlap("none")  # one forward, nothing to hide behind: each part is its compute + communication
+    rows = [LayerRow(part.name, part.kind, float(policy.layer([part], 1.0, 1.0)[0] * count), float(part.flops * count),
+                     float(part.comm_bytes * count), float(count))
+            for count, parts in kinds if count for part in scaled_parts(parts, scales)]
+    drop, send, gathered = ((float(moe[k]) for k in ("drop", "send", "gathered")) if m.n_moe_layers
+                            else (0.0, 0.0, 0.0))
     pp = int(p.pipeline)
     counts = M.param_counts(m)
     if pp > 1:
@@ -659,7 +689,7 @@ def _inference(ctx: Context, mode: str, gbt: int, hbm_reserve: float = HBM_RESER
     memory = {"weights": params * weight_bytes,
               "kv_cache": sequences * m.seq_len * M.kv_cache_bytes_per_token(m, ctx.b) / (pp * int(p.tensor)),
               "activations": float(tokens * _activation_bytes_per_token_layer(ctx) / p.tensor),
-              "a2a_buffers": 2.0 * send + gathered}
+              "a2a_buffers": a2a_buffer_bytes(send, gathered, training=False)}
     flops = M.model_flops_per_token(m.base, training=False) * gbt
     est = _finish(topo, mode, step, flops, gbt, memory, rows, drop, 1, hbm_reserve)
     est.details.update({

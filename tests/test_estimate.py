@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 
@@ -220,14 +218,19 @@ def test_full_overlap_hides_a_dispatch_that_fits_under_the_other_micro_batchs_co
     """DualPipe: a layer's communication runs under the other micro-batch's compute of the whole layer.
     Hand-computed: forward compute 1 + 0.1 + 3 + 0.1 = 4.2 s, x3 passes = 12.6 s; communication 0.2 + 2 + 2 =
     4.2 s, x2 passes = 8.4 s. "full": max(12.6, 8.4) = 12.6 (all hidden); "dp": 12.6 + 8.4 = 21.0."""
-    est = importlib.import_module("moeplan.estimate")
-    parts = [("attention", "compute", 1.0, 0.2, 0.0, 0.0), ("dispatch_a2a", "a2a", 0.1, 2.0, 0.0, 0.0),
-             ("experts", "compute", 3.0, 0.0, 0.0, 0.0), ("combine_a2a", "a2a", 0.1, 2.0, 0.0, 0.0)]
-    assert est._layer_time_s(parts, 3.0, 2.0, "full") == (pytest.approx(12.6), 0.0)
-    assert est._layer_time_s(parts, 3.0, 2.0, "dp")[0] == pytest.approx(21.0)
-    heavy = [(n, k, c, comm * 3, f, b) for n, k, c, comm, f, b in parts]  # 25.2 s of communication
-    layer, exposed = est._layer_time_s(heavy, 3.0, 2.0, "full")
+    from moeplan.estimate import Overlap, Part
+
+    parts = [Part("attention", "compute", 1.0, 0.2, 0.0, 0.0), Part("dispatch_a2a", "a2a", 0.1, 2.0, 0.0, 0.0),
+             Part("experts", "compute", 3.0, 0.0, 0.0, 0.0), Part("combine_a2a", "a2a", 0.1, 2.0, 0.0, 0.0)]
+    assert Overlap("full").layer(parts, 3.0, 2.0) == (pytest.approx(12.6), 0.0)
+    assert Overlap("dp").layer(parts, 3.0, 2.0)[0] == pytest.approx(21.0)
+    heavy = [part._replace(comm_s=part.comm_s * 3) for part in parts]  # 25.2 s of communication
+    layer, exposed = Overlap("full").layer(heavy, 3.0, 2.0)
     assert layer == pytest.approx(25.2) and exposed == pytest.approx((25.2 - 12.6) / 25.2)
+    # the rest of the policy: sends and the gradient sync hide unless "none"; FSDP gathers under every micro-batch
+    assert Overlap("none").pipeline_sends(0.5) == 0.5 and Overlap("dp").pipeline_sends(0.5) == 0.0
+    assert Overlap("none").data_parallel(3.0, 2.0, 1.5, 4) == (3.0, 2.0)
+    assert Overlap("dp").data_parallel(3.0, 7.0, 1.5, 4) == (pytest.approx(2.0), pytest.approx(1.0))
     model = mp.load_model("mixtral-8x7b").with_(n_layers=4)
     topo, layout = mp.load_topology("dgx-h100", nodes=2), mp.Layout(data=16, expert=8)
     full, dp = (mp.estimate(model, topo, layout, 16 * 4096, overlap=o) for o in ("full", "dp"))
