@@ -191,9 +191,7 @@ def _routing(ctx: Context, group, ep, local):
     """(drop rate, tokens per expert on the busiest device, straggler factor) per candidate: the routing
     statistics of each distinct (tokens routed, expert degree, experts, top-k, capacity, local experts)."""
     m = ctx.m
-    cf = m.capacity_factor_array
-    cf_code = where(cf != cf, 0, np.rint(where(cf != cf, 0.0, cf) * 1e6) + 1)  # NaN (dropless) -> 0
-    cols = (group, ep, m.num_experts, m.top_k, cf_code, local)
+    cols = (group, ep, m.num_experts, m.top_k, M.capacity_code(m.capacity_factor_array), local)
     if ctx.scalar:  # one candidate
         return _route(ctx.routing, *(float(c) for c in cols))
     rows, inverse = distinct_rows(cols)
@@ -202,11 +200,12 @@ def _routing(ctx: Context, group, ep, local):
 
 
 def _route(routing: Routing, g, e_par, n_exp, k, cf_code, loc) -> tuple[float, float, float]:
-    """One row of ``_routing``: capacity factor code 0 = dropless, else 1 + 1e6 x the factor."""
+    """One row of ``_routing``; ``cf_code``: moe.capacity_code of the capacity factor (0 = dropless)."""
     if g < 1 or loc < 1 or n_exp % e_par or n_exp % loc:
         return 0.0, 0.0, 1.0  # an invalid grid point: masked out by the caller
-    if cf_code > 0:
-        cap = float(np.ceil(g * k * ((cf_code - 1) / 1e6) / n_exp))
+    cf = M.capacity_of_code(cf_code)
+    if cf is not None:
+        cap = float(M.expert_capacity(g, k, cf, n_exp))
         drop = routing_stats(g, n_exp, k, cap, 1, routing, loads=False).drop_rate
         return drop, e_par * cap, n_exp * cap / (g * k)  # padded: every group fills its slots
     busiest = max_device_load(int(g * e_par), int(n_exp), int(k), int(loc), routing)
@@ -481,7 +480,7 @@ def _activation_bytes_per_token_layer(ctx: Context):
     up = 3 if m.gated_ffn else 2
     dense = b * (2 * m.d_model + up * m.d_ff)
     cf = m.capacity_factor_array
-    copies = m.top_k * where(cf != cf, 1.0, cf)  # dropless: one copy per choice
+    copies = m.top_k * where(M.is_dropless(cf), 1.0, cf)  # dropless: one copy per choice
     moe = b * (2 * m.d_model + copies * (m.d_model + up * m.expert_d_ff)) + 4 * m.num_experts
     moe = moe + b * m.num_shared_experts * up * m.expert_d_ff
     return attn + (dense * m.n_dense_layers + moe * m.n_moe_layers) / m.n_layers

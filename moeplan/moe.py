@@ -169,9 +169,8 @@ class ModelView:
         self.__dict__.update({name: values[name] for name in _FIELD_NAMES})  # plain attributes: fast reads
         self.__dict__.update(overrides)
         self.n_cross_attention_layers = base.n_cross_attention_layers
-        cf = overrides.get("capacity_factor", base.capacity_factor)
-        cf = math.nan if cf is None else cf  # a number for one model, an array for a grid: NaN = dropless
-        self.capacity_factor_array = np.asarray(cf, dtype=float) if np.ndim(cf) else float(cf)
+        # a number for one model, an array for a grid: NaN = dropless
+        self.capacity_factor_array = capacity_array(overrides.get("capacity_factor", base.capacity_factor))
 
     def __getattr__(self, name: str):
         if name in ("base", "overrides"):
@@ -273,10 +272,58 @@ def model_flops_per_token(m: MoEModel, training: bool = True) -> float:
     return (3.0 if training else 1.0) * sum(forward_flops_per_token(m).values())
 
 
+# ------------------------------------------------------------------ capacity and dropless (their one owner)
+# Dropless is None on a MoEModel and in a search space, NaN in the arrays of a grid (capacity_factor_array), and
+# DROPLESS_KEY where a capacity factor is a sorting or hashing key (factors are > 0: bounds.CAPACITY_FACTOR).
+DROPLESS_KEY = 0.0
+
+
+def capacity_array(capacity_factor):
+    """None (dropless) -> NaN; a number stays a float, a list or array becomes a float array."""
+    cf = math.nan if capacity_factor is None else capacity_factor
+    return np.asarray(cf, dtype=float) if np.ndim(cf) else float(cf)
+
+
+def is_dropless(capacity_factor):
+    """True where dropless: None, or NaN in a capacity array (elementwise for arrays)."""
+    if capacity_factor is None:
+        return True
+    return capacity_factor != capacity_factor
+
+
+def capacity_key(capacity_factor):
+    """The capacity factor with dropless as DROPLESS_KEY: a total order (dropless first) and hashable rows."""
+    if capacity_factor is None:
+        return DROPLESS_KEY
+    if np.ndim(capacity_factor):
+        return np.nan_to_num(np.asarray(capacity_factor, dtype=float), nan=DROPLESS_KEY)
+    return DROPLESS_KEY if capacity_factor != capacity_factor else float(capacity_factor)
+
+
+def capacity_code(capacity_factor):
+    """A non-negative integer per capacity factor, for rows of integers (``plan.distinct_rows``): 0 = dropless,
+    else 1 + the factor in millionths. ``capacity_of_code`` reads it back."""
+    key = capacity_key(capacity_factor)
+    return np.where(key == DROPLESS_KEY, 0, np.rint(key * 1e6) + 1).astype(np.int64) if np.ndim(key) else \
+        (0 if key == DROPLESS_KEY else int(round(key * 1e6)) + 1)
+
+
+def capacity_of_code(code) -> float | None:
+    return None if code == 0 else (code - 1) / 1e6
+
+
+def expert_capacity(tokens_per_group, top_k, capacity_factor, num_experts):
+    """Slots one expert has in one routing group: ceil(T k cf / E) (GShard, Switch). Numbers give an int,
+    arrays an array (NaN where dropless)."""
+    slots = np.ceil(np.asarray(tokens_per_group, dtype=float) * top_k * capacity_factor / num_experts)
+    return int(slots) if np.ndim(slots) == 0 else slots
+
+
 def capacity(tokens_per_group, m: MoEModel, capacity_factor=None):
-    """Tokens one expert takes from one routing group: ceil(T * k * cf / E) (GShard, Switch)."""
+    """``expert_capacity`` with ``m``'s top-k, experts and (unless given) capacity factor; float or array."""
     cf = m.capacity_factor if capacity_factor is None else capacity_factor
-    return np.ceil(np.asarray(tokens_per_group) * m.top_k * cf / m.num_experts)
+    with np.errstate(invalid="ignore"):
+        return np.ceil(np.asarray(tokens_per_group, dtype=float) * m.top_k * cf / m.num_experts)
 
 
 def kv_cache_bytes_per_token(m: MoEModel, dtype_bytes: float) -> float:

@@ -345,7 +345,7 @@ class _Merged:
     def __init__(self, resolved: dict[str, list], top: int) -> None:
         self.top = top
         self.experts = sorted(set(resolved["num_experts"]))
-        self.cfs = sorted({0.0 if c is None else float(c) for c in resolved["capacity_factor"]})
+        self.cfs = sorted({M.capacity_key(c) for c in resolved["capacity_factor"]})
         self.heat = np.full((len(self.cfs), len(self.experts)), np.inf)
         self.ranked: list[dict] = []
         self.front: list[dict] = []
@@ -387,7 +387,7 @@ class _Merged:
         configs = sorted(self.configs.values(), key=lambda r: (r["score"], r["index"]))[:self.top]
         configs = _ties_by_time(configs) if objective in ("quality", "quality_per_time") else configs
         heatmap = {"num_experts": self.experts,
-                   "capacity_factor": ["dropless" if c == 0.0 else f"{c:g}" for c in self.cfs],
+                   "capacity_factor": ["dropless" if c == M.DROPLESS_KEY else f"{c:g}" for c in self.cfs],
                    "step_time_s": np.where(np.isinf(self.heat), np.nan, self.heat).tolist()}
         pareto = [candidate(front[i]) for i in on_front]
         distinct = [candidate(r) for r in configs]  # the best is the first one
@@ -437,7 +437,7 @@ def _heat_cells(s: _Scored, experts: list, cfs: list, heat: np.ndarray) -> None:
     step = np.where(s.keep, s.values["step_time_s"], np.inf).reshape(shape)
     best = step.min(axis=tuple(a for a in range(len(shape)) if G.KNOBS[a] not in ("num_experts", "capacity_factor")))
     e_at = np.searchsorted(experts, s.grid["num_experts"].reshape(-1))
-    c_at = np.searchsorted(cfs, np.nan_to_num(s.grid["capacity_factor"].reshape(-1), nan=0.0))
+    c_at = np.searchsorted(cfs, M.capacity_key(s.grid["capacity_factor"].reshape(-1)))
     np.fmin.at(heat, (c_at[None, :], e_at[:, None]), best)
 
 
@@ -506,7 +506,7 @@ def _configured(model: M.MoEModel, experts: int, top_k: int, moe_every: int, exp
 def _candidate(model: M.MoEModel, r: dict, topo: Topology) -> Candidate:
     cf = float(r["capacity_factor"])
     m = _configured(model, int(r["num_experts"]), int(r["top_k"]), int(r["moe_every"]), int(r["expert_d_ff"]),
-                    None if np.isnan(cf) else cf)
+                    None if M.is_dropless(cf) else cf)
     layout = Layout(**{k: int(r[k]) for k in ("data",) + G.LAYOUT_KNOBS[:-1]}, recompute=RECOMPUTE[int(r["recompute"])])
     tps = float(r["tokens_per_s"])
     return Candidate(m, layout, float(r["step_time_s"]), tps, r["loss"], float(r["memory_per_device_bytes"]),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
 import moeplan as mp
@@ -63,6 +66,22 @@ def test_capacity_is_the_ceiling():
     m = mp.MoEModel(**SMALL)
     assert float(M.capacity(100, m)) == 32  # ceil(100 * 2 * 1.25 / 8) = ceil(31.25)
     assert float(M.capacity(96, m)) == 30
+    assert M.expert_capacity(100, 2, 1.25, 8) == 32 and isinstance(M.expert_capacity(100, 2, 1.25, 8), int)
+    assert M.expert_capacity(np.array([100, 96]), 2, 1.25, 8).tolist() == [32.0, 30.0]
+
+
+def test_dropless_has_one_owner_and_its_encodings_round_trip():
+    """None (a model), NaN (a grid's array), 0.0 (a sort key) and 0 (an integer row code) all mean dropless."""
+    cfs = [None, 1.0, 1.25, 2.0]
+    array = M.capacity_array(cfs)
+    assert np.isnan(array[0]) and array[1:].tolist() == [1.0, 1.25, 2.0]
+    assert M.is_dropless(None) and M.is_dropless(math.nan) and not M.is_dropless(1.25)
+    assert M.is_dropless(array).tolist() == [True, False, False, False]
+    assert M.capacity_key(array).tolist() == [M.DROPLESS_KEY, 1.0, 1.25, 2.0] == sorted(map(M.capacity_key, cfs))
+    codes = M.capacity_code(array)
+    assert codes.dtype.kind == "i" and codes.tolist() == [0, 1_000_001, 1_250_001, 2_000_001]
+    assert [M.capacity_of_code(c) for c in codes.tolist()] == cfs
+    assert [M.capacity_code(c) for c in cfs] == codes.tolist()
 
 
 @pytest.mark.parametrize(

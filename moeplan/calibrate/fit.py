@@ -24,7 +24,6 @@ measurements; held-out MoE layer shapes, interleaved with the training ones, giv
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -33,6 +32,7 @@ from scipy.optimize import least_squares
 from moeplan.collectives import CommParams, Efficiency, collective_time_s
 from moeplan.compute import matmul_time_s, memory_time_s
 from moeplan.hardware import ComputeEfficiency
+from moeplan.moe import expert_capacity
 from moeplan.topology import Topology
 
 # theta = (matmul efficiency, memory efficiency, kernel overhead s, step latency s, link efficiency)
@@ -84,7 +84,7 @@ def _layer_s(m: dict, topo: Topology, eff: ComputeEfficiency, comm: CommParams) 
     ep = m["devices"]
     g_local = m["groups"] // ep
     s, d, f, e, k = m["group_size"], m["d_model"], m["expert_d_ff"], m["num_experts"], m["top_k"]
-    cap = math.ceil(s * k * m["capacity_factor"] / e)
+    cap = expert_capacity(s, k, m["capacity_factor"], e)
     e_local, tokens, rows = e // ep, g_local * s, ep * g_local * cap
     mm = lambda a, b, c, count=1.0: float(matmul_time_s(a, b, c, chip, "fp32", eff, count))  # noqa: E731
     mem = lambda nbytes: float(memory_time_s(nbytes, chip, eff))  # noqa: E731

@@ -21,7 +21,6 @@ mesh axis with ``shard_map`` and moves tokens with two ``all_to_all``s.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import jax
@@ -29,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+
+from moeplan.moe import expert_capacity
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class MoEConfig:
     dtype: str = "float32"  # compute dtype outside the router
 
     def capacity(self, group_size: int) -> int:
-        return math.ceil(group_size * self.top_k * self.capacity_factor / self.num_experts)
+        return expert_capacity(group_size, self.top_k, self.capacity_factor, self.num_experts)
 
 
 def init_params(cfg: MoEConfig, key: jax.Array) -> dict[str, jax.Array]:

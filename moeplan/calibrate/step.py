@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from moeplan.calibrate.layer import dispatch_combine, expert_ffn, route
 from moeplan.layout import Layout
-from moeplan.moe import MoEModel
+from moeplan.moe import MoEModel, expert_capacity
 
 MAX_D_MODEL, MAX_SEQ, VOCAB, HEAD = 256, 128, 256, 64
 
@@ -121,7 +121,7 @@ def _moe(x, block, m: MoEModel, expert_axis: int):
     b, s, d = x.shape
     groups = x.reshape(b, s, d)  # one routing group per sequence
     cf = m.capacity_factor if m.capacity_factor is not None else m.num_experts / m.top_k  # dropless: room for all
-    capacity = math.ceil(s * m.top_k * cf / m.num_experts)
+    capacity = expert_capacity(s, m.top_k, cf, m.num_experts)
     with jax.named_scope("router"):
         h = _norm(groups)
         _, _, idx, gates = route(h, block["router"], m.top_k)

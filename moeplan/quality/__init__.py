@@ -60,9 +60,7 @@ class LossEstimate:
 def drop_rate(model, group_tokens, capacity_factor, routing: Routing | None = None):
     """Fraction of token-expert assignments dropped in a routing group of ``group_tokens`` tokens
     (``routing.py``, uniform routing by default); 0 when dropless (None or NaN). Arrays welcome."""
-    cf = np.asarray(np.nan if capacity_factor is None else capacity_factor, dtype=float)
-    with np.errstate(invalid="ignore"):
-        cap = M.capacity(np.asarray(group_tokens), model, cf)  # NaN where dropless
+    cap = M.capacity(np.asarray(group_tokens), model, np.asarray(M.capacity_array(capacity_factor)))  # NaN: dropless
     e, k, g, cap = np.broadcast_arrays(np.asarray(model.num_experts), np.asarray(model.top_k),
                                        np.asarray(group_tokens), cap)
     out = np.zeros(e.shape)
