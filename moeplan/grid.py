@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from moeplan import moe as M
-from moeplan.layout import RECOMPUTE
+from moeplan.layout import MODEL_RULES, RECOMPUTE, SHAPE_RULES, Fields, rules_hold
 from moeplan.plan import Plan
 from moeplan.topology import Topology
 
@@ -32,7 +32,7 @@ def build(space: dict[str, list], active_width: int | None = None) -> dict[str, 
     for axis, k in enumerate(KNOBS):
         values = space[k]
         if k == "capacity_factor":
-            values = [np.nan if v is None else float(v) for v in values]
+            values = [M.capacity_array(v) for v in values]  # None (dropless) -> NaN
         elif k == "recompute":
             values = [RECOMPUTE.index(v) for v in values]
         shape = [1] * len(KNOBS)
@@ -48,25 +48,21 @@ def shape_of(grid: dict[str, np.ndarray]) -> tuple[int, ...]:
 
 
 def valid(g: dict[str, np.ndarray], model: M.MoEModel, topo: Topology, gbt: int) -> np.ndarray:
-    """Vectorised layout.check_layout plus batch divisibility, over the grid; sets ``g["data"]``."""
+    """The layout rules (``layout.SHAPE_RULES`` and ``MODEL_RULES``, the ones ``Layout`` and ``check_layout``
+    apply to one layout) over the grid, the model's own (top-k, a dense width for dense blocks) and batch
+    divisibility; sets ``g["data"]``."""
     n = topo.num_devices
     rest = g["fsdp"] * g["context"] * g["tensor"] * g["pipeline"]
     data = np.where(n % rest == 0, n // np.maximum(rest, 1), 0)
     g["data"] = data
-    block = data * g["fsdp"] * g["context"] * g["tensor"]
-    ok_context = (g["context"] == 1) | (model.seq_len % (2 * g["context"]) == 0)
-    seqs = gbt // model.seq_len
-    shards = np.maximum(data * g["fsdp"], 1)
-    ok = (data >= 1) & (g["num_experts"] % g["expert"] == 0) & (block % (g["expert"] * g["expert_tensor"]) == 0)
-    ok = ok & ((g["expert_tensor"] == 1) | ((g["expert_d_ff"] % g["expert_tensor"] == 0) & (g["num_experts"] > 1)))
-    ok = ok & (g["top_k"] <= g["num_experts"]) & (model.n_heads % g["tensor"] == 0)
-    ok = ok & ((model.n_kv_heads % g["tensor"] == 0) | (g["tensor"] % model.n_kv_heads == 0))
-    ok = ok & (g["expert_d_ff"] % g["tensor"] == 0) & ((model.d_ff % g["tensor"] == 0) | (model.d_ff == 0))
-    ok = ok & (g["pipeline"] * g["virtual_pipeline"] <= model.n_layers)
-    ok = ok & ((g["virtual_pipeline"] == 1) | (g["pipeline"] > 1))
+    fields = Fields(g, model)
+    ok = (data >= 1) & rules_hold(SHAPE_RULES + MODEL_RULES, fields, topo)
+    ok = ok & (g["top_k"] <= g["num_experts"])
     moe_layers = M.layer_census(model.n_layers, g["moe_every"], model.first_dense_layers, model.encoder_decoder)
     ok = ok & ((model.d_ff > 0) | (moe_layers == model.n_layers))  # dense blocks need a dense FFN width
-    ok = ok & ok_context & (gbt % model.seq_len == 0) & (seqs % shards == 0)
+    seqs = gbt // model.seq_len
+    shards = np.maximum(data * g["fsdp"], 1)
+    ok = ok & (gbt % model.seq_len == 0) & (seqs % shards == 0)
     ok = ok & ((seqs // shards) % g["micro_batch_size"] == 0) & (seqs // shards >= g["micro_batch_size"])
     return np.broadcast_to(ok, shape_of(g))
 

@@ -31,7 +31,9 @@ sharding (shard inside a node, replicate across) place them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from moeplan import bounds
 from moeplan.arrays import gcd, maximum, where
@@ -67,15 +69,7 @@ class Layout:
             bounds.check_bool(f"layout.{name}", getattr(self, name))
         if not isinstance(self.recompute, str) or self.recompute not in RECOMPUTE:
             raise ValueError(f"layout.recompute: got {self.recompute!r}; expected one of {list(RECOMPUTE)}")
-        if self.batch_block % self.expert:
-            raise ValueError(f"layout.expert: got {self.expert}; expected a divisor of data x fsdp x context x "
-                             f"tensor = {self.batch_block}")
-        if self.batch_block % (self.expert * self.expert_tensor):
-            raise ValueError(f"layout.expert_tensor: got {self.expert_tensor}; expected expert x expert_tensor = "
-                             f"{self.expert * self.expert_tensor} to divide data x fsdp x context x tensor = "
-                             f"{self.batch_block}")
-        if self.virtual_pipeline > 1 and self.pipeline == 1:
-            raise ValueError("layout.virtual_pipeline: expected 1 without pipeline parallelism")
+        _first_broken(SHAPE_RULES, Fields(vars(self), None), None)
         for name in ("first_stage_layers", "last_stage_layers"):
             if getattr(self, name) and (self.pipeline == 1 or self.virtual_pipeline > 1):
                 raise ValueError(f"layout.{name}: got {getattr(self, name)}; an uneven split needs pipeline > 1 "
@@ -128,32 +122,90 @@ class Layout:
         return cls(**kwargs)
 
 
+# ------------------------------------------------------------------ validity: one table of rules
+@dataclass(frozen=True)
+class Rule:
+    """One validity rule of a layout, written once over numbers or arrays: ``holds(f, topo)`` is a bool (one
+    layout) or a bool array (a search grid), ``f`` reading the layout's degrees and the model's fields;
+    ``expected(f, topo)`` is the error a single layout that breaks it gets (the field first)."""
+
+    holds: Callable[[Any, Any], Any]
+    expected: Callable[[Any, Any], str]
+
+
+class Fields:
+    """Attributes from ``degrees`` (a layout's fields, or a grid's knob arrays), else from ``model``."""
+
+    def __init__(self, degrees: Mapping, model) -> None:
+        self.__dict__.update(degrees)
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_model"], name)
+
+
+def _block(f):
+    return f.data * f.fsdp * f.context * f.tensor
+
+
+# What a layout must satisfy on its own (Layout refuses to exist otherwise).
+SHAPE_RULES = (
+    Rule(lambda f, _: _block(f) % f.expert == 0,
+         lambda f, _: f"layout.expert: got {f.expert}; expected a divisor of data x fsdp x context x tensor = "
+                      f"{_block(f)}"),
+    Rule(lambda f, _: _block(f) % (f.expert * f.expert_tensor) == 0,
+         lambda f, _: f"layout.expert_tensor: got {f.expert_tensor}; expected expert x expert_tensor = "
+                      f"{f.expert * f.expert_tensor} to divide data x fsdp x context x tensor = {_block(f)}"),
+    Rule(lambda f, _: (f.virtual_pipeline == 1) | (f.pipeline > 1),
+         lambda f, _: "layout.virtual_pipeline: expected 1 without pipeline parallelism"),
+)
+
+# What a layout must satisfy to run a model on a topology.
+MODEL_RULES = (
+    Rule(lambda f, topo: f.data * f.fsdp * f.context * f.tensor * f.pipeline == topo.num_devices,
+         lambda f, topo: f"layout: data x fsdp x context x tensor x pipeline = {f.data} x {f.fsdp} x {f.context} x "
+                         f"{f.tensor} x {f.pipeline} = {f.data * f.fsdp * f.context * f.tensor * f.pipeline} "
+                         f"devices; expected the {topo.num_devices} of {topo.name}"),
+    Rule(lambda f, _: (f.context == 1) | (f.seq_len % (2 * f.context) == 0),
+         lambda f, _: f"layout.context: got {f.context}; expected 2 x context to divide seq_len ({f.seq_len}): each "
+                      "device holds two chunks of every sequence, for causal balance"),
+    Rule(lambda f, _: f.num_experts % f.expert == 0,
+         lambda f, _: f"layout.expert: got {f.expert}; expected a divisor of num_experts ({f.num_experts})"),
+    Rule(lambda f, _: (f.n_heads % f.tensor == 0) & ((f.n_kv_heads % f.tensor == 0) | (f.tensor % f.n_kv_heads == 0)),
+         lambda f, _: f"layout.tensor: got {f.tensor}; expected a divisor of n_heads ({f.n_heads}) that divides or is "
+                      f"divided by n_kv_heads ({f.n_kv_heads})"),
+    Rule(lambda f, _: f.pipeline * f.virtual_pipeline <= f.n_layers,
+         lambda f, _: f"layout.pipeline: {f.pipeline} x virtual {f.virtual_pipeline} stages; expected at most "
+                      f"n_layers ({f.n_layers})"),
+    Rule(lambda f, _: f.d_ff % f.tensor == 0,
+         lambda f, _: f"layout.tensor: got {f.tensor}; expected a divisor of d_ff ({f.d_ff})"),
+    Rule(lambda f, _: f.expert_d_ff % f.tensor == 0,
+         lambda f, _: f"layout.tensor: got {f.tensor}; expected a divisor of expert_d_ff ({f.expert_d_ff})"),
+    Rule(lambda f, _: (f.expert_tensor == 1) | ((f.num_experts > 1) & (f.expert_d_ff % f.expert_tensor == 0)),
+         lambda f, _: f"layout.expert_tensor: got {f.expert_tensor}; expected a divisor of expert_d_ff "
+                      f"({f.expert_d_ff}) in a model with routed experts ({f.num_experts})"),
+)
+
+
+def _first_broken(rules, fields, topo) -> None:
+    for rule in rules:
+        if not rule.holds(fields, topo):
+            raise ValueError(rule.expected(fields, topo))
+
+
+def rules_hold(rules, fields, topo):
+    """Every rule at once: a bool, or a bool array over a grid."""
+    ok = True
+    for rule in rules:
+        ok = ok & rule.holds(fields, topo)
+    return ok
+
+
 def check_layout(model: MoEModel, topo: Topology, layout: Layout) -> None:
-    """Raise a ValueError naming the field when the layout cannot run this model on this topology."""
-    if layout.devices != topo.num_devices:
-        raise ValueError(
-            f"layout: data x fsdp x context x tensor x pipeline = {layout.data} x {layout.fsdp} x {layout.context} x "
-            f"{layout.tensor} x {layout.pipeline} = {layout.devices} devices; expected the {topo.num_devices} of "
-            f"{topo.name}")
-    if layout.context > 1 and model.seq_len % (2 * layout.context):
-        raise ValueError(f"layout.context: got {layout.context}; expected 2 x context to divide seq_len "
-                         f"({model.seq_len}): each device holds two chunks of every sequence, for causal balance")
-    if model.num_experts % layout.expert:
-        raise ValueError(f"layout.expert: got {layout.expert}; expected a divisor of num_experts ({model.num_experts})")
-    if model.n_heads % layout.tensor or model.n_kv_heads % layout.tensor and layout.tensor % model.n_kv_heads:
-        raise ValueError(f"layout.tensor: got {layout.tensor}; expected a divisor of n_heads ({model.n_heads}) "
-                         f"that divides or is divided by n_kv_heads ({model.n_kv_heads})")
-    stages = layout.pipeline * layout.virtual_pipeline
-    if model.n_layers < stages:
-        raise ValueError(f"layout.pipeline: {layout.pipeline} x virtual {layout.virtual_pipeline} stages; expected "
-                         f"at most n_layers ({model.n_layers})")
+    """Raise a ValueError naming the field when the layout cannot run this model on this topology (the first
+    of MODEL_RULES it breaks, then the uneven pipeline split)."""
+    _first_broken(MODEL_RULES, Fields(vars(layout), model), topo)
     _check_stages(model.n_layers, layout)
-    for name, width in (("d_ff", model.d_ff), ("expert_d_ff", model.expert_d_ff)):
-        if width and width % layout.tensor:
-            raise ValueError(f"layout.tensor: got {layout.tensor}; expected a divisor of {name} ({width})")
-    if layout.expert_tensor > 1 and (model.num_experts < 2 or model.expert_d_ff % layout.expert_tensor):
-        raise ValueError(f"layout.expert_tensor: got {layout.expert_tensor}; expected a divisor of expert_d_ff "
-                         f"({model.expert_d_ff}) in a model with routed experts ({model.num_experts})")
 
 
 def expert_weight_shards(expert, tensor, fsdp):

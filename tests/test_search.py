@@ -13,6 +13,7 @@ import pytest
 import moeplan as mp
 from moeplan import grid as G
 from moeplan.estimate import plan_costs
+from moeplan.layout import check_layout
 from moeplan.quality import FineGrainedMoELaw, granularity, non_embedding_params
 
 S = importlib.import_module("moeplan.search")  # the module (moeplan.search is also the function's name)
@@ -21,6 +22,36 @@ MODEL = mp.load_model("st-moe-like-8b").with_(n_layers=8)
 SPACE = S.SearchSpace(num_experts=[16, 32, 64], top_k=[1, 2], capacity_factor=[1.0, 1.25, None], moe_every=[1, 2, 4],
                       expert_d_ff=[2048, 8192], micro_batch_size=[1, 2], recompute=["selective", "full"])
 GBT = 64 * 2048
+
+
+def test_the_grids_validity_mask_is_every_single_layout_check_point_by_point():
+    """grid.valid (the rule table over arrays) against its scalar twin: for every grid point, a Layout that can
+    be built and passes check_layout, a model that can be built and whole micro-batches; same verdict."""
+    model = MODEL.with_(n_heads=12, n_kv_heads=4, seq_len=2048)
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    grid = G.build(dict(num_experts=[6, 8, 16], top_k=[1, 8], capacity_factor=[1.25], moe_every=[1, 2],
+                        expert_d_ff=[1536, 2048], micro_batch_size=[1, 4], expert=[1, 2, 4, 8, 16],
+                        expert_tensor=[1, 2, 3], tensor=[1, 2, 3, 4, 8], context=[1, 2, 3], pipeline=[1, 2, 16],
+                        virtual_pipeline=[1, 2], fsdp=[1, 2, 4, 3], recompute=["selective"]))
+    shape = G.shape_of(grid)
+    mask = G.valid(grid, model, topo, 16 * 2048).reshape(-1)
+    agree = kept = 0
+    points = np.random.default_rng(1).choice(mask.size, 4000, replace=False)
+    for j in points:
+        at = np.unravel_index(j, shape)
+        r = {k: int(np.broadcast_to(grid[k], shape)[at]) for k in ("data",) + G.KNOBS if k != "capacity_factor"}
+        try:
+            m = model.with_(num_experts=r["num_experts"], top_k=r["top_k"], moe_every=r["moe_every"],
+                            expert_d_ff=r["expert_d_ff"])
+            layout = mp.Layout(**{k: r[k] for k in ("data",) + G.LAYOUT_KNOBS[:-1]})
+            check_layout(m, topo, layout)
+            seqs = 16 // layout.batch_shards
+            ok = 16 % layout.batch_shards == 0 and seqs % layout.micro_batch_size == 0 and seqs >= 1
+        except ValueError:
+            ok = False
+        agree += ok == bool(mask[j])
+        kept += ok
+    assert agree == points.size and 100 < kept < points.size - 100, (agree, kept)
 
 
 @pytest.mark.parametrize("topo", [mp.load_topology("dgx-h100", nodes=2), mp.load_topology("tpu-v5p", shape=(2, 2, 4))],
