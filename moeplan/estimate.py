@@ -390,7 +390,8 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
         shares.append((count, parts, exposed))
     act = tokens * m.d_model * ctx.b / p.tensor
     p2p = policy.pipeline_sends(2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline"))
-    pipe = _pipeline(stages, layer_s, policy.layer(last_parts, compute_passes, comm_passes)[0], p2p, pp, v)
+    even = not np.any((p.first_stage_layers > 0) | (p.last_stage_layers > 0))
+    pipe = _pipeline(stages, layer_s, policy.layer(last_parts, compute_passes, comm_passes)[0], p2p, pp, v, even)
     stage_s = pipe["slowest_s"]
     if breakdown:  # the slowest stage's layers, and the output layer when that stage is the last
         for count, parts, exposed in shares:
@@ -424,11 +425,14 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     return out
 
 
-def _pipeline(stages, layer_s, logits_s, p2p_s, pp, v) -> dict:
+def _pipeline(stages, layer_s, logits_s, p2p_s, pp, v, even: bool = False) -> dict:
     """One micro-batch's time on each stage (its layers at the average layer's time, the output layer on the
     last, the sends), and the 1F1B step: m x the slowest stage, plus the fill and drain, in which every other
     stage's time passes once (over v with interleaved virtual stages; (p - 1) / v stage times when even)."""
     first_n, middle_n, last_n = stages
+    if even:  # every stage holds the same layers, so the last (the output layer's too) is the slowest
+        other, last = first_n * layer_s + p2p_s, last_n * layer_s + logits_s + p2p_s
+        return {"slowest_s": last, "bubble_s": (pp - 1) * other / v, "slowest_layers": last_n, "last_is_slowest": 1.0}
     first, middle, last = first_n * layer_s + p2p_s, middle_n * layer_s + p2p_s, last_n * layer_s + logits_s + p2p_s
     slowest = maximum(maximum(first, middle), last)
     every = where(pp > 1, first + (pp - 2) * middle + last, last)
