@@ -241,8 +241,28 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
                shared_tp_s=shared["tp_s"] + etp_s, shared_tp_bytes=shared["tp_bytes"] + 2.0 * gathered,
                drop=drop, send=send * (ep > 1), send_in=send_in * (ep > 1), gathered=gathered,
                dispatch_s=ctx.dispatch_a2a(send_in * (ep > 1)), combine_s=ctx.dispatch_a2a(send * (ep > 1)),
-               permute_s=ctx.mem(2 * send))
+               **_permute(ctx, group, send))
     return _one_expert_is_an_ffn(ctx, tokens, out)
+
+
+def _permute(ctx: Context, group, send) -> dict:
+    """Grouping the routed copies per expert before the dispatch and back after the combine (frameworks.PERMUTES).
+    "gather": read and write every copy once each way (memory-bound). "einsum": per routing group of S tokens
+    (a sequence, or what the device holds of one), one-hot matmuls [E C, S] x [S, d] in and [S, E C] x [E C, d]
+    out, C = ceil(S k cf / E) (MaxText's dense path, run forward and twice backward like any matmul). Dropless
+    layers have no capacity and gather either way."""
+    move = ctx.mem(2 * send)
+    m = ctx.m
+    dropless = M.is_dropless(m.capacity_factor_array)
+    if ctx.permute != "einsum" or not np.any(~dropless):
+        return {"permute_in_s": move, "permute_out_s": move, "permute_flops": 0.0}
+    size = minimum(group, m.seq_len)
+    slots = m.num_experts * M.capacity(size, m, where(dropless, 1.0, m.capacity_factor_array))
+    count = group / size
+    flops = 2.0 * slots * m.d_model * size * count
+    return {"permute_in_s": where(dropless, move, ctx.mm(slots, m.d_model, size, count)),
+            "permute_out_s": where(dropless, move, ctx.mm(size, m.d_model, slots, count)),
+            "permute_flops": where(dropless, 0.0, flops)}
 
 
 def _one_expert_is_an_ffn(ctx: Context, tokens, out: dict) -> dict:
@@ -254,8 +274,8 @@ def _one_expert_is_an_ffn(ctx: Context, tokens, out: dict) -> dict:
         return out
     ffn = _ffn(ctx, tokens, (m.top_k + m.num_shared_experts) * m.expert_d_ff)
     swap = {"router_s": 0.0, "router_flops": 0.0, "drop": 0.0, "send": 0.0, "send_in": 0.0, "gathered": 0.0,
-            "dispatch_s": 0.0,
-            "combine_s": 0.0, "permute_s": 0.0, "experts_s": ffn["s"], "experts_flops": ffn["flops"],
+            "dispatch_s": 0.0, "combine_s": 0.0, "permute_in_s": 0.0, "permute_out_s": 0.0, "permute_flops": 0.0,
+            "experts_s": ffn["s"], "experts_flops": ffn["flops"],
             "shared_tp_s": ffn["tp_s"], "shared_tp_bytes": ffn["tp_bytes"]}
     return {k: where(dense, swap[k], v) if k in swap else v for k, v in out.items()}
 
@@ -291,10 +311,10 @@ def layer_kinds(ctx: Context, tokens, decode: bool = False, scores_passes=1.0) -
          [Part("dense_ffn", "compute", dense["s"], dense["tp_s"], dense["flops"], dense["tp_bytes"])]),
         (m.n_moe_layers,
          [Part("router", "compute", moe["router_s"], 0.0, moe["router_flops"], 0.0),
-          Part("dispatch_a2a", "a2a", moe["permute_s"], moe["dispatch_s"], 0.0, moe["send_in"]),
+          Part("dispatch_a2a", "a2a", moe["permute_in_s"], moe["dispatch_s"], moe["permute_flops"], moe["send_in"]),
           Part("experts", "compute", moe["experts_s"], moe["shared_tp_s"], moe["experts_flops"],
                moe["shared_tp_bytes"]),
-          Part("combine_a2a", "a2a", moe["permute_s"], moe["combine_s"], 0.0, moe["send"])]),
+          Part("combine_a2a", "a2a", moe["permute_out_s"], moe["combine_s"], moe["permute_flops"], moe["send"])]),
     ]
     return kinds, moe
 
@@ -340,6 +360,13 @@ class Overlap:
     def pipeline_sends(self, p2p_s):
         return p2p_s if self.policy == "none" else 0.0  # interleaved 1F1B sends under other micro-batches
 
+    def offload(self, transfer_s, layer_s):
+        """Exposed host transfers of one layer's offloaded activations: out during its forward (a third of the
+        layer's time), back during its backward (two thirds), each a side stream under that pass."""
+        if self.policy == "none":
+            return 2.0 * transfer_s
+        return maximum(0.0, transfer_s - layer_s / 3.0) + maximum(0.0, transfer_s - layer_s * (2.0 / 3.0))
+
     def data_parallel(self, grad_s, fsdp_s, stage_s, micro_batches):
         """Exposed gradient sync (under the last backward, 2/3 of a stage's time) and FSDP gathers (under
         every micro-batch's compute)."""
@@ -362,11 +389,12 @@ def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str = "bf16", profile=None,
                routing: Routing | None = None, overlap: str = "dp", breakdown: bool = True,
-               dispatch: str = "nccl", attention: str = "flash", hbm_reserve: float = HBM_RESERVE) -> dict:
+               dispatch: str = "nccl", attention: str = "flash", hbm_reserve: float = HBM_RESERVE,
+               permute: str = "gather") -> dict:
     """Training cost of every candidate of ``plan``: step time, tokens/s, MFU, memory, drop rate, fits,
     valid, and with ``breakdown`` the per-part times, FLOPs, bytes and counts. Each value has the
     broadcast shape of the fields it depends on (the search broadcasts them over its grid)."""
-    ctx = make_context(plan, topo, dtype, profile, routing, dispatch, attention)
+    ctx = make_context(plan, topo, dtype, profile, routing, dispatch, attention, permute)
     gbt = global_batch_tokens
     m, p = ctx.m, plan
     mb, valid = _micro_batches(plan, gbt)
@@ -388,6 +416,9 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
         kind_s, exposed = policy.layer(parts, compute_passes, comm_passes)
         layer_s = layer_s + kind_s * count
         shares.append((count, parts, exposed))
+    host = _offload(ctx, tokens, p.recompute == RECOMPUTE.index("offload"))
+    offload_s = policy.offload(host["transfer_s"], layer_s)
+    layer_s = layer_s + offload_s
     act = tokens * m.d_model * ctx.b / p.tensor
     p2p = policy.pipeline_sends(2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline"))
     even = not np.any((p.first_stage_layers > 0) | (p.last_stage_layers > 0))
@@ -397,6 +428,10 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
         for count, parts, exposed in shares:
             _layer_rows(out, parts, compute_passes, comm_passes, exposed, count * pipe["slowest_layers"] * mb)
         _layer_rows(out, last_parts, compute_passes, comm_passes, 1.0, pipe["last_is_slowest"] * mb)
+        if np.any(host["bytes"]):  # a row only where activations go to host memory
+            out["activation_offload"] = offload_s * pipe["slowest_layers"] * mb
+            out["activation_offload:bytes"] = 2.0 * host["bytes"] * pipe["slowest_layers"] * mb
+            out["activation_offload:count"] = pipe["slowest_layers"] * mb
         out["pipeline_p2p"] = p2p * mb
         out["pipeline_p2p:bytes"] = 2.0 * v * act * mb * (pp > 1)
         out["pipeline_bubble"] = pipe["bubble_s"]
@@ -423,6 +458,16 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     out["valid"] = valid
     out["fits"] = out["memory_per_device_bytes"] <= usable_hbm_bytes(topo, hbm_reserve)
     return out
+
+
+def _offload(ctx: Context, tokens, offload) -> dict:
+    """One average layer's activations moved to host memory under ``recompute="offload"`` (all a layer stores
+    without recompute, per device), and their transfer one way over the device's host link at its rate."""
+    if not np.any(offload):
+        return {"bytes": 0.0, "transfer_s": 0.0}
+    bytes_ = where(offload, tokens / ctx.plan.tensor * _activation_bytes_per_token_layer(ctx), 0.0)
+    link = ctx.topo.host_link
+    return {"bytes": bytes_, "transfer_s": bytes_ / link.bw_bytes_per_s if link is not None else 0.0 * bytes_}
 
 
 def _pipeline(stages, layer_s, logits_s, p2p_s, pp, v, even: bool = False) -> dict:
@@ -530,12 +575,15 @@ def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, layers, in
         kept = p.recompute == RECOMPUTE.index("none")  # et al. 2022 eq. 1), dropped by selective recompute
         per_token_layer = per_token_layer + kept * 2.5 * ctx.b * m.n_heads * m.seq_len
     full = p.recompute == RECOMPUTE.index("full")
-    stored = where(full, tokens / t * m.d_model * ctx.b * layers * in_flight + tokens / t * per_token_layer,
-                   tokens / t * per_token_layer * layers * in_flight)
+    offload = p.recompute == RECOMPUTE.index("offload")  # on the device: the layer computing, the one in transit
+    layer = tokens / t * per_token_layer
+    stored = where(full, tokens / t * m.d_model * ctx.b * layers * in_flight + layer,
+                   where(offload, layer * minimum(2.0, layers * in_flight), layer * layers * in_flight))
     mem["mem:activations"] = stored + (tokens * m.vocab_size / t * 4.0 if logits else 0.0)  # fp32 logits
+    mem["host:activations"] = where(offload, layer * layers * in_flight, 0.0)
     mem["mem:a2a_buffers"] = a2a_buffer_bytes(send, gathered, training=True)
     mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, 2.0 if mixed else 4.0)
-    mem["memory_per_device_bytes"] = sum(mem.values())
+    mem["memory_per_device_bytes"] = sum(v for k, v in mem.items() if k.startswith("mem:"))
     return mem
 
 
@@ -588,10 +636,11 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
         raise ValueError(f"layout.context: got {layout.context}; context parallelism is modelled for training; "
                          "expected 1 for prefill and decode")
     if mode != "train":
-        return _inference(make_context(plan, topo, dtype, profile, routing, dispatch, preset.attention), mode,
+        return _inference(make_context(plan, topo, dtype, profile, routing, dispatch, preset.attention,
+                                       preset.permute), mode,
                           int(global_batch_tokens), hbm_reserve)
     costs = plan_costs(plan, topo, int(global_batch_tokens), dtype, profile, routing, overlap, dispatch=dispatch,
-                       attention=preset.attention, hbm_reserve=hbm_reserve)
+                       attention=preset.attention, hbm_reserve=hbm_reserve, permute=preset.permute)
     if not costs["valid"]:
         raise ValueError(
             f"global_batch_tokens: {global_batch_tokens} = {global_batch_tokens / model.seq_len:g} sequences of "
@@ -616,7 +665,8 @@ def check_inputs(model, topo, layout, profile, routing) -> None:
 _ROWS = [("attention", "compute"), ("attention_tp", "comm"), ("attention_scores", "compute"),
          ("dense_ffn", "compute"), ("dense_ffn_tp", "comm"), ("router", "compute"), ("dispatch_a2a", "a2a"),
          ("experts", "compute"), ("experts_tp", "comm"), ("combine_a2a", "a2a"), ("logits", "compute"),
-         ("pipeline_p2p", "comm"), ("pipeline_bubble", "bubble"), ("grad_sync", "comm"), ("fsdp_gather", "comm"),
+         ("activation_offload", "comm"), ("pipeline_p2p", "comm"), ("pipeline_bubble", "bubble"),
+         ("grad_sync", "comm"), ("fsdp_gather", "comm"),
          ("optimizer", "optimizer")]
 
 
@@ -630,8 +680,10 @@ def _estimate_from_costs(costs: dict, topo: Topology, hbm_reserve: float = HBM_R
                                  float(get(f"{name}:bytes", 0.0)), float(get(f"{name}:count", 0.0))))
     memory = {k[4:]: float(v) for k, v in costs.items() if k.startswith("mem:")}
     step = float(costs["step_time_s"])
-    return _finish(topo, "train", step, float(costs["model_flops"]), float(costs["tokens_per_s"]) * step, memory,
-                   rows, float(costs["drop_rate"]), int(costs["micro_batches"]), hbm_reserve)
+    est = _finish(topo, "train", step, float(costs["model_flops"]), float(costs["tokens_per_s"]) * step, memory,
+                  rows, float(costs["drop_rate"]), int(costs["micro_batches"]), hbm_reserve)
+    est.details["host_activation_bytes"] = float(costs["host:activations"])  # offloaded, per device
+    return est
 
 
 def _finish(topo: Topology, mode: str, step: float, model_flops: float, tokens: float, memory: dict[str, float],

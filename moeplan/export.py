@@ -5,13 +5,15 @@ YAML that reproduces the estimate.
   the rest inside a slice, context as ``ici_context_parallelism``), ``per_device_batch_size``, the MoE
   fields (``num_experts``, ``num_experts_per_tok``, ``capacity_factor``, -1 for dropless with ``sparse_matmul``), the
   ``remat_policy`` (recompute "full" -> "full", "selective" -> "save_qkv_proj": projections kept,
-  attention recomputed, "none" -> "minimal") and the model's shape (``base_*`` keys of MaxText's
+  attention recomputed, "none" -> "minimal", "offload" -> "minimal_offloaded": the matmul outputs in host
+  memory) and the model's shape (``base_*`` keys of MaxText's
   ``base.yml``).
 * ``megatron_args``: Megatron-Core's command line: tensor, pipeline, virtual, expert, expert-tensor
   and context parallel sizes, an uneven pipeline split (first and last stage layers), micro and
   global batch (sequences), router top-k, capacity factor (omitted for dropless), recompute
-  granularity, sequence parallelism, distributed optimizer, the token dispatcher (``flex`` for
-  DeepEP) and the model's shape.
+  granularity (recompute "offload" as ``--cpu-offloading`` of every layer's activations but the last's),
+  sequence parallelism, distributed optimizer, the token dispatcher (``flex`` for DeepEP) and the model's
+  shape.
 * ``plan_document`` / ``load_plan``: model, topology, layout, batch, dtype and framework as YAML;
   ``estimate_plan`` of the loaded document gives the same estimate.
 
@@ -33,7 +35,7 @@ from moeplan.schema import read_yaml_mapping
 from moeplan.topology import TORUS, Topology
 
 FORMATS = ("maxtext", "megatron", "moeplan")
-_REMAT = {"full": "full", "selective": "save_qkv_proj", "none": "minimal"}
+_REMAT = {"full": "full", "selective": "save_qkv_proj", "none": "minimal", "offload": "minimal_offloaded"}
 
 
 def _sequences(model: MoEModel, global_batch_tokens: int) -> int:
@@ -125,7 +127,9 @@ def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_
             args += ["--moe-shared-expert-intermediate-size", model.num_shared_experts * model.expert_d_ff]
         if dispatch.startswith("deepep"):
             args += ["--moe-enable-deepep"]
-    if layout.recompute != "none":
+    if layout.recompute == "offload":  # the last layer's activations are used at once: Megatron keeps them
+        args += ["--cpu-offloading", "--cpu-offloading-num-layers", model.n_layers // layout.pipeline - 1]
+    elif layout.recompute != "none":
         args += ["--recompute-granularity", layout.recompute]
         if layout.recompute == "full":
             args += ["--recompute-method", "uniform", "--recompute-num-layers", 1]
@@ -153,7 +157,7 @@ def parse_megatron(args: list[str], devices: int) -> Layout:
                  "decoder-last-pipeline-num-layers"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--recompute-granularity", default="none")
-    for flag in ("sequence-parallel", "use-distributed-optimizer", "use-torch-fsdp2"):
+    for flag in ("sequence-parallel", "use-distributed-optimizer", "use-torch-fsdp2", "cpu-offloading"):
         parser.add_argument(f"--{flag}", action="store_true")
     known, _ = parser.parse_known_args(args)
     t, p, cp = known.tensor_model_parallel_size, known.pipeline_model_parallel_size, known.context_parallel_size or 1
@@ -166,7 +170,8 @@ def parse_megatron(args: list[str], devices: int) -> Layout:
                   first_stage_layers=known.decoder_first_pipeline_num_layers or 0,
                   last_stage_layers=known.decoder_last_pipeline_num_layers or 0,
                   micro_batch_size=known.micro_batch_size,
-                  recompute=known.recompute_granularity, sequence_parallel=known.sequence_parallel or t == 1,
+                  recompute="offload" if known.cpu_offloading else known.recompute_granularity,
+                  sequence_parallel=known.sequence_parallel or t == 1,
                   shard_optimizer=known.use_distributed_optimizer)
 
 

@@ -104,6 +104,7 @@ def _chip(sec: Section) -> ChipSpec:
         cores_per_chip=sec.integer("cores_per_chip", optional=True) or 1,
         source=_sourced(sec),
         efficiency=_efficiency(sec.section("efficiency")),
+        host_link=_optional_link(sec.section("host_link", optional=True)),
     )
     sec.finish()
     return chip

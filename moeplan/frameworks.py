@@ -4,6 +4,13 @@
 attention kernel the way that framework does out of the box; an explicit ``overlap=`` or
 ``dispatch=`` still wins. Without a framework the estimate uses Megatron-Core's defaults.
 
+Expert permutation (``permute``, ``PERMUTES``): ``"gather"`` sorts or gathers the routed copies into
+per-expert groups (memory-bound: Megatron's permute, DeepEP, MaxText's megablox path). ``"einsum"`` builds
+them, in layers with a capacity factor, with one-hot dispatch and combine einsums on the matrix unit,
+capacity-padded (GShard; MaxText's dropping path, ``sparse_matmul: False``): per sequence of S tokens the
+dispatch is an [E C, S] x [S, d] matmul and the combine an [S, E C] x [E C, d] one, C = ceil(S k cf / E)
+slots per expert; dropless layers still gather (MaxText runs them with megablox).
+
 Attention kernels: ``"flash"`` (FlashAttention-style: scores never reach HBM, causal blocks skipped)
 or ``"unfused"`` (the scores are written to HBM: QK^T, a fused scale-mask-softmax, dropout, then AV,
 as Megatron-LM ran before FlashAttention; Korthikanti et al. 2022 section 4.1 sizes these buffers).
@@ -14,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ATTENTION_KERNELS = ("flash", "unfused")
+PERMUTES = ("gather", "einsum")
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,7 @@ class Framework:
     dispatch: str  # dispatch.KERNELS
     attention: str  # ATTENTION_KERNELS
     source: str
+    permute: str = "gather"  # PERMUTES
 
 
 FRAMEWORKS = {
@@ -38,7 +47,10 @@ FRAMEWORKS = {
     "maxtext": Framework(
         "maxtext", "dp", "nccl", "flash",
         "MaxText base.yml: XLA's async collectives overlap the data-parallel and FSDP traffic; splash (flash) "
-        "attention on TPU; MoE all-to-alls on the critical path"),
+        "attention on TPU; MoE all-to-alls on the critical path. MoE (docs/reference moe_configuration, "
+        "layers/moe.py): dropless layers run megablox grouped matmuls (sparse_matmul: True); a capacity factor "
+        "needs the dense path (sparse_matmul: False), whose generate_masks gives each expert a capacity per "
+        "sequence and moves tokens by the einsums 'BSM,BSEC->EBCM' and 'EBCM,BSEC->BSM'", permute="einsum"),
     "dualpipe": Framework(
         "dualpipe", "full", "deepep_normal", "flash",
         "DeepSeek-V3 report section 3.2.1 (DualPipe overlaps one micro-batch's all-to-all with another's compute) "

@@ -70,6 +70,8 @@ class ChipSpec:
     cores_per_chip: int = 1
     source: str = ""
     efficiency: ComputeEfficiency | None = None  # achieved / peak defaults for this family (cited)
+    host_link: LinkSpec | None = None  # chip <-> host memory, one direction (activation offload); None: the PCIe
+    # link of a switched cluster's scale-out section, or no offload where the family has neither
 
     def __post_init__(self) -> None:
         owner = f"chip {self.name!r}"

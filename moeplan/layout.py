@@ -40,7 +40,7 @@ from moeplan.arrays import gcd, maximum, where
 from moeplan.moe import MoEModel
 from moeplan.topology import Topology
 
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "full", "offload")
 _INT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "context", "pipeline", "virtual_pipeline",
                "micro_batch_size", "first_stage_layers", "last_stage_layers")
 
@@ -58,7 +58,9 @@ class Layout:
     micro_batch_size: int = 1  # sequences per micro-batch on one batch shard (one data x fsdp rank)
     first_stage_layers: int = 0  # layers on the first pipeline stage (0: an even split)
     last_stage_layers: int = 0  # layers on the last pipeline stage (0: an even split)
-    recompute: str = "selective"  # activation recomputation: none | selective (attention) | full
+    recompute: str = "selective"  # activation recomputation: none | selective (attention) | full | offload
+    # ("offload": nothing recomputed, every stored activation moved to host memory and back, as MaxText's
+    # remat_policy minimal_offloaded and Megatron-Core's --cpu-offloading run it)
     sequence_parallel: bool = True  # Megatron SP: norms/dropout sharded over tensor, AG/RS instead of AR
     shard_optimizer: bool = True  # distributed optimizer (ZeRO-1): Adam states split over the data replicas
 
@@ -148,6 +150,12 @@ def _block(f):
     return f.data * f.fsdp * f.context * f.tensor
 
 
+def _offloads(f):
+    """Whether the layout offloads activations: ``recompute`` is a name in a Layout, an index in a grid."""
+    r = f.recompute
+    return r == "offload" if isinstance(r, str) else r == RECOMPUTE.index("offload")
+
+
 # What a layout must satisfy on its own (Layout refuses to exist otherwise).
 SHAPE_RULES = (
     Rule(lambda f, _: _block(f) % f.expert == 0,
@@ -184,6 +192,9 @@ MODEL_RULES = (
     Rule(lambda f, _: (f.expert_tensor == 1) | ((f.num_experts > 1) & (f.expert_d_ff % f.expert_tensor == 0)),
          lambda f, _: f"layout.expert_tensor: got {f.expert_tensor}; expected a divisor of expert_d_ff "
                       f"({f.expert_d_ff}) in a model with routed experts ({f.num_experts})"),
+    Rule(lambda f, topo: where(_offloads(f), topo.host_link is not None, True),
+         lambda f, topo: f"layout.recompute: got 'offload'; {topo.family} states no link to host memory (a chip "
+                         "host_link or a scale-out PCIe link); expected none, selective or full"),
 )
 
 

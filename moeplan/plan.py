@@ -134,10 +134,11 @@ class Context:
     """Everything constant across a plan, plus the grouped collective lookups."""
 
     def __init__(self, plan: Plan, topo: Topology, dtype: str, eff: ComputeEfficiency, comm: CommParams,
-                 routing: Routing, dispatch: str = "nccl", attention: str = "flash") -> None:
+                 routing: Routing, dispatch: str = "nccl", attention: str = "flash", permute: str = "gather") -> None:
         self.plan, self.topo, self.dtype, self.eff, self.comm, self.routing = plan, topo, dtype, eff, comm, routing
         self.dispatch = dispatch  # the expert dispatch kernel (dispatch.KERNELS)
         self.attention = attention  # the attention kernel (frameworks.ATTENTION_KERNELS)
+        self.permute = permute  # how routed copies are grouped per expert (frameworks.PERMUTES)
         self.m = plan.model
         bits = dtype_bytes(dtype)
         self.b = 2.0 if bits < 2 else bits  # activations and communication: bf16 under 8-bit training
@@ -256,10 +257,11 @@ def _coll_one(topo: Topology, op: str, nbytes: float, kind: str, key: tuple[int,
     return 0.0 if ids is None or nbytes <= 0 else collective_time_s(topo, op, nbytes, ids, params=comm)
 
 
-def make_context(plan, topo, dtype, profile, routing, dispatch: str = "nccl", attention: str = "flash") -> Context:
+def make_context(plan, topo, dtype, profile, routing, dispatch: str = "nccl", attention: str = "flash",
+                 permute: str = "gather") -> Context:
     eff = getattr(profile, "compute", None) or topo.chip.efficiency
     comm = getattr(profile, "comm", None) or DEFAULT_PARAMS
-    ctx = Context(plan, topo, dtype, eff, comm, routing or Routing(), dispatch, attention)
+    ctx = Context(plan, topo, dtype, eff, comm, routing or Routing(), dispatch, attention, permute)
     ctx.profile = profile
     return ctx
 

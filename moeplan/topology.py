@@ -112,6 +112,14 @@ class Topology:
         self.slices = slices  # torus: slices joined over the data-center network (multi-slice)
         self.dcn = dcn  # one chip's share of its host's DCN NICs, one direction
 
+    @property
+    def host_link(self) -> LinkSpec | None:
+        """One device's link to host memory (activation offload), one direction: the chip's own (a TPU's PCIe),
+        else a switched cluster's device <-> NIC PCIe link; None where the family states neither."""
+        if self.chip.host_link is not None:
+            return self.chip.host_link
+        return self.scale_out.pcie if self.scale_out is not None else None
+
     # ----------------------------------------------------------------- shape
     @property
     def num_devices(self) -> int:

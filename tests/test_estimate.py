@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -333,6 +336,53 @@ def test_framework_presets_set_the_knobs_and_explicit_arguments_win():
     assert scores["unfused"] > 2 * scores["flash"]  # the s^2 scores through HBM
     with pytest.raises(ValueError, match="framework: got 'jax'"):
         mp.estimate(model, topo, layout, 2**21, framework="jax")
+
+
+def test_maxtext_moves_tokens_by_one_hot_einsums_where_a_capacity_factor_is_set():
+    """MaxText's dense path (capacity factor set): per sequence of S tokens the dispatch is an [E C, S] x [S, d]
+    matmul and the combine its transpose, C = ceil(S k cf / E); dropless layers gather as Megatron does."""
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=4, capacity_factor=1.25)
+    topo = mp.load_topology("tpu-v5p", shape=(2, 2, 4))
+    layout = mp.Layout(fsdp=16, expert=8)
+    tokens = 16 * model.seq_len  # one sequence per device
+    rows = {fw: {r.name: r for r in mp.estimate(model, topo, layout, tokens, framework=fw).layers}
+            for fw in ("megatron", "maxtext")}
+    slots = model.num_experts * -(-model.seq_len * model.top_k * 1.25 // model.num_experts)  # E C = 10240
+    flops = 3 * 2.0 * slots * model.seq_len * model.d_model * model.n_moe_layers  # forward and twice backward
+    for part in ("dispatch_a2a", "combine_a2a"):
+        gather, einsum = rows["megatron"][part], rows["maxtext"][part]
+        assert gather.flops == 0 and einsum.flops == pytest.approx(flops)
+        assert einsum.time_s - gather.time_s > flops / topo.chip.peak_flop_per_s("bf16")
+    dropless = model.with_(capacity_factor=None)
+    same = [mp.estimate(dropless, topo, layout, tokens, framework=fw).step_time_s for fw in ("megatron", "maxtext")]
+    assert same[0] == same[1]
+
+
+def test_offloaded_activations_live_in_host_memory_and_cost_their_transfers():
+    """recompute="offload": nothing recomputed; a layer's activations go to host memory in its forward and come
+    back in its backward over the host link; the device holds two layers' worth (the one computing, the one in
+    transit). Without overlap both transfers are exposed; under a fast enough link none is."""
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=8)
+    topo = mp.load_topology("dgx-h100")
+    tokens, layers = 8 * 2 * model.seq_len, model.n_layers  # two micro-batches per device
+    est = {(r, o): mp.estimate(model, topo, mp.Layout(data=8, expert=8, recompute=r), tokens, overlap=o)
+           for r in ("none", "offload") for o in ("none", "dp")}
+    host = est["offload", "none"].details["host_activation_bytes"]
+    per_layer = host / layers
+    assert host > 0 and est["none", "none"].details["host_activation_bytes"] == 0
+    saved = est["none", "none"].memory["activations"] - est["offload", "none"].memory["activations"]
+    assert saved == pytest.approx(per_layer * (layers - 2))
+    extra = est["offload", "none"].step_time_s - est["none", "none"].step_time_s
+    assert extra == pytest.approx(2 * 2 * host / topo.host_link.bw_bytes_per_s)  # two micro-batches, out and back
+    row = next(r for r in est["offload", "dp"].layers if r.name == "activation_offload")
+    assert row.bytes == pytest.approx(2 * 2 * host) and 0 < row.time_s < extra
+    fast = copy.copy(topo)
+    fast.chip = dataclasses.replace(topo.chip, host_link=LinkSpec("fast", 1e15, 0.0, "a test link"))
+    hidden = mp.estimate(model, fast, mp.Layout(data=8, expert=8, recompute="offload"), tokens)
+    assert hidden.step_time_s == pytest.approx(est["none", "dp"].step_time_s)
+    v3 = mp.load_topology("tpu-v3")
+    with pytest.raises(ValueError, match="layout.recompute: got 'offload'; tpu-v3 states no link to host memory"):
+        mp.estimate(model, v3, mp.Layout(data=v3.num_devices, recompute="offload"), v3.num_devices * model.seq_len)
 
 
 def test_unfused_attention_keeps_its_scores_unless_recomputed():

@@ -29,7 +29,8 @@ def _same(a: mp.Layout, b: mp.Layout, keys=KEYS):
                                                                                 recompute="full"),
                                     mp.Layout(data=32, fsdp=4, recompute="none"),
                                     mp.Layout(data=16, fsdp=8, expert=8, expert_tensor=2),
-                                    mp.Layout(data=8, fsdp=8, context=2, expert=8)])
+                                    mp.Layout(data=8, fsdp=8, context=2, expert=8),
+                                    mp.Layout(fsdp=128, expert=8, recompute="offload")])
 def test_maxtext_fragment_parses_back_to_the_layout(layout):
     model = mp.load_model("st-moe-like-8b")
     topo = mp.load_topology("tpu-v5p", shape=(4, 4, 8))
@@ -56,7 +57,8 @@ def test_maxtext_puts_data_across_slices_over_dcn():
                                              (mp.Layout(data=16, tensor=1, expert=4, expert_tensor=2, pipeline=4,
                                                         first_stage_layers=7, last_stage_layers=9), "nccl"),
                                              (mp.Layout(data=4, tensor=2, context=4, expert=8, pipeline=2),
-                                              "nccl")])
+                                              "nccl"),
+                                             (mp.Layout(data=32, tensor=2, expert=8, recompute="offload"), "nccl")])
 def test_megatron_arguments_parse_back_to_the_layout(layout, dispatch):
     model = mp.load_model("mixtral-8x7b")
     topo = mp.load_topology("dgx-h100", nodes=8)
@@ -65,6 +67,9 @@ def test_megatron_arguments_parse_back_to_the_layout(layout, dispatch):
     assert args[args.index("--moe-router-topk") + 1] == "2" and args[args.index("--global-batch-size") + 1] == "512"
     assert ("--moe-token-dispatcher-type" in args) and ("flex" in args) == (dispatch == "deepep_normal")
     assert "--fp8-format" in args
+    if layout.recompute == "offload":  # every layer's activations to host but the last one's
+        assert args[args.index("--cpu-offloading-num-layers") + 1] == str(model.n_layers - 1)
+        assert "--recompute-granularity" not in args
 
 
 def test_a_plan_file_reproduces_the_estimate(tmp_path):

@@ -3,6 +3,7 @@ and the best expert-parallel degree follows the interconnect."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -20,7 +21,7 @@ S = importlib.import_module("moeplan.search")  # the module (moeplan.search is a
 
 MODEL = mp.load_model("st-moe-like-8b").with_(n_layers=8)
 SPACE = S.SearchSpace(num_experts=[16, 32, 64], top_k=[1, 2], capacity_factor=[1.0, 1.25, None], moe_every=[1, 2, 4],
-                      expert_d_ff=[2048, 8192], micro_batch_size=[1, 2], recompute=["selective", "full"])
+                      expert_d_ff=[2048, 8192], micro_batch_size=[1, 2], recompute=["selective", "full", "offload"])
 GBT = 64 * 2048
 
 
@@ -52,6 +53,18 @@ def test_the_grids_validity_mask_is_every_single_layout_check_point_by_point():
         agree += ok == bool(mask[j])
         kept += ok
     assert agree == points.size and 100 < kept < points.size - 100, (agree, kept)
+
+
+def test_offload_is_valid_exactly_where_the_family_states_a_host_link():
+    for family, offload_ok in (("tpu-v3", False), ("tpu-v5p", True), ("dgx-h100", True)):
+        topo = mp.load_topology(family)
+        space = {k: [getattr(MODEL, k)] for k in G.MODEL_KNOBS} | {k: [1] for k in G.LAYOUT_KNOBS}
+        grid = G.build(space | dict(fsdp=[1, topo.num_devices], recompute=["full", "offload"]))
+        mask = G.valid(grid, MODEL, topo, topo.num_devices * MODEL.seq_len)
+        assert mask.shape[-1] == 2 and mask[..., 0].any()
+        assert (mask[..., 1] == (mask[..., 0] & offload_ok)).all(), family
+        with contextlib.nullcontext() if offload_ok else pytest.raises(ValueError, match="layout.recompute"):
+            check_layout(MODEL, topo, mp.Layout(fsdp=topo.num_devices, recompute="offload"))
 
 
 @pytest.mark.parametrize("topo", [mp.load_topology("dgx-h100", nodes=2), mp.load_topology("tpu-v5p", shape=(2, 2, 4))],
