@@ -46,7 +46,7 @@ from moeplan.collectives import CommParams
 from moeplan.compute import attention_time_s
 from moeplan.dispatch import KERNELS
 from moeplan.hardware import ComputeEfficiency
-from moeplan.layout import RECOMPUTE, Layout, check_layout, stage_layers
+from moeplan.layout import OFFLOADED_TENSORS, OFFLOADS, RECOMPUTE, Layout, check_layout, stage_layers
 from moeplan.plan import Context, Plan, distinct_rows, make_context
 from moeplan.routing import Routing, max_device_load, routing_stats
 from moeplan.topology import Topology
@@ -231,8 +231,9 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
     send_in = send * (1.0 + 4.0 / 128.0) / ctx.b if fp8_dispatch else send  # fp8 values + a scale per 128
     active = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (group * etp * ep)) if decode else local
     up, width = (2 if m.gated_ffn else 1), m.expert_d_ff / etp
-    experts = ctx.mm(per_expert, up * width, m.d_model, active) + ctx.mm(
-        per_expert, m.d_model, width, active) + ctx.mem(3 * per_expert * active * width * ctx.b)
+    rows = _grouped_rows(ctx, per_expert, active)
+    experts = ctx.mm(rows, up * width, m.d_model, active) + ctx.mm(
+        rows, m.d_model, width, active) + ctx.mem(3 * per_expert * active * width * ctx.b)
     flops = 2.0 * per_expert * active * (up + 1) * width * m.d_model
     shared = _ffn(ctx, tokens, m.num_shared_experts * m.expert_d_ff, block=False)
     gathered = send * etp * (etp > 1)  # the set's received tokens, all-gathered, and the partial outputs
@@ -243,6 +244,18 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
                dispatch_s=ctx.dispatch_a2a(send_in * (ep > 1)), combine_s=ctx.dispatch_a2a(send * (ep > 1)),
                **_permute(ctx, group, send))
     return _one_expert_is_an_ffn(ctx, tokens, out)
+
+
+def _grouped_rows(ctx: Context, per_expert, active):
+    """Rows one expert's matmuls run on. Each expert its own GEMM ("gather": Megatron's grouped GEMM): its
+    tokens, padded to the chip's tile by ``matmul_time_s``. MaxText's dropless megablox ("einsum"): the sorted
+    tokens in tiles of ``MEGABLOX_TILE_ROWS`` rows, one more tile per boundary between the ``active`` experts,
+    shared out over them."""
+    if ctx.permute != "einsum":
+        return per_expert
+    tile = frameworks.MEGABLOX_TILE_ROWS
+    visited = (np.ceil(per_expert * active / tile) + maximum(active - 1, 0)) * tile
+    return where(M.is_dropless(ctx.m.capacity_factor_array), visited / maximum(active, 1), per_expert)
 
 
 def _permute(ctx: Context, group, send) -> dict:
@@ -294,11 +307,10 @@ class Part(NamedTuple):
     comm_bytes: Any
 
 
-def layer_kinds(ctx: Context, tokens, decode: bool = False, scores_passes=1.0) -> tuple[list, dict]:
+def layer_kinds(ctx: Context, tokens, decode: bool = False) -> tuple[list, dict]:
     """What the model's layers are made of, training and inference alike: per layer kind its number in the
     model and its parts (attention; dense FFN; router, dispatch, experts, combine), and the MoE layer's
-    figures (drop rate, all-to-all send and gathered bytes). ``scores_passes``: the attention scores' compute
-    relative to the others' (selective recompute runs them once more)."""
+    figures (drop rate, all-to-all send and gathered bytes)."""
     m = ctx.m
     attn = _attention(ctx, tokens, m.seq_len, decode)
     dense = _ffn(ctx, tokens, m.d_ff)
@@ -306,7 +318,7 @@ def layer_kinds(ctx: Context, tokens, decode: bool = False, scores_passes=1.0) -
     kinds = [
         (m.n_layers + m.n_cross_attention_layers,
          [Part("attention", "compute", attn["proj_s"], attn["tp_s"], attn["proj_flops"], attn["tp_bytes"]),
-          Part("attention_scores", "compute", attn["scores_s"] * scores_passes, 0.0, attn["scores_flops"], 0.0)]),
+          Part("attention_scores", "compute", attn["scores_s"], 0.0, attn["scores_flops"], 0.0)]),
         (m.n_dense_layers,
          [Part("dense_ffn", "compute", dense["s"], dense["tp_s"], dense["flops"], dense["tp_bytes"])]),
         (m.n_moe_layers,
@@ -317,6 +329,34 @@ def layer_kinds(ctx: Context, tokens, decode: bool = False, scores_passes=1.0) -
           Part("combine_a2a", "a2a", moe["permute_out_s"], moe["combine_s"], moe["permute_flops"], moe["send"])]),
     ]
     return kinds, moe
+
+
+def recomputes(policy: str, part: str) -> bool:
+    """Whether recompute ``policy`` (layout.RECOMPUTE) runs ``part`` forward once more before its backward.
+    "selective": the attention scores (Korthikanti et al. 2022); "full" and "offload_inputs": every part of a
+    transformer layer; "offload_projections" (MaxText's custom remat with the layer input and the q/k/v/out
+    projections offloaded): every part of a layer but the projections; "none" and "offload" keep what they
+    need. The output layer is never rerun (Megatron-Core checkpoints transformer layers, MaxText remats its
+    decoder layers)."""
+    if part == "logits":
+        return False
+    if policy == "selective":
+        return part == "attention_scores"
+    if policy == "offload_projections":
+        return part != "attention"
+    return policy in ("full", "offload_inputs")
+
+
+def training_passes(recompute, names) -> dict[str, tuple]:
+    """Per part name: its (compute, communication) passes in a training step: the forward, the backward (twice
+    the compute, the collectives once more) and one more forward where ``recompute`` (a RECOMPUTE index, or an
+    array of them) reruns it."""
+    out = {}
+    for name in names:
+        rerun = [i for i, policy in enumerate(RECOMPUTE) if recomputes(policy, name)]
+        again = float(recompute in rerun) if np.ndim(recompute) == 0 else np.isin(recompute, rerun) * 1.0
+        out[name] = (3.0 + again, 2.0 + again)
+    return out
 
 
 def logits_part(ctx: Context, tokens, training: bool) -> Part:
@@ -348,10 +388,12 @@ class Overlap:
 
     policy: str
 
-    def layer(self, parts: list[Part], compute_passes, comm_passes):
-        """One layer of a kind over every pass, and the fraction of its communication left exposed."""
-        compute = sum(part.compute_s * compute_passes for part in parts)
-        comm = sum(part.comm_s * comm_passes for part in parts)
+    def layer(self, parts: list[Part], passes: dict | None = None):
+        """One layer of a kind over every pass (``passes``: per part name its compute and communication passes,
+        ``training_passes``; one each without), and the fraction of its communication left exposed."""
+        one = (1.0, 1.0)
+        compute = sum(part.compute_s * (passes or {}).get(part.name, one)[0] for part in parts)
+        comm = sum(part.comm_s * (passes or {}).get(part.name, one)[1] for part in parts)
         if self.policy != "full":
             return compute + comm, 1.0
         layer_s = maximum(compute, comm)
@@ -401,33 +443,31 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     pp, v = p.pipeline, p.virtual_pipeline
     tokens = p.micro_batch_size * m.seq_len / p.context  # per device of a batch shard, per micro-batch
     stages = stage_layers(m.n_layers, pp, v, p.first_stage_layers, p.last_stage_layers)
-    full = p.recompute == RECOMPUTE.index("full")
-    selective = p.recompute == RECOMPUTE.index("selective")
-    compute_passes, comm_passes = 3.0 + full, 2.0 + full
-    kinds, moe = layer_kinds(ctx, tokens, scores_passes=(compute_passes + selective) / compute_passes)
+    kinds, moe = layer_kinds(ctx, tokens)
     scales = part_scales(profile)  # a profile's measured per-part time scales, on every row of their part
     # stages hold the model's mix of layers: each kind's count in an average layer
     kinds = [(count / m.n_layers, scaled_parts(parts, scales)) for count, parts in kinds]
     last_parts = scaled_parts([logits_part(ctx, tokens, training=True)], scales)
+    passes = training_passes(p.recompute, [part.name for _, parts in kinds for part in parts] + ["logits"])
     policy = Overlap(overlap)
     out: dict = {}
     layer_s, shares = 0.0, []
     for count, parts in kinds:
-        kind_s, exposed = policy.layer(parts, compute_passes, comm_passes)
+        kind_s, exposed = policy.layer(parts, passes)
         layer_s = layer_s + kind_s * count
         shares.append((count, parts, exposed))
-    host = _offload(ctx, tokens, p.recompute == RECOMPUTE.index("offload"))
+    host = _offload(ctx, tokens)
     offload_s = policy.offload(host["transfer_s"], layer_s)
     layer_s = layer_s + offload_s
     act = tokens * m.d_model * ctx.b / p.tensor
     p2p = policy.pipeline_sends(2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline"))
     even = not np.any((p.first_stage_layers > 0) | (p.last_stage_layers > 0))
-    pipe = _pipeline(stages, layer_s, policy.layer(last_parts, compute_passes, comm_passes)[0], p2p, pp, v, even)
+    pipe = _pipeline(stages, layer_s, policy.layer(last_parts, passes)[0], p2p, pp, v, even)
     stage_s = pipe["slowest_s"]
     if breakdown:  # the slowest stage's layers, and the output layer when that stage is the last
         for count, parts, exposed in shares:
-            _layer_rows(out, parts, compute_passes, comm_passes, exposed, count * pipe["slowest_layers"] * mb)
-        _layer_rows(out, last_parts, compute_passes, comm_passes, 1.0, pipe["last_is_slowest"] * mb)
+            _layer_rows(out, parts, passes, exposed, count * pipe["slowest_layers"] * mb)
+        _layer_rows(out, last_parts, passes, 1.0, pipe["last_is_slowest"] * mb)
         if np.any(host["bytes"]):  # a row only where activations go to host memory
             out["activation_offload"] = offload_s * pipe["slowest_layers"] * mb
             out["activation_offload:bytes"] = 2.0 * host["bytes"] * pipe["slowest_layers"] * mb
@@ -460,14 +500,28 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     return out
 
 
-def _offload(ctx: Context, tokens, offload) -> dict:
-    """One average layer's activations moved to host memory under ``recompute="offload"`` (all a layer stores
-    without recompute, per device), and their transfer one way over the device's host link at its rate."""
-    if not np.any(offload):
+def _offload(ctx: Context, tokens) -> dict:
+    """One average layer's activations moved to host memory, per device, and their transfer one way over the
+    device's host link at its rate: the tensors of ``layout.OFFLOADED_TENSORS`` (all a layer stores without
+    recompute under "offload")."""
+    r = ctx.plan.recompute
+    if not np.any(r >= RECOMPUTE.index(OFFLOADS[0])):
         return {"bytes": 0.0, "transfer_s": 0.0}
-    bytes_ = where(offload, tokens / ctx.plan.tensor * _activation_bytes_per_token_layer(ctx), 0.0)
+    per_token = 0.0
+    for policy, names in OFFLOADED_TENSORS.items():
+        size = _activation_bytes_per_token_layer(ctx) if names is None else _tensor_bytes_per_token(ctx, names)
+        per_token = per_token + (r == RECOMPUTE.index(policy)) * size
+    bytes_ = tokens / ctx.plan.tensor * per_token
     link = ctx.topo.host_link
     return {"bytes": bytes_, "transfer_s": bytes_ / link.bw_bytes_per_s if link is not None else 0.0 * bytes_}
+
+
+def _tensor_bytes_per_token(ctx: Context, names) -> float:
+    """Bytes per token of a layer's named tensors (MaxText's checkpoint names), before tensor sharding."""
+    m = ctx.m
+    width = {"decoder_layer_input": m.d_model, "query_proj": m.n_heads * m.d_head,
+             "key_proj": m.n_kv_heads * m.d_head, "value_proj": m.n_kv_heads * m.d_head, "out_proj": m.d_model}
+    return sum(width[name] for name in names) * ctx.b
 
 
 def _pipeline(stages, layer_s, logits_s, p2p_s, pp, v, even: bool = False) -> dict:
@@ -487,9 +541,10 @@ def _pipeline(stages, layer_s, logits_s, p2p_s, pp, v, even: bool = False) -> di
             "last_is_slowest": 1.0 * last_is_slowest}
 
 
-def _layer_rows(out: dict, parts, compute_passes, comm_passes, exposed, times) -> None:
+def _layer_rows(out: dict, parts, passes: dict, exposed, times) -> None:
     """Breakdown rows of one layer kind: compute as it runs, communication as much as stays exposed."""
     for name, kind, compute, comm, flops, comm_bytes in parts:
+        compute_passes, comm_passes = passes[name]
         c, k = compute * compute_passes, comm * comm_passes * exposed
         if kind == "a2a":
             out[name] = (c + k) * times
@@ -575,12 +630,15 @@ def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, layers, in
         kept = p.recompute == RECOMPUTE.index("none")  # et al. 2022 eq. 1), dropped by selective recompute
         per_token_layer = per_token_layer + kept * 2.5 * ctx.b * m.n_heads * m.seq_len
     full = p.recompute == RECOMPUTE.index("full")
-    offload = p.recompute == RECOMPUTE.index("offload")  # on the device: the layer computing, the one in transit
     layer = tokens / t * per_token_layer
+    host = _offload(ctx, tokens)["bytes"]  # one layer's offloaded activations
+    everything = p.recompute == RECOMPUTE.index("offload")
+    partly = p.recompute > RECOMPUTE.index("offload")  # the rest recomputed: one layer's worth for its backward
+    transit = minimum(2.0, layers * in_flight) * host  # on the device: the layer computing, the one in transit
     stored = where(full, tokens / t * m.d_model * ctx.b * layers * in_flight + layer,
-                   where(offload, layer * minimum(2.0, layers * in_flight), layer * layers * in_flight))
+                   where(everything, transit, where(partly, layer + transit, layer * layers * in_flight)))
     mem["mem:activations"] = stored + (tokens * m.vocab_size / t * 4.0 if logits else 0.0)  # fp32 logits
-    mem["host:activations"] = where(offload, layer * layers * in_flight, 0.0)
+    mem["host:activations"] = host * layers * in_flight
     mem["mem:a2a_buffers"] = a2a_buffer_bytes(send, gathered, training=True)
     mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, 2.0 if mixed else 4.0)
     mem["memory_per_device_bytes"] = sum(v for k, v in mem.items() if k.startswith("mem:"))
@@ -721,7 +779,7 @@ def _inference(ctx: Context, mode: str, gbt: int, hbm_reserve: float = HBM_RESER
     kinds.append((1.0, [logits_part(ctx, tokens, training=False)]))
     scales = part_scales(ctx.profile)
     policy = Overlap("none")  # one forward, nothing to hide behind: each part is its compute + communication
-    rows = [LayerRow(part.name, part.kind, float(policy.layer([part], 1.0, 1.0)[0] * count), float(part.flops * count),
+    rows = [LayerRow(part.name, part.kind, float(policy.layer([part])[0] * count), float(part.flops * count),
                      float(part.comm_bytes * count), float(count))
             for count, parts in kinds if count for part in scaled_parts(parts, scales)]
     drop, send, gathered = ((float(moe[k]) for k in ("drop", "send", "gathered")) if m.n_moe_layers

@@ -6,7 +6,8 @@ YAML that reproduces the estimate.
   fields (``num_experts``, ``num_experts_per_tok``, ``capacity_factor``, -1 for dropless with ``sparse_matmul``), the
   ``remat_policy`` (recompute "full" -> "full", "selective" -> "save_qkv_proj": projections kept,
   attention recomputed, "none" -> "minimal", "offload" -> "minimal_offloaded": the matmul outputs in host
-  memory) and the model's shape (``base_*`` keys of MaxText's
+  memory, "offload_projections" and "offload_inputs" -> "custom" with their ``layout.OFFLOADED_TENSORS`` set
+  to "offload") and the model's shape (``base_*`` keys of MaxText's
   ``base.yml``).
 * ``megatron_args``: Megatron-Core's command line: tensor, pipeline, virtual, expert, expert-tensor
   and context parallel sizes, an uneven pipeline split (first and last stage layers), micro and
@@ -29,13 +30,14 @@ from dataclasses import fields
 
 from moeplan.estimate import estimate
 from moeplan.families import load_topology
-from moeplan.layout import Layout
+from moeplan.layout import OFFLOADED_TENSORS, Layout
 from moeplan.moe import MoEModel, model_from_mapping
 from moeplan.schema import read_yaml_mapping
 from moeplan.topology import TORUS, Topology
 
 FORMATS = ("maxtext", "megatron", "moeplan")
 _REMAT = {"full": "full", "selective": "save_qkv_proj", "none": "minimal", "offload": "minimal_offloaded"}
+_TENSORS = ("decoder_layer_input", "query_proj", "key_proj", "value_proj", "out_proj")  # a custom policy's
 
 
 def _sequences(model: MoEModel, global_batch_tokens: int) -> int:
@@ -67,7 +69,7 @@ def maxtext_config(model: MoEModel, topo: Topology, layout: Layout, global_batch
         "num_pipeline_microbatches": layout.pipeline * max(1, int(per_device * topo.num_devices
                                                                   // (layout.batch_shards * layout.pipeline)))
         if layout.pipeline > 1 else 1,
-        "remat_policy": _REMAT[layout.recompute],
+        "remat_policy": _REMAT.get(layout.recompute, "custom"),
         "base_emb_dim": model.d_model, "base_num_decoder_layers": model.n_layers, "base_num_query_heads": model.n_heads,
         "base_num_kv_heads": model.n_kv_heads, "head_dim": model.d_head, "vocab_size": model.vocab_size,
         "base_mlp_dim": model.d_ff or model.expert_d_ff, "base_moe_mlp_dim": model.expert_d_ff,
@@ -78,6 +80,8 @@ def maxtext_config(model: MoEModel, topo: Topology, layout: Layout, global_batch
         "dtype": "bfloat16" if dtype in ("bf16", "fp8", "mxfp8") else "float32",
         "moeplan_expert_degree": layout.expert, "moeplan_expert_tensor_degree": layout.expert_tensor,
     }
+    if _REMAT.get(layout.recompute, "custom") == "custom":  # the rest of the named tensors are rematerialised
+        out.update({name: "offload" if name in OFFLOADED_TENSORS[layout.recompute] else "remat" for name in _TENSORS})
     if dtype in ("fp8", "mxfp8"):
         out["quantization"] = "fp8"
     return out
@@ -90,7 +94,19 @@ def parse_maxtext(config: dict) -> Layout:
                   context=int(config.get("ici_context_parallelism", 1)),
                   pipeline=int(config["ici_pipeline_parallelism"]), expert=int(config["moeplan_expert_degree"]),
                   expert_tensor=int(config.get("moeplan_expert_tensor_degree", 1)),
-                  recompute={v: k for k, v in _REMAT.items()}[config["remat_policy"]])
+                  recompute=_recompute_of(config))
+
+
+def _recompute_of(config: dict) -> str:
+    if config["remat_policy"] != "custom":
+        return {v: k for k, v in _REMAT.items()}[config["remat_policy"]]
+    offloaded = tuple(name for name in _TENSORS if config.get(name) == "offload")
+    return next((policy for policy, names in OFFLOADED_TENSORS.items() if names == offloaded), None) or \
+        _unexpressed("remat_policy", f"custom with {', '.join(offloaded) or 'nothing'} offloaded")
+
+
+def _unexpressed(field: str, what: str):
+    raise ValueError(f"{field}: {what} has no moeplan recompute policy")
 
 
 def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_tokens: int, dtype: str = "bf16",
@@ -127,6 +143,8 @@ def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_
             args += ["--moe-shared-expert-intermediate-size", model.num_shared_experts * model.expert_d_ff]
         if dispatch.startswith("deepep"):
             args += ["--moe-enable-deepep"]
+    if layout.recompute in ("offload_projections", "offload_inputs"):
+        _unexpressed("layout.recompute", f"{layout.recompute!r} (MaxText's custom remat) in Megatron-Core")
     if layout.recompute == "offload":  # the last layer's activations are used at once: Megatron keeps them
         args += ["--cpu-offloading", "--cpu-offloading-num-layers", model.n_layers // layout.pipeline - 1]
     elif layout.recompute != "none":

@@ -9,7 +9,10 @@ per-expert groups (memory-bound: Megatron's permute, DeepEP, MaxText's megablox 
 them, in layers with a capacity factor, with one-hot dispatch and combine einsums on the matrix unit,
 capacity-padded (GShard; MaxText's dropping path, ``sparse_matmul: False``): per sequence of S tokens the
 dispatch is an [E C, S] x [S, d] matmul and the combine an [S, E C] x [E C, d] one, C = ceil(S k cf / E)
-slots per expert; dropless layers still gather (MaxText runs them with megablox).
+slots per expert. Dropless layers gather either way; under "einsum" their experts run as MaxText runs them,
+megablox's grouped matmul (``MEGABLOX_TILE_ROWS``): it walks the tokens, sorted by expert, in row tiles and
+visits a tile once for each expert it holds, so every boundary between experts inside a tile costs one more
+tile of work (jax.experimental.pallas.ops.tpu.megablox gmm, make_group_metadata).
 
 Attention kernels: ``"flash"`` (FlashAttention-style: scores never reach HBM, causal blocks skipped)
 or ``"unfused"`` (the scores are written to HBM: QK^T, a fused scale-mask-softmax, dropout, then AV,
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 ATTENTION_KERNELS = ("flash", "unfused")
 PERMUTES = ("gather", "einsum")
+MEGABLOX_TILE_ROWS = 512  # MaxText's default row tile (tile_batch_seq, MoEKernels in its configs/types.py)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,15 @@ from moeplan.arrays import gcd, maximum, where
 from moeplan.moe import MoEModel
 from moeplan.topology import Topology
 
-RECOMPUTE = ("none", "selective", "full", "offload")
+RECOMPUTE = ("none", "selective", "full", "offload", "offload_projections", "offload_inputs")
+# The policies that move activations to host memory, with the tensors each moves (MaxText's custom remat names;
+# None: every activation a layer stores). What is not moved is recomputed, except under "offload".
+OFFLOADED_TENSORS = {"offload": None,
+                     "offload_projections": ("decoder_layer_input", "query_proj", "key_proj", "value_proj",
+                                             "out_proj"),
+                     "offload_inputs": ("decoder_layer_input",)}
+OFFLOADS = tuple(OFFLOADED_TENSORS)
+assert RECOMPUTE[-len(OFFLOADS):] == OFFLOADS  # _offloads reads an index past the others as an offload
 _INT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "context", "pipeline", "virtual_pipeline",
                "micro_batch_size", "first_stage_layers", "last_stage_layers")
 
@@ -58,9 +66,12 @@ class Layout:
     micro_batch_size: int = 1  # sequences per micro-batch on one batch shard (one data x fsdp rank)
     first_stage_layers: int = 0  # layers on the first pipeline stage (0: an even split)
     last_stage_layers: int = 0  # layers on the last pipeline stage (0: an even split)
-    recompute: str = "selective"  # activation recomputation: none | selective (attention) | full | offload
-    # ("offload": nothing recomputed, every stored activation moved to host memory and back, as MaxText's
-    # remat_policy minimal_offloaded and Megatron-Core's --cpu-offloading run it)
+    recompute: str = "selective"  # activation recomputation: none | selective (attention) | full | offload |
+    # offload_projections | offload_inputs. "offload": nothing recomputed, every stored activation moved to host
+    # memory and back (MaxText remat_policy minimal_offloaded, Megatron-Core --cpu-offloading);
+    # "offload_projections": the layer input and the q/k/v/out projections in host memory, the rest recomputed;
+    # "offload_inputs": a full recompute whose layer inputs wait in host memory (both MaxText's custom remat
+    # policy with those tensors set to offload, as its large MoE recipes run)
     sequence_parallel: bool = True  # Megatron SP: norms/dropout sharded over tensor, AG/RS instead of AR
     shard_optimizer: bool = True  # distributed optimizer (ZeRO-1): Adam states split over the data replicas
 
@@ -153,7 +164,9 @@ def _block(f):
 def _offloads(f):
     """Whether the layout offloads activations: ``recompute`` is a name in a Layout, an index in a grid."""
     r = f.recompute
-    return r == "offload" if isinstance(r, str) else r == RECOMPUTE.index("offload")
+    if isinstance(r, str):
+        return r in OFFLOADS
+    return r >= RECOMPUTE.index(OFFLOADS[0])  # the offload policies close the list
 
 
 # What a layout must satisfy on its own (Layout refuses to exist otherwise).
@@ -193,8 +206,8 @@ MODEL_RULES = (
          lambda f, _: f"layout.expert_tensor: got {f.expert_tensor}; expected a divisor of expert_d_ff "
                       f"({f.expert_d_ff}) in a model with routed experts ({f.num_experts})"),
     Rule(lambda f, topo: where(_offloads(f), topo.host_link is not None, True),
-         lambda f, topo: f"layout.recompute: got 'offload'; {topo.family} states no link to host memory (a chip "
-                         "host_link or a scale-out PCIe link); expected none, selective or full"),
+         lambda f, topo: f"layout.recompute: got {f.recompute!r}; {topo.family} states no link to host memory (a "
+                         "chip host_link or a scale-out PCIe link); expected none, selective or full"),
 )
 
 

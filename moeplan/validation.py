@@ -330,7 +330,6 @@ def training_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple[s
 
 def _training_row(point: dict) -> ValidationRow:
     from moeplan.estimate import estimate
-    from moeplan.layout import Layout
     from moeplan.moe import MLADims, MoEModel
     from moeplan.routing import Routing
 
@@ -348,25 +347,14 @@ def _training_row(point: dict) -> ValidationRow:
     if spec.get("attention") == "mla":
         kwargs["mla"] = MLADims(**spec["mla"])
     model = MoEModel(name=spec.get("name", point["id"]), **kwargs)
+    framework = point_framework(point)
+    layout = training_layout(point, chips, framework)
     lay = point["layout"]
-    fsdp, tensor, pipeline = (int(lay.get(k) or 1) for k in ("fsdp", "tensor", "pipeline"))
-    context = int(lay.get("context") or lay.get("cp") or 1)  # context parallel size
-    data = chips // (fsdp * tensor * pipeline * context)  # the sources' data degree counts the expert axis too
-    # MaxText's "remat ... offload" policies keep only each layer's input: a full recompute.
-    notes = point.get("notes", "")
-    recompute = lay.get("recompute") or ("full" if "remat" in notes and "offload" in notes else "selective")
-    flags = {k: bool(lay[k]) for k in ("sequence_parallel", "shard_optimizer") if lay.get(k) is not None}
-    expert_tensor = int(lay.get("expert_tensor") or lay.get("etp") or 1)  # Megatron's expert-tensor-parallel size
-    stages = {k: int(lay.get(k) or 0) for k in ("first_stage_layers", "last_stage_layers")}  # 0: an even split
-    layout = Layout(data=data, fsdp=fsdp, tensor=tensor, context=context, pipeline=pipeline,
-                    expert=int(lay.get("expert") or 1),
-                    expert_tensor=expert_tensor, **stages, virtual_pipeline=int(lay.get("virtual_pipeline") or 1),
-                    micro_batch_size=int(lay.get("micro_batch_per_device") or 1), recompute=recompute, **flags)
     topo = _training_topology(family, chips, int(lay.get("dcn_data") or 0) or None)
     balanced = "force-balance" in point.get("notes", "")
     try:
         est = estimate(model, topo, layout, int(point["global_batch_tokens"]), dtype=point.get("dtype") or "bf16",
-                       routing=Routing("balanced" if balanced else "uniform"), framework=point.get("framework"))
+                       routing=Routing("balanced" if balanced else "uniform"), framework=framework)
     except ValueError as exc:
         raise _Skip(f"not expressible: {exc}") from None
     measured = point.get("measured") or {}
@@ -380,6 +368,57 @@ def _training_row(point: dict) -> ValidationRow:
         mfu = float(measured["mfu"])
         return ValidationRow(point["id"], label, "mfu", mfu, est.mfu, mfu / est.mfu - 1.0, False, "estimate")
     raise _Skip("no step time, throughput or MFU published")
+
+
+def point_framework(point: dict) -> str | None:
+    """The framework a training point ran on: its ``framework`` field, else "maxtext" where its source is
+    MaxText's (or a MaxText recipe), else None (the Megatron-Core defaults)."""
+    return point.get("framework") or ("maxtext" if "maxtext" in str(point.get("source", "")).lower() else None)
+
+
+def training_layout(point: dict, chips: int, framework: str | None):
+    """The moeplan Layout of a training point's published parallelism. The sources' data degree counts the
+    expert axis too (Megatron folds experts into data). MaxText's mesh axes read as MaxText shards: its expert
+    axis splits the batch and the non-expert weights as fsdp does (base.yml logical axis rules put embed and
+    activation_batch over it), its tensor axis splits the experts' mlp width too (expert-tensor parallelism),
+    and its remat policy comes from the notes (``_maxtext_remat``)."""
+    from moeplan.layout import Layout
+
+    lay = point["layout"]
+    fsdp, tensor, pipeline = (int(lay.get(k) or 1) for k in ("fsdp", "tensor", "pipeline"))
+    maxtext = framework == "maxtext"
+    if maxtext:
+        fsdp *= int(lay.get("expert") or 1)
+    context = int(lay.get("context") or lay.get("cp") or 1)  # context parallel size
+    data = chips // (fsdp * tensor * pipeline * context)
+    recompute = lay.get("recompute") or _maxtext_remat(point.get("notes", ""))
+    flags = {k: bool(lay[k]) for k in ("sequence_parallel", "shard_optimizer") if lay.get(k) is not None}
+    expert_tensor = int(lay.get("expert_tensor") or lay.get("etp") or (tensor if maxtext else 1))
+    stages = {k: int(lay.get(k) or 0) for k in ("first_stage_layers", "last_stage_layers")}  # 0: an even split
+    return Layout(data=data, fsdp=fsdp, tensor=tensor, context=context, pipeline=pipeline,
+                  expert=int(lay.get("expert") or 1),
+                  expert_tensor=expert_tensor, **stages, virtual_pipeline=int(lay.get("virtual_pipeline") or 1),
+                  micro_batch_size=_micro_batch(point, data * fsdp, framework), recompute=recompute, **flags)
+
+
+def _micro_batch(point: dict, batch_shards: int, framework: str | None) -> int:
+    """Sequences per micro-batch on one batch shard: MaxText runs a shard's whole batch at once (no gradient
+    accumulation; its per_device_batch_size counts the tensor ranks' share of a shard's sequences); elsewhere
+    the source's micro-batch per device."""
+    if framework == "maxtext":
+        return max(1, int(point["global_batch_tokens"]) // int(point["model"]["seq_len"]) // batch_shards)
+    return int(point["layout"].get("micro_batch_per_device") or 1)
+
+
+def _maxtext_remat(notes: str) -> str:
+    """The recompute policy of a MaxText run its notes describe: a custom remat that offloads the projections
+    (out_proj, q/k/v) keeps them in host memory and recomputes the rest; one that offloads each layer's input
+    only is a full recompute with the inputs in host memory; otherwise Megatron's default, selective."""
+    if "remat" not in notes or "offload" not in notes:
+        return "selective"
+    if "out_proj" in notes or "query_proj" in notes:
+        return "offload_projections"
+    return "offload_inputs" if "decoder_layer_input" in notes else "full"
 
 
 def _training_topology(family: str, chips: int, slices: int | None = None):

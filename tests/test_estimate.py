@@ -221,14 +221,16 @@ def test_full_overlap_hides_a_dispatch_that_fits_under_the_other_micro_batchs_co
     """DualPipe: a layer's communication runs under the other micro-batch's compute of the whole layer.
     Hand-computed: forward compute 1 + 0.1 + 3 + 0.1 = 4.2 s, x3 passes = 12.6 s; communication 0.2 + 2 + 2 =
     4.2 s, x2 passes = 8.4 s. "full": max(12.6, 8.4) = 12.6 (all hidden); "dp": 12.6 + 8.4 = 21.0."""
-    from moeplan.estimate import Overlap, Part
+    from moeplan.estimate import Overlap, Part, training_passes
 
     parts = [Part("attention", "compute", 1.0, 0.2, 0.0, 0.0), Part("dispatch_a2a", "a2a", 0.1, 2.0, 0.0, 0.0),
              Part("experts", "compute", 3.0, 0.0, 0.0, 0.0), Part("combine_a2a", "a2a", 0.1, 2.0, 0.0, 0.0)]
-    assert Overlap("full").layer(parts, 3.0, 2.0) == (pytest.approx(12.6), 0.0)
-    assert Overlap("dp").layer(parts, 3.0, 2.0)[0] == pytest.approx(21.0)
+    passes = training_passes(mp.layout.RECOMPUTE.index("none"), [part.name for part in parts])
+    assert passes["attention"] == (3.0, 2.0)
+    assert Overlap("full").layer(parts, passes) == (pytest.approx(12.6), 0.0)
+    assert Overlap("dp").layer(parts, passes)[0] == pytest.approx(21.0)
     heavy = [part._replace(comm_s=part.comm_s * 3) for part in parts]  # 25.2 s of communication
-    layer, exposed = Overlap("full").layer(heavy, 3.0, 2.0)
+    layer, exposed = Overlap("full").layer(heavy, passes)
     assert layer == pytest.approx(25.2) and exposed == pytest.approx((25.2 - 12.6) / 25.2)
     # the rest of the policy: sends and the gradient sync hide unless "none"; FSDP gathers under every micro-batch
     assert Overlap("none").pipeline_sends(0.5) == 0.5 and Overlap("dp").pipeline_sends(0.5) == 0.0
@@ -340,7 +342,7 @@ def test_framework_presets_set_the_knobs_and_explicit_arguments_win():
 
 def test_maxtext_moves_tokens_by_one_hot_einsums_where_a_capacity_factor_is_set():
     """MaxText's dense path (capacity factor set): per sequence of S tokens the dispatch is an [E C, S] x [S, d]
-    matmul and the combine its transpose, C = ceil(S k cf / E); dropless layers gather as Megatron does."""
+    matmul and the combine its transpose, C = ceil(S k cf / E); dropless layers gather as Megatron's do."""
     model = mp.load_model("mixtral-8x7b").with_(n_layers=4, capacity_factor=1.25)
     topo = mp.load_topology("tpu-v5p", shape=(2, 2, 4))
     layout = mp.Layout(fsdp=16, expert=8)
@@ -353,9 +355,52 @@ def test_maxtext_moves_tokens_by_one_hot_einsums_where_a_capacity_factor_is_set(
         gather, einsum = rows["megatron"][part], rows["maxtext"][part]
         assert gather.flops == 0 and einsum.flops == pytest.approx(flops)
         assert einsum.time_s - gather.time_s > flops / topo.chip.peak_flop_per_s("bf16")
-    dropless = model.with_(capacity_factor=None)
-    same = [mp.estimate(dropless, topo, layout, tokens, framework=fw).step_time_s for fw in ("megatron", "maxtext")]
-    assert same[0] == same[1]
+    dropless = model.with_(capacity_factor=None)  # gathered either way (its experts run megablox: another test)
+    same = [{r.name: r.time_s for r in mp.estimate(dropless, topo, layout, tokens, framework=fw).layers}
+            for fw in ("megatron", "maxtext")]
+    assert same[0]["dispatch_a2a"] == same[1]["dispatch_a2a"] and same[0]["combine_a2a"] == same[1]["combine_a2a"]
+
+
+def test_megablox_visits_a_row_tile_once_per_expert_it_holds():
+    """MaxText's dropless experts: the sorted tokens in 512-row tiles, one more tile per boundary between
+    experts. 128 experts of 256 rows: (32768 / 512 + 127) tiles of 512 rows = 764 rows per expert, where each
+    expert's own GEMM (Megatron) runs its 256. Layers with a capacity factor run dense einsums instead."""
+    from types import SimpleNamespace
+
+    from moeplan.estimate import _grouped_rows
+
+    def ctx(permute, cf):
+        return SimpleNamespace(permute=permute, m=SimpleNamespace(capacity_factor_array=cf))
+
+    assert _grouped_rows(ctx("einsum", np.nan), 256.0, 128) == pytest.approx((64 + 127) * 512 / 128)
+    assert _grouped_rows(ctx("gather", np.nan), 256.0, 128) == 256.0
+    assert _grouped_rows(ctx("einsum", 1.25), 256.0, 128) == 256.0
+    model = mp.load_model("qwen3-30b-a3b").with_(n_layers=4)
+    topo = mp.load_topology("tpu-v5p", shape=(2, 2, 4))
+    experts = {fw: next(r for r in mp.estimate(model, topo, mp.Layout(fsdp=16), 16 * model.seq_len,
+                                               framework=fw).layers if r.name == "experts")
+               for fw in ("megatron", "maxtext")}
+    assert experts["maxtext"].time_s > 1.5 * experts["megatron"].time_s
+    assert experts["maxtext"].flops == experts["megatron"].flops  # the same useful work
+
+
+def test_maxtext_points_read_their_mesh_as_maxtext_shards_it():
+    """The validation converter: MaxText's expert axis shards batch and non-expert weights like fsdp, its tensor
+    axis the experts' width, a shard's batch runs in one micro-batch, and the remat policy comes from the notes."""
+    from moeplan.validation import point_framework, training_layout
+
+    point = {"source": "AI-Hypercomputer/maxtext benchmarks/...", "global_batch_tokens": 512 * 8192,
+             "model": {"seq_len": 8192}, "notes": "remat custom with offload of decoder_layer_input/out_proj/q/k/v",
+             "layout": {"fsdp": 16, "expert": 8, "tensor": 2, "micro_batch_per_device": 2}}
+    assert point_framework(point) == "maxtext"
+    layout = training_layout(point, 256, "maxtext")
+    assert (layout.data, layout.fsdp, layout.expert, layout.tensor, layout.expert_tensor) == (1, 128, 8, 2, 2)
+    assert layout.micro_batch_size == 4 and layout.recompute == "offload_projections"  # 512 sequences / 128
+    megatron = training_layout(dict(point, source="NVIDIA Megatron-Bridge", notes=""), 256, None)
+    assert (megatron.data, megatron.fsdp, megatron.expert_tensor, megatron.recompute) == (8, 16, 1, "selective")
+    assert megatron.micro_batch_size == 2
+    only_inputs = dict(point, notes="remat custom with decoder_layer_input offload")
+    assert training_layout(only_inputs, 256, "maxtext").recompute == "offload_inputs"
 
 
 def test_offloaded_activations_live_in_host_memory_and_cost_their_transfers():
@@ -383,6 +428,36 @@ def test_offloaded_activations_live_in_host_memory_and_cost_their_transfers():
     v3 = mp.load_topology("tpu-v3")
     with pytest.raises(ValueError, match="layout.recompute: got 'offload'; tpu-v3 states no link to host memory"):
         mp.estimate(model, v3, mp.Layout(data=v3.num_devices, recompute="offload"), v3.num_devices * model.seq_len)
+
+
+def test_offloading_the_projections_recomputes_all_but_them():
+    """recompute="offload_projections" (MaxText's custom remat, layer input and q/k/v/out projections to host):
+    against "full", the projections and their collectives run one pass fewer, the rest alike (the output layer
+    is never rerun); the host holds the layer input, q, k, v and the output projection of every layer.
+    "offload_inputs" is a full recompute with the layer inputs in host memory."""
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=8)
+    topo = mp.load_topology("tpu-v5p", shape=(2, 2, 4))
+    tokens = 16 * model.seq_len
+    layout = dict(fsdp=8, tensor=2, expert=8)
+    est = {r: mp.estimate(model, topo, mp.Layout(**layout, recompute=r), tokens, overlap="none")
+           for r in ("full", "offload_projections", "offload_inputs")}
+    rows = {r: {row.name: row.time_s for row in e.layers} for r, e in est.items()}
+    for part, ratio in (("attention", 3 / 4), ("attention_tp", 2 / 3), ("logits", 1.0), ("experts", 1.0),
+                        ("attention_scores", 1.0), ("dispatch_a2a", 1.0)):
+        assert rows["offload_projections"][part] == pytest.approx(rows["full"][part] * ratio), part
+        assert rows["offload_inputs"][part] == pytest.approx(rows["full"][part]), part
+    b, t, d = 2, 2, model.d_model
+    per_layer = model.seq_len / t * (2 * d + (model.n_heads + 2 * model.n_kv_heads) * model.d_head) * b
+    assert est["offload_projections"].details["host_activation_bytes"] == pytest.approx(model.n_layers * per_layer)
+    assert rows["offload_projections"]["activation_offload"] == pytest.approx(
+        2 * model.n_layers * per_layer / topo.host_link.bw_bytes_per_s * est["full"].micro_batches)
+    kept_inputs = model.n_layers * model.seq_len / t * d * b  # what full recompute keeps on the device
+    assert est["full"].memory["activations"] - est["offload_projections"].memory["activations"] == \
+        pytest.approx(kept_inputs - 2 * per_layer)
+    inputs = est["offload_inputs"].details["host_activation_bytes"]
+    assert inputs == pytest.approx(kept_inputs)
+    assert est["full"].memory["activations"] - est["offload_inputs"].memory["activations"] == \
+        pytest.approx(kept_inputs - 2 * kept_inputs / model.n_layers)
 
 
 def test_unfused_attention_keeps_its_scores_unless_recomputed():

@@ -30,7 +30,9 @@ def _same(a: mp.Layout, b: mp.Layout, keys=KEYS):
                                     mp.Layout(data=32, fsdp=4, recompute="none"),
                                     mp.Layout(data=16, fsdp=8, expert=8, expert_tensor=2),
                                     mp.Layout(data=8, fsdp=8, context=2, expert=8),
-                                    mp.Layout(fsdp=128, expert=8, recompute="offload")])
+                                    mp.Layout(fsdp=128, expert=8, recompute="offload"),
+                                    mp.Layout(fsdp=128, expert=8, recompute="offload_projections"),
+                                    mp.Layout(fsdp=128, expert=8, recompute="offload_inputs")])
 def test_maxtext_fragment_parses_back_to_the_layout(layout):
     model = mp.load_model("st-moe-like-8b")
     topo = mp.load_topology("tpu-v5p", shape=(4, 4, 8))
@@ -39,6 +41,10 @@ def test_maxtext_fragment_parses_back_to_the_layout(layout):
     assert _same(parse_maxtext(config), layout)
     assert config["num_experts"] == 64 and config["num_experts_per_tok"] == 2 and config["capacity_factor"] == 1.25
     assert config["per_device_batch_size"] == 2.0
+    assert (config.get("query_proj") == "offload") == (layout.recompute == "offload_projections")
+    if layout.recompute == "offload_projections":  # a custom policy moeplan cannot express is refused
+        with pytest.raises(ValueError, match="remat_policy: custom with decoder_layer_input, key_proj"):
+            parse_maxtext(dict(config, query_proj="remat"))
 
 
 def test_maxtext_puts_data_across_slices_over_dcn():
@@ -70,6 +76,8 @@ def test_megatron_arguments_parse_back_to_the_layout(layout, dispatch):
     if layout.recompute == "offload":  # every layer's activations to host but the last one's
         assert args[args.index("--cpu-offloading-num-layers") + 1] == str(model.n_layers - 1)
         assert "--recompute-granularity" not in args
+    with pytest.raises(ValueError, match="layout.recompute: 'offload_projections'"):
+        megatron_args(model, topo, mp.Layout(data=64, expert=8, recompute="offload_projections"), 512 * model.seq_len)
 
 
 def test_a_plan_file_reproduces_the_estimate(tmp_path):

@@ -28,10 +28,22 @@ def test_import_moeplan_loads_no_jax_streamlit_or_plotly():
 
 
 def _moeplan_imports(path):
+    """The moeplan modules a file imports: ``from moeplan.x import y``, ``from moeplan import x`` (x a module;
+    a name the package re-exports counts as the package itself), ``import moeplan.x``; relative imports too."""
     tree = ast.parse(path.read_text())
+    package = path.relative_to(ROOT / "moeplan").parts[:-1]
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moeplan."):
-            yield node.module.split(".")[1]
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: resolve against the file's package
+                base = ["moeplan", *package][: len(package) + 2 - node.level]
+                module = ".".join(base + ([module] if module else []))
+            if module == "moeplan":
+                for alias in node.names:
+                    yield alias.name if (ROOT / "moeplan" / f"{alias.name}.py").exists() or \
+                        (ROOT / "moeplan" / alias.name).is_dir() else "__init__"
+            elif module.startswith("moeplan."):
+                yield module.split(".")[1]
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("moeplan."):
@@ -47,8 +59,18 @@ def test_imports_flow_down_the_house_order():
         me = rel.parts[0].removesuffix(".py")
         assert me in ORDER, f"{rel}: module not placed in the house order list"
         for dep in _moeplan_imports(path):
+            assert dep != "__init__", f"{rel} imports a name from the package root; import it from its module"
             assert dep in ORDER, f"{rel} imports unknown moeplan.{dep}"
             assert ORDER.index(dep) <= ORDER.index(me), f"{rel} imports moeplan.{dep}, which sits above it"
+
+
+def test_the_import_walk_sees_every_form(tmp_path, monkeypatch):
+    """``from moeplan import x`` and relative imports count like ``from moeplan.x import y``."""
+    fake = ROOT / "moeplan" / "units.py"
+    monkeypatch.setattr(fake.__class__, "read_text", lambda self, *a, **k: (
+        "from moeplan import estimate, moe as M\nfrom moeplan.plan import Plan\nimport moeplan.search\n"
+        "from . import grid\nfrom .layout import Layout\nfrom moeplan import Estimate\n"))
+    assert list(_moeplan_imports(fake)) == ["estimate", "moe", "plan", "search", "grid", "layout", "__init__"]
 
 
 def test_heavy_frameworks_only_in_their_places():
