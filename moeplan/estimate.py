@@ -35,6 +35,7 @@ micro-batches in flight, all-to-all buffers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -353,10 +354,15 @@ def training_passes(recompute, names) -> dict[str, tuple]:
     array of them) reruns it."""
     out = {}
     for name in names:
-        rerun = [i for i, policy in enumerate(RECOMPUTE) if recomputes(policy, name)]
-        again = float(recompute in rerun) if np.ndim(recompute) == 0 else np.isin(recompute, rerun) * 1.0
+        rerun = _reruns(name)  # per policy index: 1.0 where it reruns the part
+        again = float(rerun[int(recompute)]) if np.ndim(recompute) == 0 else rerun[recompute]
         out[name] = (3.0 + again, 2.0 + again)
     return out
+
+
+@cache
+def _reruns(part: str) -> np.ndarray:
+    return np.array([1.0 * recomputes(policy, part) for policy in RECOMPUTE])
 
 
 def logits_part(ctx: Context, tokens, training: bool) -> Part:
