@@ -202,7 +202,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     print(f"  memory {fmt_gib(est.memory_per_device_bytes)} per device ({parts}) "
           f"of {fmt_gib(topo.chip.hbm_capacity_bytes)}" + ("" if est.fits else "  DOES NOT FIT"))
     for key, value in est.details.items():
-        if key != "model_flops":
+        if key == "host_activation_bytes" and value:
+            print(f"  host memory: {fmt_gib(value)} per device of offloaded activations")
+        elif key not in ("model_flops", "host_activation_bytes"):
             print(f"  {key.replace('_', ' ')}: {value:g}")
     _print_money(topo, est.step_time_s, args.batch_tokens, args.tokens_to_train, args.provider)
     return 0

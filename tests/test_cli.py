@@ -85,6 +85,10 @@ def test_estimate_prints_breakdown_and_json(capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "dispatch_a2a" in out and "experts" in out and "tokens/s" in out and "MFU" in out
+    assert "host memory" not in out
+    offload = [a.replace("data=16,expert=8", "data=16,expert=8,recompute=offload") for a in argv]
+    assert main(offload) == 0
+    assert "GiB per device of offloaded activations" in capsys.readouterr().out
     assert main(argv + ["--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["fits"] in (True, False) and info["step_time_s"] > 0
