@@ -27,6 +27,8 @@ from moeplan import report
 from moeplan.cost import load_prices, step_cost
 from moeplan.export import maxtext_config, megatron_args
 from moeplan.families import load_family
+from moeplan.frameworks import FRAMEWORKS
+from moeplan.layout import OFFLOADS, RECOMPUTE
 from moeplan.moe import model_from_mapping
 from moeplan.profiles import profile_from_upload
 from moeplan.schema import MAX_YAML_BYTES, parse_yaml_mapping
@@ -53,10 +55,11 @@ def collective_curves(name: str, size: str, devices: int) -> dict:
 
 
 @st.cache_data(show_spinner=False)
-def run_estimate(name: str, size: str, model_fields: dict, layout_fields: dict, batch: int, mode: str, dtype: str):
+def run_estimate(name: str, size: str, model_fields: dict, layout_fields: dict, batch: int, mode: str, dtype: str,
+                 framework: str | None = None):
     model = mp.MoEModel(**model_fields)
-    est = mp.estimate(model, topology(name, size), mp.Layout(**layout_fields), batch, dtype=dtype, mode=mode)
-    return est
+    return mp.estimate(model, topology(name, size), mp.Layout(**layout_fields), batch, dtype=dtype, mode=mode,
+                       framework=framework)
 
 
 def model_fields(model: mp.MoEModel) -> dict:
@@ -408,6 +411,13 @@ def layout_widgets(name: str, size: str, fields: dict, batch: int) -> dict | Non
         return None
     layout["data"] = devices // rest
     c[5].metric("data (the rest)", layout["data"])
+    # offloading activations needs a link to host memory; families without one are offered the rest
+    host = topology(name, size).host_link is not None
+    policies = [r for r in RECOMPUTE if host or r not in OFFLOADS]
+    layout["recompute"] = st.selectbox("recompute", policies, index=policies.index("selective"),
+                                       key=f"est_recompute_{name}_{size}",
+                                       help="offload*: activations in host memory (MaxText remat policies, "
+                                            "Megatron-Core --cpu-offloading)")
     return layout
 
 
@@ -415,18 +425,21 @@ def page_estimate() -> None:
     st.header("Estimate")
     name, size = topology_picker("est")
     fields = model_editor("est")
-    c2 = st.columns(3)
+    c2 = st.columns(4)
     batch = int(c2[0].number_input("Global batch (tokens; decode: sequences)", 1, 1 << 32, 64 * 4096,
                                    key="est_batch"))
     mode = c2[1].selectbox("Mode", ("train", "prefill", "decode"), key="est_mode")
     dtype = c2[2].selectbox("dtype", ("bf16", "fp8", "fp32"), key="est_dtype")
+    framework = c2[3].selectbox("Framework", sorted(FRAMEWORKS), index=sorted(FRAMEWORKS).index("megatron"),
+                                key="est_framework", help="overlap, dispatch kernel, attention kernel and "
+                                                          "MoE kernels as the framework runs them")
     if fields is None:
         return
     try:
         layout = layout_widgets(name, size, fields, batch if mode == "train" else 64 * 4096)
         if layout is None:
             return
-        est = run_estimate(name, size, fields, layout, batch, mode, dtype)
+        est = run_estimate(name, size, fields, layout, batch, mode, dtype, framework)
     except ValueError as exc:
         st.error(str(exc))
         return
@@ -437,6 +450,9 @@ def page_estimate() -> None:
     m[3].metric("Memory / device", f"{est.memory_per_device_bytes / 2**30:,.1f} GiB")
     if not est.fits:
         st.warning(f"Does not fit: {est.reason}")
+    if est.details.get("host_activation_bytes"):
+        st.caption(f"Host memory: {est.details['host_activation_bytes'] / 2**30:,.1f} GiB per device of "
+                   "offloaded activations")
     hbm = topology(name, size).chip.hbm_capacity_bytes
     mem = go.Figure([go.Bar(x=list(est.memory), y=[v / 2**30 for v in est.memory.values()], name="memory")])
     mem.add_hline(y=hbm / 2**30, line_dash="dash", annotation_text="HBM")

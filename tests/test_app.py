@@ -107,9 +107,16 @@ def test_estimate_page_defaults_fit_and_its_layout_follows_the_device_count():
     assert not at.exception and not at.error and not at.warning
     widget = {s.key.split("_")[1]: s for s in at.selectbox if s.key.startswith(("est_tensor_", "est_pipeline_"))}
     assert widget["tensor"].options == ["1", "2", "4", "8", "16", "32", "64"]
+    recompute = next(s for s in at.selectbox if s.key.startswith("est_recompute_"))
+    assert "offload_projections" in recompute.options  # TPU v5p has a host link
+    recompute.set_value("offload_projections").run()
+    at.selectbox(key="est_framework").set_value("maxtext").run()
+    assert not at.exception and any("offloaded activations" in c.value for c in at.caption)
     widget["tensor"].set_value(64).run()
     next(s for s in at.selectbox if s.key.startswith("est_pipeline_")).set_value(2).run()
     assert at.error and "does not divide the 64 devices" in at.error[0].value and not at.exception
+    at.selectbox(key="est_family").set_value("tpu-v3").run()  # no host link: no offload offered
+    assert "offload" not in next(s for s in at.selectbox if s.key.startswith("est_recompute_")).options
 
 
 def test_search_page_ranks_and_reports_bad_lists():
