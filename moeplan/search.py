@@ -24,7 +24,7 @@ from moeplan.cost import load_prices, usd_to_device_hours
 from moeplan.dispatch import KERNELS
 from moeplan.estimate import HBM_RESERVE, check_inputs, plan_costs
 from moeplan.frameworks import framework as framework_preset
-from moeplan.layout import RECOMPUTE, Layout
+from moeplan.layout import OFFLOADS, RECOMPUTE, Layout
 from moeplan.quality import QualityLaw, default_law, law_loss
 from moeplan.routing import Routing
 from moeplan.topology import SWITCHED, Topology
@@ -99,10 +99,10 @@ class SearchSpace:
                         bounds.check_number("space.capacity_factor (None = dropless)", v, *bounds.CAPACITY_FACTOR)
                 elif knob != "recompute":
                     bounds.check_int(f"space.{knob}", v, *(bounds.MODEL.get(knob) or bounds.LAYOUT[knob]))
-        self._reject_inapplicable(out, model, n)
+        self._reject_inapplicable(out, model, n, topo)
         return out
 
-    def _reject_inapplicable(self, out: dict[str, list], model: M.MoEModel, devices: int) -> None:
+    def _reject_inapplicable(self, out: dict[str, list], model: M.MoEModel, devices: int, topo: Topology) -> None:
         """A value the user gave that no candidate can use is an error naming it, never silently dropped."""
         reasons = {
             "tensor": lambda v: devices % v and f"does not divide the {devices} devices" or model.n_heads % v and (
@@ -117,6 +117,8 @@ class SearchSpace:
             "expert": lambda v: devices % v and f"does not divide the {devices} devices" or all(
                 e % v for e in out["num_experts"]) and f"divides none of the expert counts {out['num_experts']}",
             "virtual_pipeline": lambda v: v > 1 and max(out["pipeline"]) == 1 and "needs a pipeline of 2 or more",
+            "recompute": lambda v: v in OFFLOADS and topo.host_link is None and (
+                f"needs a link to host memory, which {topo.family} does not state"),
         }
         for knob, why in reasons.items():
             if getattr(self, knob) is None:

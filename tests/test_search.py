@@ -316,10 +316,11 @@ def test_default_space_reaches_deep_pipelines_virtual_stages_and_fsdp_on_gpus():
     ("tensor", [64], "does not divide the model's 32 heads"),
     ("expert", [16], "divides none of the expert counts"),
     ("virtual_pipeline", [2], "needs a pipeline of 2 or more"),
+    ("recompute", ["full", "offload"], "needs a link to host memory, which tpu-v3 does not state"),
 ])
 def test_space_values_no_layout_can_use_are_errors(knob, values, message):
     model = mp.load_model("mixtral-8x7b")
-    topo = mp.load_topology("dgx-h100", nodes=8)
+    topo = mp.load_topology("tpu-v3" if knob == "recompute" else "dgx-h100", nodes=None if knob == "recompute" else 8)
     extra = {"pipeline": [1]} if knob == "virtual_pipeline" else {}
     with pytest.raises(ValueError, match=f"space.{knob}: .*{message}"):
         mp.SearchSpace(**{knob: values}, **extra).resolved(model, topo)
