@@ -236,6 +236,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 8,16,32") from None
 
 
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _cf_list(text: str) -> list[float | None]:
     out: list[float | None] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -254,7 +258,7 @@ def _space_from_args(args: argparse.Namespace) -> SearchSpace:
                        moe_every=args.moe_every, expert_d_ff=args.expert_d_ff, expert=args.expert_degree,
                        tensor=args.tensor, pipeline=args.pipeline, fsdp=args.fsdp,
                        micro_batch_size=args.micro_batch_size, d_model=args.d_model, n_layers=args.n_layers,
-                       keep_active=args.keep_active)
+                       keep_active=args.keep_active, recompute=args.recompute)
 
 
 def _print_table(rows: list[dict], top: int) -> None:
@@ -610,7 +614,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
              ("--expert-d-ff", "expert_d_ff", _int_list), ("--expert-degree", "expert_degree", _int_list),
              ("--tensor", "tensor", _int_list), ("--pipeline", "pipeline", _int_list), ("--fsdp", "fsdp", _int_list),
              ("--micro-batch-size", "micro_batch_size", _int_list), ("--d-model", "d_model", _int_list),
-             ("--n-layers", "n_layers", _int_list)]
+             ("--n-layers", "n_layers", _int_list), ("--recompute", "recompute", _name_list)]
     for flag, dest, kind in knobs:
         srch.add_argument(flag, dest=dest, type=kind, help="comma-separated values to try (default: model/topology)")
     srch.add_argument("--keep-active", action="store_true",

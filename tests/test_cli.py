@@ -105,6 +105,19 @@ def test_estimate_errors_are_one_line(capsys):
     assert "bundled: ['deepseek-v3'" in capsys.readouterr().err
 
 
+def test_search_takes_recompute_policies_and_names_the_ones_a_family_cannot_run(tmp_path, capsys):
+    argv = ["search", "--model", "st-moe-like-8b", "--batch-tokens", str(64 * 2048), "--experts", "16",
+            "--top-k", "1", "--capacity-factor", "1.25", "--moe-every", "2", "--quiet", "--top", "3"]
+    table = tmp_path / "t.json"
+    assert main(argv + ["--topology", "dgx-h100", "--recompute", "full,offload_inputs", "--json", str(table)]) == 0
+    rows = json.loads(table.read_text())["table"]
+    assert rows and {r["recompute"] for r in rows} <= {"full", "offload_inputs"}
+    assert main(argv + ["--topology", "tpu-v3", "--recompute", "offload"]) == 2
+    assert "space.recompute: offload needs a link to host memory" in capsys.readouterr().err
+    assert main(argv + ["--topology", "dgx-h100", "--recompute", "sometimes"]) == 2
+    assert "space.recompute: got ['sometimes']" in capsys.readouterr().err
+
+
 def test_search_prints_ranked_table_and_writes_files(tmp_path, capsys):
     argv = ["search", "--topology", "dgx-h100", "--model", "st-moe-like-8b", "--batch-tokens", str(64 * 2048),
             "--experts", "16,32", "--top-k", "1,2", "--capacity-factor", "1.25,dropless", "--moe-every", "2,4",
