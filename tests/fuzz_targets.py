@@ -171,7 +171,8 @@ def _layout_kwargs():
     names = ("data", "fsdp", "expert", "tensor", "pipeline", "virtual_pipeline", "micro_batch_size")
     return st.fixed_dictionaries({}, optional={n: MOSTLY_PLAUSIBLE for n in names if n != "data"} | {
         "data": SIZES,
-        "recompute": st.sampled_from(["none", "selective", "full", "most", 1]),
+        "recompute": st.sampled_from(["none", "selective", "full", "offload", "offload_projections", "offload_inputs",
+                                      "most", 1]),
         "sequence_parallel": st.sampled_from([True, False, "no", 0])})
 
 
