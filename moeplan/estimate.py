@@ -437,12 +437,12 @@ def _micro_batches(plan: Plan, gbt: int) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str = "bf16", profile=None,
                routing: Routing | None = None, overlap: str = "dp", breakdown: bool = True,
-               dispatch: str = "nccl", attention: str = "flash", hbm_reserve: float = HBM_RESERVE,
-               permute: str = "gather") -> dict:
+               dispatch: str = "nccl", kernels: frameworks.Framework | None = None,
+               hbm_reserve: float = HBM_RESERVE) -> dict:
     """Training cost of every candidate of ``plan``: step time, tokens/s, MFU, memory, drop rate, fits,
     valid, and with ``breakdown`` the per-part times, FLOPs, bytes and counts. Each value has the
     broadcast shape of the fields it depends on (the search broadcasts them over its grid)."""
-    ctx = make_context(plan, topo, dtype, profile, routing, dispatch, attention, permute)
+    ctx = make_context(plan, topo, dtype, profile, routing, dispatch, kernels)
     gbt = global_batch_tokens
     m, p = ctx.m, plan
     mb, valid = _micro_batches(plan, gbt)
@@ -627,10 +627,11 @@ def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, layers, in
     params = ((counts["non_expert"] - counts["embedding"]) * share + embedding) / p.dense_weight_shards \
         + counts["expert"] * share / p.expert_weight_shards
     mixed = ctx.dtype != "fp32"
-    optimizer = params * ((4.0 if mixed else 0.0) + 8.0)  # fp32 master, Adam m and v
+    master = mixed and ctx.master_weights  # 16-bit weights and an fp32 master copy, or the weights in fp32
+    optimizer = params * ((4.0 if master else 0.0) + 8.0)  # fp32 master, Adam m and v
     if p.shard_optimizer:  # distributed optimizer (ZeRO-1) over the data-parallel replicas
         optimizer = optimizer / p.data
-    mem = {"mem:weights": params * (2.0 if mixed else 4.0), "mem:optimizer_and_grads": params * 4.0 + optimizer}
+    mem = {"mem:weights": params * (2.0 if master else 4.0), "mem:optimizer_and_grads": params * 4.0 + optimizer}
     per_token_layer = _activation_bytes_per_token_layer(ctx)
     if ctx.attention == "unfused":  # softmax output, dropout mask and output: 5 a s^2 b per sequence (Korthikanti
         kept = p.recompute == RECOMPUTE.index("none")  # et al. 2022 eq. 1), dropped by selective recompute
@@ -700,11 +701,10 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
         raise ValueError(f"layout.context: got {layout.context}; context parallelism is modelled for training; "
                          "expected 1 for prefill and decode")
     if mode != "train":
-        return _inference(make_context(plan, topo, dtype, profile, routing, dispatch, preset.attention,
-                                       preset.permute), mode,
+        return _inference(make_context(plan, topo, dtype, profile, routing, dispatch, preset), mode,
                           int(global_batch_tokens), hbm_reserve)
     costs = plan_costs(plan, topo, int(global_batch_tokens), dtype, profile, routing, overlap, dispatch=dispatch,
-                       attention=preset.attention, hbm_reserve=hbm_reserve, permute=preset.permute)
+                       kernels=preset, hbm_reserve=hbm_reserve)
     if not costs["valid"]:
         raise ValueError(
             f"global_batch_tokens: {global_batch_tokens} = {global_batch_tokens / model.seq_len:g} sequences of "

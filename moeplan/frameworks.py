@@ -36,6 +36,8 @@ class Framework:
     attention: str  # ATTENTION_KERNELS
     source: str
     permute: str = "gather"  # PERMUTES
+    master_weights: bool = True  # mixed precision: 16-bit weights and a separate fp32 master copy (Megatron's
+    # Float16Module + optimizer); False: the weights themselves stay fp32 and are cast for compute (MaxText)
 
 
 FRAMEWORKS = {
@@ -54,7 +56,9 @@ FRAMEWORKS = {
         "attention on TPU; MoE all-to-alls on the critical path. MoE (docs/reference moe_configuration, "
         "layers/moe.py): dropless layers run megablox grouped matmuls (sparse_matmul: True); a capacity factor "
         "needs the dense path (sparse_matmul: False), whose generate_masks gives each expert a capacity per "
-        "sequence and moves tokens by the einsums 'BSM,BSEC->EBCM' and 'EBCM,BSEC->BSM'", permute="einsum"),
+        "sequence and moves tokens by the einsums 'BSM,BSEC->EBCM' and 'EBCM,BSEC->BSM'. Weights: base.yml "
+        "weight_dtype float32 (the parameters themselves fp32, cast to the compute dtype; no master copy)",
+        permute="einsum", master_weights=False),
     "dualpipe": Framework(
         "dualpipe", "full", "deepep_normal", "flash",
         "DeepSeek-V3 report section 3.2.1 (DualPipe overlaps one micro-batch's all-to-all with another's compute) "

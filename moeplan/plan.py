@@ -25,6 +25,7 @@ from moeplan import moe as M
 from moeplan.collectives import DEFAULT_PARAMS, CommParams, collective_cost, collective_time_s
 from moeplan.compute import matmul_time_s, memory_time_s
 from moeplan.dispatch import ExpertRouting
+from moeplan.frameworks import FRAMEWORKS, Framework
 from moeplan.hardware import ComputeEfficiency
 from moeplan.layout import RECOMPUTE, Layout, expert_weight_shards
 from moeplan.routing import Routing
@@ -134,11 +135,13 @@ class Context:
     """Everything constant across a plan, plus the grouped collective lookups."""
 
     def __init__(self, plan: Plan, topo: Topology, dtype: str, eff: ComputeEfficiency, comm: CommParams,
-                 routing: Routing, dispatch: str = "nccl", attention: str = "flash", permute: str = "gather") -> None:
+                 routing: Routing, dispatch: str = "nccl", kernels: Framework | None = None) -> None:
         self.plan, self.topo, self.dtype, self.eff, self.comm, self.routing = plan, topo, dtype, eff, comm, routing
         self.dispatch = dispatch  # the expert dispatch kernel (dispatch.KERNELS)
-        self.attention = attention  # the attention kernel (frameworks.ATTENTION_KERNELS)
-        self.permute = permute  # how routed copies are grouped per expert (frameworks.PERMUTES)
+        kernels = kernels or FRAMEWORKS["megatron"]  # the framework's kernels and weight storage
+        self.attention = kernels.attention  # the attention kernel (frameworks.ATTENTION_KERNELS)
+        self.permute = kernels.permute  # how routed copies are grouped per expert (frameworks.PERMUTES)
+        self.master_weights = kernels.master_weights  # 16-bit weights with an fp32 master copy, or fp32 weights
         self.m = plan.model
         bits = dtype_bytes(dtype)
         self.b = 2.0 if bits < 2 else bits  # activations and communication: bf16 under 8-bit training
@@ -257,11 +260,11 @@ def _coll_one(topo: Topology, op: str, nbytes: float, kind: str, key: tuple[int,
     return 0.0 if ids is None or nbytes <= 0 else collective_time_s(topo, op, nbytes, ids, params=comm)
 
 
-def make_context(plan, topo, dtype, profile, routing, dispatch: str = "nccl", attention: str = "flash",
-                 permute: str = "gather") -> Context:
+def make_context(plan, topo, dtype, profile, routing, dispatch: str = "nccl",
+                 kernels: Framework | None = None) -> Context:
     eff = getattr(profile, "compute", None) or topo.chip.efficiency
     comm = getattr(profile, "comm", None) or DEFAULT_PARAMS
-    ctx = Context(plan, topo, dtype, eff, comm, routing or Routing(), dispatch, attention, permute)
+    ctx = Context(plan, topo, dtype, eff, comm, routing or Routing(), dispatch, kernels)
     ctx.profile = profile
     return ctx
 

@@ -209,13 +209,13 @@ class _Scored:
 
 
 def _score_piece(piece, index, model, topo, gbt, constraints, dtype, routing, overlap, budget_s,
-                 model_no: int = 0, dispatch: str = "nccl", attention: str = "flash",
-                 hbm_reserve: float = HBM_RESERVE, profile=None, permute: str = "gather") -> _Scored:
+                 model_no: int = 0, dispatch: str = "nccl", kernels=None,
+                 hbm_reserve: float = HBM_RESERVE, profile=None) -> _Scored:
     grid = dict(piece)
     ok = G.valid(grid, model, topo, gbt)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         costs = plan_costs(G.plan_of(grid, model), topo, gbt, dtype, profile, routing, overlap, breakdown=False,
-                           dispatch=dispatch, attention=attention, hbm_reserve=hbm_reserve, permute=permute)
+                           dispatch=dispatch, kernels=kernels, hbm_reserve=hbm_reserve)
     shape = ok.shape
     values = {k: np.broadcast_to(costs[k], shape).reshape(-1) for k in _SCORES}
     ok = (ok & costs["valid"]).reshape(-1)
@@ -283,8 +283,7 @@ def search(model: M.MoEModel, topo: Topology, space: SearchSpace | None = None, 
 
     def score(no, piece, index) -> _Scored:
         return _score_piece(piece, index, models[no], topo, global_batch_tokens, constraints or Constraints(), dtype,
-                            routing, overlap, budget_s, no, dispatch, preset.attention, hbm_reserve, profile,
-                            preset.permute)
+                            routing, overlap, budget_s, no, dispatch, preset, hbm_reserve, profile)
 
     only = [score(*pieces[0])] if len(pieces) == 1 else []  # one piece: scored once for both passes
     fixed = None  # objective "quality": every candidate trains the tokens of the best throughput

@@ -36,6 +36,23 @@ def test_dense_model_memory_equals_a_hand_count():
     assert sharded.memory["optimizer_and_grads"] == pytest.approx(4 * params + 12 * params / 8)
 
 
+def test_maxtext_keeps_fp32_weights_where_megatron_keeps_bf16_and_an_fp32_master():
+    """Per parameter, unsharded: Megatron 2 (bf16 weights) + 4 (fp32 grads) + 4 (master) + 8 (Adam) = 18 bytes;
+    MaxText (weight_dtype float32) 4 + 4 + 8 = 16; fp32 training is 4 + 4 + 8 either way."""
+    model = mp.MoEModel(**DENSE_LIKE)
+    params = mp.param_counts(model)["total"]
+    topo = mp.load_topology("dgx-h100")
+    layout = mp.Layout(data=8, recompute="full", shard_optimizer=False)
+    mem = {(fw, dtype): mp.estimate(model, topo, layout, 8 * 1024, dtype=dtype, framework=fw).memory
+           for fw in ("megatron", "maxtext") for dtype in ("bf16", "fp32")}
+    assert mem["megatron", "bf16"]["weights"] == pytest.approx(2 * params)
+    assert mem["megatron", "bf16"]["optimizer_and_grads"] == pytest.approx(16 * params)
+    assert mem["maxtext", "bf16"]["weights"] == pytest.approx(4 * params)
+    assert mem["maxtext", "bf16"]["optimizer_and_grads"] == pytest.approx(12 * params)
+    for part in ("weights", "optimizer_and_grads"):
+        assert mem["maxtext", "fp32"][part] == pytest.approx(mem["megatron", "fp32"][part])
+
+
 def _mixtral_small():
     return mp.load_model("mixtral-8x7b").with_(n_layers=8)
 
