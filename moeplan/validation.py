@@ -348,9 +348,11 @@ def _training_row(point: dict) -> ValidationRow:
         kwargs["mla"] = MLADims(**spec["mla"])
     model = MoEModel(name=spec.get("name", point["id"]), **kwargs)
     framework = point_framework(point)
-    layout = training_layout(point, chips, framework)
     lay = point["layout"]
     topo = _training_topology(family, chips, int(lay.get("dcn_data") or 0) or None)
+    layout = training_layout(point, chips, framework)
+    if layout.recompute in _ON_DEVICE and topo.host_link is None:  # the family states no host link: the same
+        layout = replace(layout, recompute=_ON_DEVICE[layout.recompute])  # recompute on the device
     balanced = "force-balance" in point.get("notes", "")
     try:
         est = estimate(model, topo, layout, int(point["global_batch_tokens"]), dtype=point.get("dtype") or "bf16",
@@ -370,6 +372,10 @@ def _training_row(point: dict) -> ValidationRow:
     raise _Skip("no step time, throughput or MFU published")
 
 
+# An offload policy on a family without a stated host link: the recompute it does, its tensors kept on the device.
+_ON_DEVICE = {"offload": "none", "offload_projections": "full", "offload_inputs": "full"}
+
+
 def point_framework(point: dict) -> str | None:
     """The framework a training point ran on: its ``framework`` field, else "maxtext" where its source is
     MaxText's (or a MaxText recipe), else None (the Megatron-Core defaults)."""
@@ -387,9 +393,9 @@ def training_layout(point: dict, chips: int, framework: str | None):
     lay = point["layout"]
     fsdp, tensor, pipeline = (int(lay.get(k) or 1) for k in ("fsdp", "tensor", "pipeline"))
     maxtext = framework == "maxtext"
-    if maxtext:
-        fsdp *= int(lay.get("expert") or 1)
     context = int(lay.get("context") or lay.get("cp") or 1)  # context parallel size
+    if maxtext and fsdp * int(lay.get("expert") or 1) * tensor * pipeline * context <= chips:
+        fsdp *= int(lay.get("expert") or 1)  # (a source whose fsdp already spans the expert axis keeps it)
     data = chips // (fsdp * tensor * pipeline * context)
     recompute = lay.get("recompute") or _maxtext_remat(point.get("notes", ""))
     flags = {k: bool(lay[k]) for k in ("sequence_parallel", "shard_optimizer") if lay.get(k) is not None}

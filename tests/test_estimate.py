@@ -418,6 +418,22 @@ def test_maxtext_points_read_their_mesh_as_maxtext_shards_it():
     assert megatron.micro_batch_size == 2
     only_inputs = dict(point, notes="remat custom with decoder_layer_input offload")
     assert training_layout(only_inputs, 256, "maxtext").recompute == "offload_inputs"
+    spanning = dict(point, layout={"fsdp": 128, "expert": 8, "tensor": 2})  # fsdp already spans the expert axis
+    assert (training_layout(spanning, 256, "maxtext").fsdp, training_layout(spanning, 256, "maxtext").data) == (128, 1)
+
+
+def test_an_offloading_point_on_a_family_without_a_host_link_is_estimated_not_skipped():
+    """TPU7x states no host link: a MaxText point that offloads is estimated with its tensors on the device."""
+    from moeplan.validation import training_rows
+
+    point = {"id": "X1", "kind": "training_step", "source": "AI-Hypercomputer/maxtext recipe",
+             "hardware": {"family": "tpu7x", "chips": 64},
+             "model": {"d_model": 2048, "n_layers": 8, "n_heads": 16, "n_kv_heads": 4, "d_head": 128,
+                       "vocab_size": 32000, "seq_len": 4096, "num_experts": 16, "top_k": 2, "expert_d_ff": 1024},
+             "layout": {"fsdp": 64}, "global_batch_tokens": 64 * 4096, "dtype": "bf16",
+             "measured": {"step_time_s": 1.0}, "notes": "remat custom with offload of decoder_layer_input/out_proj"}
+    rows, skipped = training_rows([point])
+    assert [r.point_id for r in rows] == ["X1"] and not skipped
 
 
 def test_offloaded_activations_live_in_host_memory_and_cost_their_transfers():
