@@ -463,7 +463,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
         layer_s = layer_s + kind_s * count
         shares.append((count, parts, exposed))
     host = _offload(ctx, tokens)
-    offload_s = policy.offload(host["transfer_s"], layer_s)
+    offload_s = policy.offload(host["transfer_s"], layer_s) if np.any(host["bytes"]) else 0.0
     layer_s = layer_s + offload_s
     act = tokens * m.d_model * ctx.b / p.tensor
     p2p = policy.pipeline_sends(2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline"))
@@ -494,7 +494,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
                     "fsdp_gather:bytes": sync["fsdp_bytes"], "optimizer": optimizer,
                     "optimizer:bytes": 30.0 * (dense_local + expert_local)})
     step = stage_s * mb + pipe["bubble_s"] + grad_sync + fsdp_gather + optimizer
-    out.update(_train_memory(ctx, counts, tokens, mb, moe["send"], moe["gathered"], stages))
+    out.update(_train_memory(ctx, counts, tokens, mb, moe["send"], moe["gathered"], stages, host["bytes"]))
     out["step_time_s"] = step
     out["tokens_per_s"] = gbt / step
     out["model_flops"] = M.model_flops_per_token(m, True) * gbt
@@ -596,15 +596,16 @@ def _activation_bytes_per_token_layer(ctx: Context):
     return attn + (dense * m.n_dense_layers + moe * m.n_moe_layers) / m.n_layers
 
 
-def _train_memory(ctx: Context, counts: dict, tokens, mb, send, gathered, stages) -> dict[str, np.ndarray]:
+def _train_memory(ctx: Context, counts: dict, tokens, mb, send, gathered, stages, host) -> dict[str, np.ndarray]:
     """Memory of the device that needs the most. Even split: a stage's average (L / p layers, the embeddings
     spread over the stages, p micro-batches in flight on 1F1B's first stage) and the output layer's fp32 logits.
     Uneven split: the larger of the first stage (its layers, the input embedding, p micro-batches in flight)
-    and the last (its layers, the output layer and its logits, one micro-batch in flight)."""
+    and the last (its layers, the output layer and its logits, one micro-batch in flight). ``host``: one layer's
+    activations offloaded to host memory (``_offload``)."""
     m, p = ctx.m, ctx.plan
     pp = p.pipeline
     in_flight = where(pp > 1, minimum(mb, pp) * (1.0 + (pp - 1) / (pp * p.virtual_pipeline)), 1.0)
-    parts = (ctx, counts, tokens, send, gathered)
+    parts = (ctx, counts, tokens, send, gathered, host)
     even = _stage_memory(*parts, m.n_layers / pp, in_flight, counts["embedding"] / pp, True)
     uneven = (p.first_stage_layers > 0) | (p.last_stage_layers > 0)
     if not np.any(uneven):
@@ -617,7 +618,7 @@ def _train_memory(ctx: Context, counts: dict, tokens, mb, send, gathered, stages
     return {k: where(uneven, where(first_wins, first[k], last[k]), even[k]) for k in even}
 
 
-def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, layers, in_flight, embedding,
+def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, host, layers, in_flight, embedding,
                   logits: bool) -> dict[str, np.ndarray]:
     """One stage's memory: ``layers`` of the model's mix with ``embedding`` parameters of embedding tables,
     ``in_flight`` micro-batches of activations, and the fp32 logits when it holds the output layer."""
@@ -638,7 +639,6 @@ def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, layers, in
         per_token_layer = per_token_layer + kept * 2.5 * ctx.b * m.n_heads * m.seq_len
     full = p.recompute == RECOMPUTE.index("full")
     layer = tokens / t * per_token_layer
-    host = _offload(ctx, tokens)["bytes"]  # one layer's offloaded activations
     everything = p.recompute == RECOMPUTE.index("offload")
     partly = p.recompute > RECOMPUTE.index("offload")  # the rest recomputed: one layer's worth for its backward
     transit = minimum(2.0, layers * in_flight) * host  # on the device: the layer computing, the one in transit
