@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from moeplan.collectives import RAMP_FITTED_TO
+from moeplan.collectives import LL_KERNEL_LATENCY_S, LL_LATENCY_FITTED_TO, RAMP_FITTED_TO
 from moeplan.validation import (
     COLLECTED_PATH,
     KORTHIKANTI_PATH,
@@ -48,8 +48,10 @@ def main() -> int:
               f"{r.algorithm}")
     c, c_loso = summarize(c_rows), summarize(collected_leave_one_source_out(collected))
     fits = "; ".join(f"{family} from {' and '.join(ids)}" for family, ids in STEP_LATENCY_FITTED_TO.items())
+    fits += (f"; DeepEP low-latency kernel latency {LL_KERNEL_LATENCY_S * 1e6:.1f} us from "
+             f"{', '.join(LL_LATENCY_FITTED_TO)}")
     print(f"collected: {c['points']} points, median |error| {c['median_abs_error']:.1%} in-sample, "
-          f"{c_loso['median_abs_error']:.1%} leave-one-source-out (fitted step latencies: {fits}); "
+          f"{c_loso['median_abs_error']:.1%} leave-one-source-out (fitted: {fits}); "
           f"worst {c_loso['max_abs_error']:.1%}")
     both = summarize(leave_one_source_out(points) + collected_leave_one_source_out(collected))
     print(f"public + collected, leave-one-source-out: {both['points']} points, median |error| "

@@ -36,7 +36,8 @@ alpha a per-step latency. Every algorithm is ``time = latency terms + wire bytes
   ``"deepep_ll"``; see ``dispatch``): the all_to_all's send buffer is one copy per (token, expert).
   DeepEP's normal kernels send a token once per remote node through the NIC and fan it out over
   NVLink, ``max(network copies / B_nic, NVLink copies / B_nvlink)`` per copy's bytes; its low-latency
-  kernels move the all_to_all's bytes without NCCL's launch latency.
+  kernels move the all_to_all's bytes at the links' large-message efficiency (per-token RDMA writes from
+  every SM: no chunk-pipeline ramp) after a fixed kernel latency (``ll_kernel_latency_s``).
 
 Without an explicit ``algorithm`` the fastest candidate is taken per size, as NCCL's tuner does
 with its own cost model (a dispatch kernel is a software choice: it is taken only when named).
@@ -88,6 +89,9 @@ class Efficiency:
 
 
 _NCCL = "NVIDIA/nccl src/graph/tuning.cc (baseLat / hwLat tables, LL protocol, ring and tree)"
+# validation.fit_ll_latency over these points (DeepEP V1's low-latency table, EP 8-256 on H800); a test checks.
+LL_LATENCY_FITTED_TO = ("DEEPEP-V1-LL",)
+LL_KERNEL_LATENCY_S = 3.44e-5
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,10 @@ class CommParams:
     # TPU DCN: per DCN ring step (host-mediated: HBM, PCIe, host, NIC). No published figure: an assumption of
     # the order of an Ethernet RDMA round trip through two hosts; a calibration profile replaces it.
     dcn_step_latency_s: float = 25.0e-6
+    # DeepEP's low-latency kernels: the fixed cost of one dispatch or combine kernel (FP8 cast, the count
+    # signal after the data, the receiver's wait and unpack), fitted to the points LL_LATENCY_FITTED_TO names
+    # (validation.fit_ll_latency); left out of them, one network step (the kernels' own floor).
+    ll_kernel_latency_s: float = LL_KERNEL_LATENCY_S
     efficiency: dict[str, Efficiency] = field(default_factory=lambda: dict(DEFAULT_EFFICIENCY))
     source: str = _NCCL
     # Per-op corrections a calibration fits (empty by default): op -> (latency_s, efficiency); the op then
@@ -116,7 +124,7 @@ class CommParams:
 
     def __post_init__(self) -> None:
         for name in ("nccl_base_latency_s", "node_step_latency_s", "net_step_latency_s", "net_tree_step_latency_s",
-                     "nvls_latency_s", "xla_base_latency_s", "dcn_step_latency_s"):
+                     "nvls_latency_s", "xla_base_latency_s", "dcn_step_latency_s", "ll_kernel_latency_s"):
             bounds.check_number(f"comm.{name}", getattr(self, name), 0.0, 1.0)
         if not isinstance(self.efficiency, dict) or not all(
                 isinstance(k, str) and isinstance(v, Efficiency) for k, v in self.efficiency.items()):
@@ -133,7 +141,7 @@ class CommParams:
         if cached is None:
             cached = hash((self.nccl_base_latency_s, self.node_step_latency_s, self.net_step_latency_s,
                            self.net_tree_step_latency_s, self.nvls_latency_s, self.xla_base_latency_s,
-                           self.dcn_step_latency_s, tuple(sorted(self.efficiency.items())),
+                           self.dcn_step_latency_s, self.ll_kernel_latency_s, tuple(sorted(self.efficiency.items())),
                            tuple(sorted(self.ops.items()))))
             object.__setattr__(self, "_hash", cached)
         return cached
@@ -381,13 +389,14 @@ def _torus_p2p_s(topo: Topology, devices: np.ndarray, size: np.ndarray, params: 
 NVLINK_EFFICIENCY = 0.82  # e_max of the default "node" curve (NVLink); a family's link_efficiency replaces it
 
 
-def node_rate(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams) -> np.ndarray:
+def node_rate(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams,
+              peak: bool = False) -> np.ndarray:
     """Achieved bytes/s one device moves to the others of its node: its switch link, or on a full mesh its
     links to the group's other members there (RCCL spreads channels over all of them); the family's
-    measured link efficiency where it states one."""
+    measured link efficiency where it states one. ``peak``: the large-message efficiency at every size."""
     node = topo.node
     links = max(group.per_node - 1, 1) if node.mesh else 1
-    eff = params.eff("node")(size)
+    eff = params.eff("node").e_max if peak else params.eff("node")(size)
     if node.link_efficiency is not None:
         eff = eff * (node.link_efficiency / NVLINK_EFFICIENCY)
     return links * node.link.bw_bytes_per_s * eff
@@ -554,7 +563,23 @@ def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, p
     else:
         net = copies.network * per_copy / (_nic_bw(topo) * params.eff("net")(size))
         normal = params.net_step_latency_s + np.maximum(net, nvlink)
-    return {"deepep_normal": normal, "deepep_ll": direct - params.nccl_base_latency_s}
+    return {"deepep_normal": normal, "deepep_ll": params.ll_kernel_latency_s + _ll_transfer_s(topo, group, devices,
+                                                                                              size, params)}
+
+
+def _ll_transfer_s(topo: Topology, group: SwitchedGroup, devices: np.ndarray, size: np.ndarray,
+                   params: CommParams) -> np.ndarray:
+    """DeepEP's low-latency kernels move the all_to_all's bytes, one RDMA write per (token, expert) from every SM
+    over one queue pair per local expert (IBGDA): the links run at their large-message efficiency from the first
+    token, without NCCL's chunk-pipeline size ramp (DeepEP V1 legacy.md: 39 GB/s of a 50 GB/s NIC at EP 256 with
+    7.6 MB per rank, where NCCL's ramp would give a third of the line)."""
+    local = size * (group.per_node - 1) / group.n / node_rate(topo, group, size, params, peak=True)
+    if group.nodes == 1:
+        return local
+    net_eff = params.eff("net").e_max
+    remote = size * (group.n - group.per_node) / group.n / (_nic_bw(topo) * net_eff)
+    uplink = size * _uplink_load_per_bw(topo, devices) / net_eff
+    return np.maximum(np.maximum(local, remote), uplink)
 
 
 def _switched_p2p_s(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: CommParams) -> np.ndarray:

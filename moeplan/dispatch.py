@@ -6,7 +6,8 @@ A token routed to ``top_k`` of ``num_experts`` experts, the experts spread evenl
 * ``"nccl"``: an all-to-all of one copy per (token, expert) (Megatron's all-to-all dispatcher):
   the send buffer is ``top_k`` copies; ``collectives`` times it as a plain all_to_all.
 * ``"deepep_ll"``: DeepEP's low-latency kernels, one message per (token, expert) straight to the
-  expert's rank (IBGDA, no proxy thread): the all-to-all's bytes without NCCL's launch latency.
+  expert's rank (IBGDA, no proxy thread): the all-to-all's bytes at the links' large-message efficiency
+  after a fixed kernel latency.
 * ``"deepep_normal"``: DeepEP's normal kernels send a token once per destination node over the
   network, to the GPU on the sender's rail there, which forwards it over NVLink once per destination
   GPU; inside the sender's own node, once per destination GPU (DeepEP README, "normal kernels";
@@ -24,6 +25,9 @@ import math
 from dataclasses import dataclass
 
 KERNELS = ("nccl", "deepep_normal", "deepep_ll")
+# An FP8-dispatched token carries one fp32 scale per 128 channels (DeepSeek-V3 report 3.3.1, 1 x 128 tiles):
+# 4 / 128 bytes per value on top of its one byte.
+FP8_SCALE_BYTES_PER_VALUE = 4.0 / 128.0
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ activations and communication stay in bf16, as in Transformer Engine's recipes.
 
 Dispatch kernel (``dispatch``, ``dispatch.KERNELS``): "nccl" (default) is an all-to-all of one copy per
 (token, expert); "deepep_normal" sends a token once per remote node and fans it out over NVLink;
-"deepep_ll" sends per expert without NCCL's launch latency. With an 8-bit ``dtype`` DeepEP dispatches
-in fp8 with a 4-byte scale per 128 channels and combines in bf16, as DeepSeek-V3 trains.
+"deepep_ll" sends per expert at the links' large-message efficiency after a fixed kernel latency. With an
+8-bit ``dtype`` DeepEP dispatches in fp8 with a 4-byte scale per 128 channels and combines in bf16, as
+DeepSeek-V3 trains.
 
 Backward = 2x forward compute and the same collectives again (two more all-to-alls per MoE
 layer). Recompute: "selective" recomputes attention scores, "full" the whole forward with its
@@ -45,7 +46,7 @@ from moeplan import moe as M
 from moeplan.arrays import maximum, minimum, where
 from moeplan.collectives import CommParams
 from moeplan.compute import attention_time_s
-from moeplan.dispatch import KERNELS
+from moeplan.dispatch import FP8_SCALE_BYTES_PER_VALUE, KERNELS
 from moeplan.hardware import ComputeEfficiency
 from moeplan.layout import OFFLOADED_TENSORS, OFFLOADS, RECOMPUTE, Layout, check_layout, stage_layers
 from moeplan.plan import Context, Plan, distinct_rows, make_context
@@ -229,7 +230,7 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
     drop, per_expert, straggle = _routing(ctx, group * etp, ep, local)  # per_expert: a set's, gathered
     send = group * m.top_k * m.d_model * ctx.b * straggle
     fp8_dispatch = ctx.dispatch != "nccl" and dtype_bytes(ctx.dtype) < 2
-    send_in = send * (1.0 + 4.0 / 128.0) / ctx.b if fp8_dispatch else send  # fp8 values + a scale per 128
+    send_in = send * (1.0 + FP8_SCALE_BYTES_PER_VALUE) / ctx.b if fp8_dispatch else send  # fp8 values + scales
     active = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (group * etp * ep)) if decode else local
     up, width = (2 if m.gated_ffn else 1), m.expert_d_ff / etp
     rows = _grouped_rows(ctx, per_expert, active)

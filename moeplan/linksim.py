@@ -90,11 +90,12 @@ def _fabric(tier: str, algorithm: str) -> str:
     return "net"
 
 
-def _link_eff(topo: Topology, tier: str, algorithm: str, params: CommParams, size: float) -> float:
+def _link_eff(topo: Topology, tier: str, algorithm: str, params: CommParams, size: float,
+              peak: bool = False) -> float:
     """A link's achieved / peak: its fabric's curve, scaled as collectives scales it per generation
-    (NVLS efficiency of the switch, a measured node-link efficiency)."""
+    (NVLS efficiency of the switch, a measured node-link efficiency); ``peak``: the curve's large-message end."""
     fabric = _fabric(tier, algorithm)
-    eff = params.eff(fabric)(np.array([size]))[0]
+    eff = params.eff(fabric).e_max if peak else params.eff(fabric)(np.array([size]))[0]
     if fabric == "nvls":
         eff *= (topo.node.nvls_efficiency or HOPPER_NVLS_EFFICIENCY) / HOPPER_NVLS_EFFICIENCY
     if fabric == "node" and topo.node.link_efficiency is not None:
@@ -342,9 +343,13 @@ def simulate_dispatch(
                     phase.load[(u, v)] += bytes_per_token * frac
     size = len(tokens) * experts.top_k * bytes_per_token  # the send buffer one rank would hand an all_to_all
     worst = 0.0
+    low_latency = kernel == "deepep_ll"  # per-token RDMA writes: the links' large-message efficiency
     for (u, v), load in phase.load.items():
         edge = topo.graph[u][v]
-        worst = max(worst, load / (edge["bw_bytes_per_s"] * _link_eff(topo, edge["tier"], "direct", params, size)))
+        eff = _link_eff(topo, edge["tier"], "direct", params, size, peak=low_latency)
+        worst = max(worst, load / (edge["bw_bytes_per_s"] * eff))
+    if low_latency:
+        return LinkSimResult(worst + params.ll_kernel_latency_s, dict(phase.load))
     step = params.node_step_latency_s if len(nodes) == 1 else params.net_step_latency_s
     return LinkSimResult(worst + step, dict(phase.load))
 

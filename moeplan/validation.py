@@ -21,12 +21,14 @@ import numpy as np
 
 from moeplan.collectives import (
     DEFAULT_EFFICIENCY,
+    LL_LATENCY_FITTED_TO,
     RAMP,
     RAMP_FITTED_TO,
     CommParams,
     bus_bandwidth_factor,
     collective_cost,
 )
+from moeplan.dispatch import FP8_SCALE_BYTES_PER_VALUE, KERNELS, ExpertRouting
 from moeplan.families import load_topology
 from moeplan.schema import read_yaml_mapping, short_repr
 from moeplan.units import dtype_bytes
@@ -223,12 +225,21 @@ def _dispatch_row(point: dict, row: dict, index: int, params: CommParams | None 
     ranks = int(row.get("ranks") or work.get("ranks"))
     dtype = row.get("dtype") or work.get(f"{row['phase']}_dtype") or "bf16"
     # Send buffer per rank: every token to each of its top-k experts (DeepEP counts per destination).
-    size = work["tokens_per_rank"] * work["hidden"] * dtype_bytes(dtype) * work["top_k"]
+    size = work["tokens_per_rank"] * _token_bytes(work["hidden"], dtype) * work["top_k"]
     topo = _topology(family, nodes, ranks, step_latency_s)
     if ranks > topo.num_devices:
         raise _Skip(f"{ranks} ranks on a {family} of {topo.num_devices} devices")
-    cost = collective_cost(topo, "all_to_all", float(size), ranks, params=params)
+    kernel = dispatch_kernel(point, row)
+    experts = ExpertRouting(_num_experts(work, ranks), int(work["top_k"])) if kernel else None
+    cost = collective_cost(topo, "all_to_all", float(size), ranks, params=params, algorithm=kernel, experts=experts)
     t_pred = float(cost.time_s[0])
+    label = f"{family} {row['phase']} EP{ranks} x{nodes}n {dtype} {row.get('implementation') or ''} " + (
+        f"{sms}SM" if sms else kernel or "")
+    in_sample = point["id"] in IN_SAMPLE
+    if row.get("time_s") is not None:  # a latency: the measurement itself, whatever bandwidth it also prints
+        measured_s = float(row["time_s"])
+        return ValidationRow(point["id"], label.strip(), "time_s", measured_s, t_pred, t_pred / measured_s - 1.0,
+                             in_sample, str(cost.algorithm[0]))
     definition = row.get("bw_definition", "")
     per_node = ranks // max(nodes, 1)
     if definition.startswith("bottleneck"):  # bytes over the bottleneck link (NVLink, or RDMA between nodes)
@@ -237,9 +248,40 @@ def _dispatch_row(point: dict, row: dict, index: int, params: CommParams | None 
         share = 1.0
     predicted = size * share / t_pred
     measured = float(row["bw_bytes_per_s"])
-    label = f"{family} {row['phase']} EP{ranks} x{nodes}n {dtype} {row.get('implementation', '')} {sms or ''}SM"
     return ValidationRow(point["id"], label.strip(), "bw_bytes_per_s", measured, predicted,
-                         measured / predicted - 1.0, point["id"] in IN_SAMPLE, str(cost.algorithm[0]))
+                         measured / predicted - 1.0, in_sample, str(cost.algorithm[0]))
+
+
+def _token_bytes(hidden: int, dtype: str) -> float:
+    """Bytes of one dispatched token: the hidden vector, plus its per-block scales when it is 8-bit."""
+    width = dtype_bytes(dtype)
+    return hidden * (width + FP8_SCALE_BYTES_PER_VALUE if width == 1 else width)
+
+
+_LOW_LATENCY = ("low-latency", "low_latency", "low latency")
+
+
+def dispatch_kernel(point: dict, row: dict) -> str | None:
+    """The dispatch kernel a measurement ran: a row's or point's ``kernel`` (one of dispatch.KERNELS), else
+    DeepEP's low-latency kernels when the row's implementation or mode, or the point's source, names them;
+    None (an NCCL all_to_all) otherwise."""
+    named = row.get("kernel") or point.get("kernel")
+    if named is not None:
+        if named not in KERNELS:
+            raise ValueError(f"kernel: got {named!r}; expected one of {list(KERNELS)}")
+        return None if named == "nccl" else named
+    text = " ".join(str(v) for v in (row.get("implementation"), row.get("mode"), point.get("source"))).lower()
+    return "deepep_ll" if any(word in text for word in _LOW_LATENCY) else None
+
+
+def _num_experts(work: dict, ranks: int) -> int:
+    """The workload's expert count: stated, or local experts x ranks, else the fewest that spread evenly over
+    the ranks and hold top_k (the low-latency kernels' bytes do not depend on it)."""
+    if work.get("num_experts"):
+        return int(work["num_experts"])
+    if work.get("local_experts"):
+        return int(work["local_experts"]) * ranks
+    return ranks * math.ceil(int(work["top_k"]) / ranks)
 
 
 def _same_config(a: dict, b: dict, *ignore: str) -> bool:
@@ -523,14 +565,36 @@ def fit_step_latency(points: list[dict]) -> float:
 STEP_LATENCY_FITTED_TO = {"gcp-a3-mega": ("GCP-A3M-AG", "GCP-A3M-AR")}
 
 
+def fit_ll_latency(points: list[dict]) -> float:
+    """The low-latency kernels' fixed cost (``CommParams.ll_kernel_latency_s``) that minimises the squared log
+    time error of ``points``' low-latency dispatch rows; with none, one network step (the kernels' floor)."""
+    from scipy import optimize
+
+    low = [p for p in points if p.get("kind") == "moe_dispatch"
+           and any(dispatch_kernel(p, r) == "deepep_ll" for r in p.get("measurements") or [])]
+    if not low:
+        return CommParams().net_step_latency_s
+
+    def cost(log_s: float) -> float:
+        rows, _ = collective_rows(low, CommParams(ll_kernel_latency_s=math.exp(log_s)))
+        return float(np.sum(np.log1p(np.array([r.error for r in rows if r.algorithm == "deepep_ll"])) ** 2))
+
+    sol = optimize.minimize_scalar(cost, bounds=(math.log(1e-7), math.log(1e-3)), method="bounded")
+    return float(math.exp(sol.x))
+
+
 def collected_leave_one_source_out(points: list[dict]) -> list[ValidationRow]:
-    """Rows of the collected points, each fitted point predicted with its fabric's step latency refitted
-    without it; points of fabrics with a published step latency are held out already."""
-    fitted = {pid for ids in STEP_LATENCY_FITTED_TO.values() for pid in ids}
+    """Rows of the collected points, each fitted point predicted with the constant fitted to it (a fabric's
+    step latency, the low-latency kernels' latency) refitted without it; the other points are held out already."""
+    fitted = {pid for ids in STEP_LATENCY_FITTED_TO.values() for pid in ids} | set(LL_LATENCY_FITTED_TO)
     rows, _ = collective_rows([p for p in points if p["id"] not in fitted])
     for ids in STEP_LATENCY_FITTED_TO.values():
         group = [p for p in points if p["id"] in ids]
         for point in group:
             rest = [p for p in group if p is not point]
             rows += collective_rows([point], step_latency_s=fit_step_latency(rest) if rest else None)[0]
+    group = [p for p in points if p["id"] in LL_LATENCY_FITTED_TO]
+    for point in group:
+        latency = fit_ll_latency([p for p in group if p is not point])
+        rows += collective_rows([point], CommParams(ll_kernel_latency_s=latency))[0]
     return rows
