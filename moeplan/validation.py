@@ -263,15 +263,17 @@ _LOW_LATENCY = ("low-latency", "low_latency", "low latency")
 
 def dispatch_kernel(point: dict, row: dict) -> str | None:
     """The dispatch kernel a measurement ran: a row's or point's ``kernel`` (one of dispatch.KERNELS), else
-    DeepEP's low-latency kernels when the row's implementation or mode, or the point's source, names them;
-    None (an NCCL all_to_all) otherwise."""
+    DeepEP's low-latency kernels when the row's implementation or mode, or the point's source or notes, name
+    them (and not the normal kernels); None (an NCCL all_to_all) otherwise."""
     named = row.get("kernel") or point.get("kernel")
     if named is not None:
         if named not in KERNELS:
             raise ValueError(f"kernel: got {named!r}; expected one of {list(KERNELS)}")
         return None if named == "nccl" else named
-    text = " ".join(str(v) for v in (row.get("implementation"), row.get("mode"), point.get("source"))).lower()
-    return "deepep_ll" if any(word in text for word in _LOW_LATENCY) else None
+    fields = (row.get("implementation"), row.get("mode"), point.get("source"), point.get("notes"))
+    text = " ".join(str(v) for v in fields).lower()
+    low = any(word in text for word in _LOW_LATENCY) and "normal kernel" not in text
+    return "deepep_ll" if low else None
 
 
 def _num_experts(work: dict, ranks: int) -> int:

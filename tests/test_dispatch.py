@@ -175,12 +175,17 @@ def test_the_validator_reads_a_dispatch_latency_and_the_kernel_its_source_names(
          "workload": work, "measurements": rows},
         {"id": "L3", "kind": "moe_dispatch", "kernel": "pplx", "source": "a README",
          "hardware": {"family": "hgx-h800"}, "workload": work, "measurements": rows},
+        {"id": "L4", "kind": "moe_dispatch", "source": "a README", "notes": "DeepEP low-latency kernels, 128 tokens",
+         "hardware": {"family": "hgx-h800"}, "workload": work, "measurements": rows},
+        {"id": "L5", "kind": "moe_dispatch", "source": "a README", "notes": "normal kernels, unlike low-latency ones",
+         "hardware": {"family": "hgx-h800"}, "workload": work, "measurements": rows},
     ]
     path = tmp_path / "points.yaml"
     path.write_text(yaml.safe_dump({"points": points}))
     got, skipped = collective_rows(load_points(path))
     by_id = {r.point_id: r for r in got}
     assert by_id["L1"].algorithm == "deepep_ll" and by_id["L1"].metric == "time_s"
+    assert by_id["L4"].algorithm == "deepep_ll" and by_id["L5"].algorithm == "direct"
     assert by_id["L2"].algorithm == "direct"  # an NCCL all_to_all, slower on its size ramp
     assert by_id["L2"].predicted > by_id["L1"].predicted
     assert "kernel" in dict(skipped)["L3[0]"] and "pplx" in dict(skipped)["L3[0]"]
