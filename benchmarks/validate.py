@@ -13,11 +13,13 @@ from moeplan.collectives import LL_KERNEL_LATENCY_S, LL_LATENCY_FITTED_TO, RAMP_
 from moeplan.validation import (
     COLLECTED_PATH,
     KORTHIKANTI_PATH,
+    RANKINGS_PATH,
     STEP_LATENCY_FITTED_TO,
     collected_leave_one_source_out,
     collective_rows,
     leave_one_source_out,
     load_points,
+    ranking_taus,
     relative_rows,
     summarize,
     training_rows,
@@ -69,6 +71,16 @@ def main() -> int:
           f"worst {t['max_abs_error']:.1%}; leave-one-source-out the same: no constant of the step model is fitted "
           "to a training point (efficiencies come from datasheets and kernel papers)")
     skipped = skipped + train_skipped
+    ranked = load_points(RANKINGS_PATH)
+    rank_rows, rank_skipped = training_rows(ranked)
+    print("\nlayout rankings (published speed tables; Kendall tau between measured and predicted order):")
+    for r in rank_rows:
+        print(f"  {r.point_id:32} {r.metric:16} measured {r.measured:9.4g}  predicted {r.predicted:9.4g}  "
+              f"{r.error:+7.1%}")
+    for name, (tau, count) in ranking_taus(ranked).items():
+        print(f"  {name}: Kendall tau {tau:.2f} over {count} rows, median |error| "
+              f"{summarize(rank_rows)['median_abs_error']:.1%}; nothing fitted to them")
+    skipped = skipped + rank_skipped
     suite, suite_skipped = training_rows(load_points(KORTHIKANTI_PATH))
     print("\nCalculon's validation suite (Korthikanti et al. 2022, Table 5; framework='megatron-2022'):")
     for r in suite:

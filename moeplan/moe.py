@@ -74,6 +74,10 @@ class MoEModel:
 
     def __post_init__(self) -> None:
         owner = f"model {str(self.name)[:80]!r}"
+        if self.num_experts == 0 and not isinstance(self.num_experts, bool):  # a dense model, as num_experts=1
+            object.__setattr__(self, "num_experts", 1)
+            object.__setattr__(self, "top_k", self.top_k or 1)
+            object.__setattr__(self, "expert_d_ff", self.expert_d_ff or self.d_ff)
         for name, (low, high) in bounds.MODEL.items():  # documented ranges (bounds.py)
             bounds.check_int(f"{owner}.{name}", getattr(self, name), low, high)
         if self.top_k > self.num_experts:

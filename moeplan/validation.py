@@ -44,6 +44,8 @@ DEFAULT_PATH = Path(os.environ.get("MOEPLAN_PUBLISHED") or _FOUND)
 COLLECTED_PATH = Path(__file__).resolve().parents[1] / "validation" / "collected.yaml"
 # Calculon's validation suite: Korthikanti et al. 2022, Table 5 (Megatron-LM on DGX A100).
 KORTHIKANTI_PATH = Path(__file__).resolve().parents[1] / "validation" / "korthikanti2022.yaml"
+# Published tables ranking layouts by measured speed (Switch Transformers Table 1: top-k x capacity factor).
+RANKINGS_PATH = Path(__file__).resolve().parents[1] / "validation" / "rankings.yaml"
 
 # Published hardware that a bundled family describes at the level the model sees it.
 FAMILY_ALIASES = {
@@ -403,17 +405,57 @@ def _training_row(point: dict) -> ValidationRow:
                        routing=Routing("balanced" if balanced else "uniform"), framework=framework)
     except ValueError as exc:
         raise _Skip(f"not expressible: {exc}") from None
-    measured = point.get("measured") or {}
-    derived = point.get("derived_values") or {}
-    step = measured.get("step_time_s") or derived.get("step_time_s")
     label = f"{family} x{chips} {model.name} {point.get('dtype')}"
-    if step:
-        return ValidationRow(point["id"], label, "step_time_s", float(step), est.step_time_s,
-                             est.step_time_s / float(step) - 1.0, False, "estimate")
-    if measured.get("mfu"):
-        mfu = float(measured["mfu"])
-        return ValidationRow(point["id"], label, "mfu", mfu, est.mfu, mfu / est.mfu - 1.0, False, "estimate")
-    raise _Skip("no step time, throughput or MFU published")
+    metric, value, per_step = _published_rate(point, model.seq_len, chips)
+    if per_step is not None:  # a time or a rate of work per step: compared as a step time
+        predicted = est.step_time_s if metric == "step_time_s" else per_step / est.step_time_s
+        error = est.step_time_s / (per_step / value if metric != "step_time_s" else value) - 1.0
+        return ValidationRow(point["id"], label, metric, value, predicted, error, False, "estimate")
+    predicted = est.mfu if metric == "mfu" else est.mfu * topo.chip.peak_bf16_flop_per_s
+    return ValidationRow(point["id"], label, metric, value, predicted, value / predicted - 1.0, False, "estimate")
+
+
+# Published rates a training point may carry, in the order they are used: (name, work per step it counts).
+_RATES = ("step_time_s", "steps_per_s", "tokens_per_s", "tokens_per_s_per_chip", "examples_per_s",
+          "mfu", "model_flops_per_s_per_chip")
+
+
+def _published_rate(point: dict, seq_len: int, chips: int) -> tuple[str, float, float | None]:
+    """The first published measure of the step (measured, then derived values): its name, its value and the
+    work per step it counts (1 for a step time or steps/s, tokens or sequences per step for a throughput,
+    None for MFU and model FLOP/s, which are compared as rates)."""
+    batch = float(point["global_batch_tokens"])
+    work = {"step_time_s": 1.0, "steps_per_s": 1.0, "tokens_per_s": batch, "tokens_per_s_per_chip": batch / chips,
+            "examples_per_s": batch / seq_len, "mfu": None, "model_flops_per_s_per_chip": None}
+    for source in (point.get("measured") or {}, point.get("derived_values") or {}):
+        for name in _RATES:
+            value = source.get(name)
+            if value:
+                return name, float(value), work[name]
+    raise _Skip(f"no step time, throughput or MFU published (expected one of {', '.join(_RATES)})")
+
+
+def ranking_taus(points: list[dict]) -> dict[str, tuple[float, int]]:
+    """Per published table (the ``ranking`` its training_step points share): the Kendall tau between measured
+    and predicted speed over its expressible rows, and how many rows that is. Tau-b: tied measurements count
+    as neither order."""
+    from scipy.stats import kendalltau
+
+    rows, _ = training_rows(points)
+    table = {p["id"]: p.get("ranking") for p in points}
+    out = {}
+    for name in sorted({t for t in table.values() if t}):
+        mine = [r for r in rows if table.get(r.point_id) == name]
+        measured = [_speed(r.metric, r.measured) for r in mine]
+        predicted = [_speed(r.metric, r.predicted) for r in mine]
+        tau = kendalltau(measured, predicted).statistic if len(mine) > 1 else float("nan")
+        out[name] = (float(tau), len(mine))
+    return out
+
+
+def _speed(metric: str, value: float) -> float:
+    """Higher is faster: a step time inverted, a rate (throughput, MFU) as it is."""
+    return 1.0 / value if metric == "step_time_s" else value
 
 
 # An offload policy on a family without a stated host link: the recompute it does, its tensors kept on the device.

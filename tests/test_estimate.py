@@ -324,6 +324,10 @@ def test_a_dense_model_is_a_tensor_parallel_ffn_by_hand():
     assert rows["experts_tp"].time_s == pytest.approx(rows["attention_tp"].time_s, rel=1e-9)  # AG + RS each
     counts = mp.param_counts(dense)
     assert counts["expert"] == 0 and counts["active"] == counts["total"]
+    # num_experts=0 (and no expert width) says the same: a dense model of d_ff
+    zero = dense.with_(num_experts=0, top_k=0, d_ff=16384, expert_d_ff=0)
+    assert (zero.num_experts, zero.top_k, zero.expert_d_ff) == (1, 1, 16384)
+    assert mp.estimate(zero, topo, layout, 8 * 2048, dtype="bf16").step_time_s == pytest.approx(est.step_time_s)
 
 
 def test_calculon_suite_within_its_own_error():
@@ -681,3 +685,46 @@ def test_context_parallelism_by_hand():
         layout = mp.Layout(data=r["data"], context=r["context"], expert=8)
         assert r["step_time_s"] == pytest.approx(mp.estimate(model, topo, layout, gbt, overlap="none").step_time_s,
                                                  rel=1e-9)
+
+
+def test_a_training_point_publishing_only_a_throughput_is_compared_as_a_step_time():
+    """The same measured step, published as a step time, steps/s, tokens/s, tokens/s per chip or sequences/s,
+    gives the same error; MFU and model FLOP/s per chip are compared as rates; with none, the skip names them."""
+    from moeplan.validation import training_rows
+
+    step, chips, seq, batch = 2.0, 64, 4096, 64 * 4096
+    base = {"kind": "training_step", "source": "a run", "hardware": {"family": "dgx-h100", "chips": chips},
+            "model": {"d_model": 2048, "n_layers": 8, "n_heads": 16, "n_kv_heads": 4, "d_head": 128,
+                      "vocab_size": 32000, "seq_len": seq, "num_experts": 16, "top_k": 2, "expert_d_ff": 1024},
+            "layout": {"data": 8, "expert": 8}, "global_batch_tokens": batch, "dtype": "bf16"}
+    published = {"step_time_s": step, "steps_per_s": 1 / step, "tokens_per_s": batch / step,
+                 "tokens_per_s_per_chip": batch / step / chips, "examples_per_s": batch / seq / step}
+    points = [{**base, "id": name, "measured": {name: value}} for name, value in published.items()]
+    rows, skipped = training_rows(points + [{**base, "id": "none", "measured": {"mfu": None}}])
+    assert [r.metric for r in rows] == list(published)
+    assert all(r.error == pytest.approx(rows[0].error, rel=1e-12) for r in rows)
+    assert rows[2].predicted == pytest.approx(batch / rows[0].predicted)  # tokens/s at the predicted step
+    assert "tokens_per_s_per_chip" in dict(skipped)["none"]
+    mfu_row = training_rows([{**base, "id": "m", "measured": {"mfu": 0.3}}])[0][0]
+    flops_row = training_rows([{**base, "id": "f", "measured": {"model_flops_per_s_per_chip": 0.3 * 9.89e14}}])[0][0]
+    assert flops_row.error == pytest.approx(mfu_row.error, rel=1e-9)
+
+
+def test_switch_transformers_speed_table_keeps_its_order():
+    """Switch Transformers Table 1 (128 experts, top-1 and top-2 at capacity factors 1.0/1.25/2.0, and T5-Base/
+    Large, on 32 TPU v3 cores): the predicted speeds order the nine rows as measured (Kendall tau >= 0.8), each
+    within 25 %. Nothing in the model is fitted to them."""
+    from moeplan.validation import RANKINGS_PATH, ranking_taus, summarize
+
+    points = load_points(RANKINGS_PATH)
+    rows, skipped = training_rows(points)
+    assert not skipped and len(rows) == 9
+    tau, count = ranking_taus(points)["switch-table1"]
+    assert count == 9 and tau >= 0.8
+    assert summarize(rows)["max_abs_error"] <= 0.25
+    by = {r.point_id.removeprefix("SWITCH-T1-"): r.predicted for r in rows}
+    # fewer expert slots are faster: top-1 over top-2, and a lower capacity factor, at every setting
+    for cf in ("1.0", "1.25", "2.0"):
+        assert by[f"switch-base-{cf}"] > by[f"moe-base-{cf}"]
+    assert by["switch-base-1.0"] > by["switch-base-1.25"] > by["switch-base-2.0"]
+    assert by["moe-base-1.0"] > by["moe-base-1.25"] > by["moe-base-2.0"]
