@@ -89,9 +89,10 @@ class Efficiency:
 
 
 _NCCL = "NVIDIA/nccl src/graph/tuning.cc (baseLat / hwLat tables, LL protocol, ring and tree)"
-# validation.fit_ll_latency over these points (DeepEP V1's low-latency table, EP 8-256 on H800); a test checks.
-LL_LATENCY_FITTED_TO = ("DEEPEP-V1-LL",)
-LL_KERNEL_LATENCY_S = 3.44e-5
+# validation.fit_ll_latency over these points (DeepEP V1's low-latency table, EP 8-256 on H800; NCCL EP's
+# low-latency mode, EP 8-64 on H100); a test checks.
+LL_LATENCY_FITTED_TO = ("DEEPEP-V1-LL", "NCCL-EP-LL")
+LL_KERNEL_LATENCY_S = 3.55e-5
 
 
 @dataclass(frozen=True)
