@@ -31,6 +31,7 @@ from moeplan.collectives import (
 from moeplan.dispatch import FP8_SCALE_BYTES_PER_VALUE, KERNELS, ExpertRouting
 from moeplan.families import load_topology
 from moeplan.schema import read_yaml_mapping, short_repr
+from moeplan.topology import SWITCHED
 from moeplan.units import dtype_bytes
 
 # The team's shared copy when it sits beside the checkout, else the snapshot kept in the repository.
@@ -356,7 +357,7 @@ def summarize(rows: list[ValidationRow]) -> dict[str, float]:
 # ------------------------------------------------------------------ training steps
 _MODEL_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_size", "seq_len", "d_ff",
                "num_experts", "top_k", "expert_d_ff", "num_shared_experts", "moe_every", "first_dense_layers",
-               "capacity_factor", "attention", "encoder_decoder", "gated_ffn")
+               "capacity_factor", "attention", "encoder_decoder", "gated_ffn", "route_node_limit")
 
 
 def training_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple[str, str]]]:
@@ -400,9 +401,10 @@ def _training_row(point: dict) -> ValidationRow:
     if layout.recompute in _ON_DEVICE and topo.host_link is None:  # the family states no host link: the same
         layout = replace(layout, recompute=_ON_DEVICE[layout.recompute])  # recompute on the device
     balanced = "force-balance" in point.get("notes", "")
+    knobs = point_kernels(point) if topo.kind == SWITCHED else {}  # DeepEP and EP overlap are GPU software
     try:
         est = estimate(model, topo, layout, int(point["global_batch_tokens"]), dtype=point.get("dtype") or "bf16",
-                       routing=Routing("balanced" if balanced else "uniform"), framework=framework)
+                       routing=Routing("balanced" if balanced else "uniform"), framework=framework, **knobs)
     except ValueError as exc:
         raise _Skip(f"not expressible: {exc}") from None
     label = f"{family} x{chips} {model.name} {point.get('dtype')}"
@@ -464,8 +466,47 @@ _ON_DEVICE = {"offload": "none", "offload_projections": "full", "offload_inputs"
 
 def point_framework(point: dict) -> str | None:
     """The framework a training point ran on: its ``framework`` field, else "maxtext" where its source is
-    MaxText's (or a MaxText recipe), else None (the Megatron-Core defaults)."""
-    return point.get("framework") or ("maxtext" if "maxtext" in str(point.get("source", "")).lower() else None)
+    MaxText's (or a MaxText recipe), "dualpipe" where its source or notes name DualPipe (DeepSeek-V3's
+    schedule), else None (the Megatron-Core defaults)."""
+    if point.get("framework"):
+        return point["framework"]
+    if "maxtext" in str(point.get("source", "")).lower():
+        return "maxtext"
+    return "dualpipe" if "dualpipe" in _text(point) else None
+
+
+# Dispatcher names as sources write them (Megatron-Core's --moe-token-dispatcher-type and flex backends).
+_DISPATCHERS = {"alltoall": "nccl", "all-to-all": "nccl", "allgather": "nccl", "nccl": "nccl",
+                "flex": "deepep_normal", "deepep": "deepep_normal", "hybridep": "deepep_normal",
+                "deepep_normal": "deepep_normal", "deepep_ll": "deepep_ll"}
+# Megatron-Core's expert all-to-all overlap with another micro-batch's compute (--overlap-moe-expert-parallel-comm).
+_EP_OVERLAP = ("overlap-moe-expert-parallel-comm", "overlap_moe_expert_parallel_comm", "ep a2a overlap")
+
+
+def point_kernels(point: dict) -> dict[str, str]:
+    """The dispatch kernel and overlap a GPU training point names (estimate keywords; empty: the framework's).
+    A stated dispatcher (the point's or its layout's ``dispatch``, ``moe_token_dispatcher_type`` or
+    ``moe_flex_dispatcher_backend``) wins; else DeepEP or HybridEP named in the source or notes (both send a
+    token once per remote node: ``deepep_normal``)."""
+    lay = point.get("layout") or {}
+    stated = [str(v).lower() for v in (lay.get("moe_flex_dispatcher_backend"), point.get("dispatch"),
+                                        lay.get("dispatch"), lay.get("moe_token_dispatcher_type")) if v]
+    knobs = {}
+    for name in stated:
+        if name not in _DISPATCHERS:
+            raise ValueError(f"dispatch: got {name!r}; expected one of {sorted(_DISPATCHERS)}")
+    text = _text(point)
+    if stated:
+        knobs["dispatch"] = _DISPATCHERS[stated[0]]
+    elif "deepep" in text or "hybridep" in text or "hybrid-ep" in text:
+        knobs["dispatch"] = "deepep_normal"
+    if any(flag in text for flag in _EP_OVERLAP):
+        knobs["overlap"] = "full"
+    return knobs
+
+
+def _text(point: dict) -> str:
+    return f"{point.get('source', '')} {point.get('notes', '')}".lower()
 
 
 def training_layout(point: dict, chips: int, framework: str | None):

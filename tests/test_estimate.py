@@ -728,3 +728,35 @@ def test_switch_transformers_speed_table_keeps_its_order():
         assert by[f"switch-base-{cf}"] > by[f"moe-base-{cf}"]
     assert by["switch-base-1.0"] > by["switch-base-1.25"] > by["switch-base-2.0"]
     assert by["moe-base-1.0"] > by["moe-base-1.25"] > by["moe-base-2.0"]
+
+
+def test_a_training_point_names_its_dispatcher_and_schedule():
+    """A GPU point that names DeepEP or HybridEP (or states a flex dispatcher) is estimated with DeepEP's normal
+    kernels, one naming Megatron's EP all-to-all overlap with overlap="full", one naming DualPipe with that
+    framework; a stated all-to-all dispatcher keeps NCCL; an unknown one is skipped with the field named; on a
+    TPU the words change nothing."""
+    from moeplan.validation import point_framework, point_kernels, training_rows
+
+    base = {"kind": "training_step", "source": "a run", "hardware": {"family": "dgx-h100", "chips": 32},
+            "model": {"d_model": 2048, "n_layers": 8, "n_heads": 16, "n_kv_heads": 4, "d_head": 128,
+                      "vocab_size": 32000, "seq_len": 4096, "num_experts": 64, "top_k": 6, "expert_d_ff": 1024},
+            "layout": {"data": 32, "expert": 32}, "global_batch_tokens": 64 * 4096, "dtype": "bf16",
+            "measured": {"step_time_s": 1.0}}
+    variants = {"nccl": {}, "deepep": {"notes": "Megatron-Core with DeepEP (flex dispatcher)"},
+                "hybrid": {"layout": {**base["layout"], "moe_token_dispatcher_type": "flex",
+                                      "moe_flex_dispatcher_backend": "hybridep"}},
+                "overlap": {"notes": "DeepEP, --overlap-moe-expert-parallel-comm"},
+                "stated": {"notes": "DeepEP available", "layout": {**base["layout"], "dispatch": "alltoall"}},
+                "bad": {"layout": {**base["layout"], "moe_token_dispatcher_type": "carrier-pigeon"}}}
+    points = [{**base, "id": name, **extra} for name, extra in variants.items()]
+    assert point_kernels(points[1]) == {"dispatch": "deepep_normal"} == point_kernels(points[2])
+    assert point_kernels(points[3]) == {"dispatch": "deepep_normal", "overlap": "full"}
+    assert point_kernels(points[4]) == {"dispatch": "nccl"}
+    assert point_framework({**base, "notes": "DualPipe over 16 pipeline stages"}) == "dualpipe"
+    rows, skipped = training_rows(points)
+    step = {r.point_id: r.predicted for r in rows}
+    assert step["deepep"] == step["hybrid"] < step["nccl"] == step["stated"]  # one copy per remote node
+    assert step["overlap"] < step["deepep"]
+    assert "dispatch" in dict(skipped)["bad"] and "carrier-pigeon" in dict(skipped)["bad"]
+    tpu = {**base, "id": "tpu", "hardware": {"family": "tpu-v5p", "chips": 32}, "notes": "DeepEP"}
+    assert [r.point_id for r in training_rows([tpu])[0]] == ["tpu"]
