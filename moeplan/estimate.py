@@ -389,7 +389,8 @@ class Overlap:
 
     "none" exposes every communication. "dp" (Megatron-Core's and MaxText's default) hides the gradient sync
     behind the last micro-batch's backward, FSDP gathers behind each micro-batch's compute and pipeline sends
-    behind other micro-batches; tensor-parallel collectives and the all-to-alls stay on the critical path.
+    behind other micro-batches where the framework's schedule overlaps them; tensor-parallel collectives and
+    the all-to-alls stay on the critical path.
     "full" is DualPipe's schedule: two micro-batches interleave, so a layer's communication runs under the other
     micro-batch's compute of the whole layer, and the layer takes max(compute, communication)."""
 
@@ -406,8 +407,10 @@ class Overlap:
         layer_s = maximum(compute, comm)
         return layer_s, where(comm > 0, (layer_s - compute) / maximum(comm, 1e-300), 0.0)
 
-    def pipeline_sends(self, p2p_s):
-        return p2p_s if self.policy == "none" else 0.0  # interleaved 1F1B sends under other micro-batches
+    def pipeline_sends(self, p2p_s, schedule_hides):
+        """Exposed pipeline sends: all under "none"; else none where the schedule overlaps them with other
+        micro-batches (``schedule_hides``: the framework's interleaved 1F1B, XLA's async permutes)."""
+        return p2p_s if self.policy == "none" else where(schedule_hides, 0.0, p2p_s)
 
     def offload(self, transfer_s, layer_s):
         """Exposed host transfers of one layer's offloaded activations: out during its forward (a third of the
@@ -467,7 +470,8 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     offload_s = policy.offload(host["transfer_s"], layer_s) if np.any(host["bytes"]) else 0.0
     layer_s = layer_s + offload_s
     act = tokens * m.d_model * ctx.b / p.tensor
-    p2p = policy.pipeline_sends(2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline"))
+    hides = True if ctx.p2p_overlap == "always" else v > 1
+    p2p = policy.pipeline_sends(2.0 * v * ctx.coll("p2p", act * (pp > 1), "pipeline"), hides)
     even = not np.any((p.first_stage_layers > 0) | (p.last_stage_layers > 0))
     pipe = _pipeline(stages, layer_s, policy.layer(last_parts, passes)[0], p2p, pp, v, even)
     stage_s = pipe["slowest_s"]

@@ -24,6 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ATTENTION_KERNELS = ("flash", "unfused")
+# Pipeline send/receive overlap (under an overlapping policy): "interleaved" only with virtual pipeline stages
+# (Megatron-Core: its non-interleaved 1F1B schedule raises 'Non-interleaved pipeline parallelism does not
+# support overlapping p2p communication', megatron/core/pipeline_parallel/schedules.py); "always" (XLA's async
+# collective-permute between MaxText's stages; DualPipe's bidirectional schedule).
+P2P_OVERLAPS = ("interleaved", "always")
 PERMUTES = ("gather", "einsum")
 MEGABLOX_TILE_ROWS = 512  # MaxText's default row tile (tile_batch_seq, MoEKernels in its configs/types.py)
 
@@ -38,13 +43,15 @@ class Framework:
     permute: str = "gather"  # PERMUTES
     master_weights: bool = True  # mixed precision: 16-bit weights and a separate fp32 master copy (Megatron's
     # Float16Module + optimizer); False: the weights themselves stay fp32 and are cast for compute (MaxText)
+    p2p_overlap: str = "interleaved"  # P2P_OVERLAPS: when pipeline sends hide behind other micro-batches
 
 
 FRAMEWORKS = {
     "megatron": Framework(
         "megatron", "dp", "nccl", "flash",
         "Megatron-Core MoE guide: --overlap-grad-reduce and --overlap-param-gather, the alltoall token dispatcher, "
-        "Transformer Engine's fused (flash) attention; tensor-parallel and expert all-to-alls on the critical path"),
+        "Transformer Engine's fused (flash) attention; tensor-parallel and expert all-to-alls on the critical path; "
+        "pipeline sends overlap only in the interleaved schedule (schedules.py)"),
     "megatron-2022": Framework(
         "megatron-2022", "none", "nccl", "unfused",
         "Megatron-LM as measured by Korthikanti et al. 2022 (arXiv 2205.05198): scaled-masked-softmax kernel with "
@@ -58,11 +65,11 @@ FRAMEWORKS = {
         "needs the dense path (sparse_matmul: False), whose generate_masks gives each expert a capacity per "
         "sequence and moves tokens by the einsums 'BSM,BSEC->EBCM' and 'EBCM,BSEC->BSM'. Weights: base.yml "
         "weight_dtype float32 (the parameters themselves fp32, cast to the compute dtype; no master copy)",
-        permute="einsum", master_weights=False),
+        permute="einsum", master_weights=False, p2p_overlap="always"),
     "dualpipe": Framework(
         "dualpipe", "full", "deepep_normal", "flash",
         "DeepSeek-V3 report section 3.2.1 (DualPipe overlaps one micro-batch's all-to-all with another's compute) "
-        "and DeepEP's normal kernels for training"),
+        "and DeepEP's normal kernels for training", p2p_overlap="always"),
 }
 
 

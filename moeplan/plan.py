@@ -142,6 +142,7 @@ class Context:
         self.attention = kernels.attention  # the attention kernel (frameworks.ATTENTION_KERNELS)
         self.permute = kernels.permute  # how routed copies are grouped per expert (frameworks.PERMUTES)
         self.master_weights = kernels.master_weights  # 16-bit weights with an fp32 master copy, or fp32 weights
+        self.p2p_overlap = kernels.p2p_overlap  # when pipeline sends hide (frameworks.P2P_OVERLAPS)
         self.m = plan.model
         bits = dtype_bytes(dtype)
         self.b = 2.0 if bits < 2 else bits  # activations and communication: bf16 under 8-bit training
