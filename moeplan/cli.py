@@ -19,7 +19,7 @@ import numpy as np
 import moeplan as mp
 from moeplan.bounds import BYTES_PER_DEVICE
 from moeplan.collectives import OPS, bus_bandwidth_factor, collective_cost
-from moeplan.dispatch import KERNELS
+from moeplan.dispatch import KERNELS, ExpertRouting
 from moeplan.estimate import MODES, OVERLAPS, estimate
 from moeplan.families import load_family
 from moeplan.frameworks import FRAMEWORKS
@@ -140,7 +140,8 @@ def cmd_collective(args: argparse.Namespace) -> int:
     topo = topology_from_args(args)
     sizes = parse_sizes(args.bytes, args.factor)
     devices = args.devices if args.devices is not None else topo.num_devices
-    cost = collective_cost(topo, args.op, sizes, devices, algorithm=args.algorithm)
+    experts = _expert_routing(args)
+    cost = collective_cost(topo, args.op, sizes, devices, algorithm=args.algorithm, experts=experts)
     n = topo.device_ids(devices).size
     factor = bus_bandwidth_factor(args.op, n)
     rows = [
@@ -157,6 +158,17 @@ def cmd_collective(args: argparse.Namespace) -> int:
         print(f"  {r['bytes']:>14.0f} {r['time_s'] * 1e6:>12.2f} {r['algbw_bytes_per_s'] / 1e9:>13.2f} "
               f"{r['busbw_bytes_per_s'] / 1e9:>13.2f}  {r['algorithm']}")
     return 0
+
+
+def _expert_routing(args: argparse.Namespace) -> ExpertRouting | None:
+    """The routing a dispatch kernel needs (--experts, --top-k, --max-nodes), or None for a plain collective."""
+    given = [args.experts, args.top_k, args.max_nodes]
+    if all(v is None for v in given):
+        return None
+    if args.experts is None or args.top_k is None:
+        raise ValueError("--experts and --top-k: a dispatch kernel needs both (the all_to_all's send buffer is one "
+                         "copy per token and expert)")
+    return ExpertRouting(args.experts, args.top_k, args.max_nodes)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -575,7 +587,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     coll.add_argument("--devices", type=int, help="ranks: the first N devices (default: all)")
     coll.add_argument("--bytes", default="1e6..1e10", help="sizes per device: 1e6..1e10, 1e6,4e6 or 65536")
     coll.add_argument("--factor", type=float, default=2.0, help="step of a .. sweep (default 2)")
-    coll.add_argument("--algorithm", help="force an algorithm (ring, tree, nvls, nvls_tree, direct)")
+    coll.add_argument("--algorithm", help="force an algorithm (ring, tree, nvls, nvls_tree, direct; with --experts "
+                      "and --top-k the all_to_all's dispatch kernels deepep_normal and deepep_ll)")
+    coll.add_argument("--experts", type=int, help="dispatch kernels: experts spread over the ranks")
+    coll.add_argument("--top-k", dest="top_k", type=int, help="dispatch kernels: experts per token")
+    coll.add_argument("--max-nodes", dest="max_nodes", type=int,
+                      help="dispatch kernels: node-limited routing, at most this many nodes per token")
     coll.add_argument("--json", action="store_true")
     handlers["collective"] = cmd_collective
 

@@ -73,6 +73,24 @@ def test_collective_json_and_errors(capsys):
     assert "not available" in capsys.readouterr().err
 
 
+def test_collective_times_the_dispatch_kernels(capsys):
+    """--experts and --top-k make DeepEP's kernels available to an all_to_all, as collective_cost's experts=."""
+    from moeplan.collectives import collective_time_s
+    from moeplan.dispatch import ExpertRouting
+
+    argv = ["collective", "all_to_all", "--topology", "hgx-h800", "--nodes", "4", "--bytes", "7569408", "--json",
+            "--experts", "256", "--top-k", "8", "--max-nodes", "2"]
+    for kernel in ("deepep_ll", "deepep_normal"):
+        assert main(argv + ["--algorithm", kernel]) == 0
+        row = json.loads(capsys.readouterr().out)["rows"][0]
+        topo = mp.load_topology("hgx-h800", nodes=4)
+        expected = collective_time_s(topo, "all_to_all", 7569408, algorithm=kernel,
+                                     experts=ExpertRouting(256, 8, max_nodes=2))
+        assert row["algorithm"] == kernel and row["time_s"] == pytest.approx(expected)
+    assert main(argv[:-6] + ["--top-k", "8", "--algorithm", "deepep_ll"]) == 2
+    assert "--experts and --top-k" in capsys.readouterr().err
+
+
 def test_models_lists_presets(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
