@@ -224,9 +224,12 @@ def _dispatch_row(point: dict, row: dict, index: int, params: CommParams | None 
                                                        point["measurements"] if _same_config(r, row, "measurement")):
         raise _Skip("includes framework overhead (torch API); the kernel-only row of the same configuration is used")
     family, nodes = _hardware(point, row)
-    work = point["workload"]
-    ranks = int(row.get("ranks") or work.get("ranks"))
-    dtype = row.get("dtype") or work.get(f"{row['phase']}_dtype") or "bf16"
+    work = {**(point.get("workload") or {}), **{k: v for k, v in row.items() if v is not None}}  # a row's own wins
+    missing = [k for k in ("ranks", "tokens_per_rank", "hidden", "top_k") if not work.get(k)]
+    if missing:
+        raise _Skip(f"dispatch workload {', '.join(missing)} not published")
+    ranks = int(work["ranks"])
+    dtype = row.get("dtype") or work.get(f"{row.get('phase')}_dtype") or "bf16"
     # Send buffer per rank: every token to each of its top-k experts (DeepEP counts per destination).
     size = work["tokens_per_rank"] * _token_bytes(work["hidden"], dtype) * work["top_k"]
     topo = _topology(family, nodes, ranks, step_latency_s)

@@ -190,3 +190,9 @@ def test_the_validator_reads_a_dispatch_latency_and_the_kernel_its_source_names(
     assert by_id["L2"].algorithm == "direct"  # an NCCL all_to_all, slower on its size ramp
     assert by_id["L2"].predicted > by_id["L1"].predicted
     assert "kernel" in dict(skipped)["L3[0]"] and "pplx" in dict(skipped)["L3[0]"]
+    # the workload may sit on the row; a row without one is skipped with what is missing, never raised
+    on_row = {"id": "L6", "kind": "moe_dispatch", "source": "low-latency kernels", "hardware": {"family": "hgx-h800"},
+              "measurements": [{**rows[0], **work}, {"phase": "combine", "ranks": 16, "nodes": 2, "time_s": 2e-4}]}
+    got, skipped = collective_rows([on_row])
+    assert got[0].predicted == pytest.approx(by_id["L1"].predicted)
+    assert "tokens_per_rank" in dict(skipped)["L6[1]"]
