@@ -390,9 +390,16 @@ def _training_row(point: dict) -> ValidationRow:
     if point.get("global_batch_tokens") is None or not point.get("layout"):
         raise _Skip("global batch or layout not published")
     family, _ = _hardware(point, {})
-    chips = int(point["hardware"]["chips"])
+    chips = _chips(point, family)
     kwargs = {k: spec[k] for k in _MODEL_KEYS if spec.get(k) is not None}
     kwargs.setdefault("d_ff", 0)
+    kwargs.setdefault("n_kv_heads", kwargs["n_heads"])  # unstated: multi-head attention
+    kwargs.setdefault("d_head", kwargs["d_model"] // kwargs["n_heads"])  # unstated: the usual d_model / heads
+    if kwargs.get("num_experts", 0) <= 1:  # a dense model: its FFN is its one expert
+        kwargs.update(num_experts=1, top_k=1, expert_d_ff=kwargs.get("expert_d_ff") or kwargs["d_ff"])
+    unstated = [k for k in ("top_k", "expert_d_ff") if not kwargs.get(k)]
+    if unstated:
+        raise _Skip(f"model {', '.join(unstated)} not published")
     kwargs["capacity_factor"] = spec.get("capacity_factor")
     if spec.get("attention") == "mla":
         kwargs["mla"] = MLADims(**spec["mla"])
@@ -423,6 +430,24 @@ def _training_row(point: dict) -> ValidationRow:
 # Published rates a training point may carry, in the order they are used: (name, work per step it counts).
 _RATES = ("step_time_s", "steps_per_s", "tokens_per_s", "tokens_per_s_per_chip", "examples_per_s",
           "mfu", "model_flops_per_s_per_chip")
+
+
+def _chips(point: dict, family: str) -> int:
+    """The point's device count: stated, else its nodes x the family's devices per node, else the product of
+    its layout's degrees; skipped when none is published."""
+    from moeplan.families import load_family
+
+    hw = point.get("hardware") or {}
+    if hw.get("chips"):
+        return int(hw["chips"])
+    per_node = getattr(getattr(load_family(family).layout, "node", None), "devices_per_node", None)
+    if hw.get("nodes") and per_node:
+        return int(hw["nodes"]) * int(per_node)
+    lay = point.get("layout") or {}
+    degrees = [int(lay.get(k) or 1) for k in ("data", "fsdp", "tensor", "pipeline", "context")]
+    if lay.get("data") or lay.get("fsdp"):
+        return math.prod(degrees)
+    raise _Skip("hardware chips (or nodes) not published")
 
 
 def _published_rate(point: dict, seq_len: int, chips: int) -> tuple[str, float, float | None]:

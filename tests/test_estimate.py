@@ -786,3 +786,34 @@ def test_megatron_pipeline_sends_hide_only_in_the_interleaved_schedule(monkeypat
     assert exposed.step_time_s - hidden.step_time_s == pytest.approx((micro_batches + pp - 1) * per_micro_batch)
     interleaved = mp.estimate(model, topo, replace(plain, virtual_pipeline=2), tokens, framework="megatron")
     assert next(r for r in interleaved.layers if r.name == "pipeline_p2p").time_s == 0.0
+
+
+def test_a_training_point_without_a_chip_count_takes_it_from_its_nodes_or_layout():
+    """chips missing: nodes x the family's devices per node, else the product of the layout's degrees; with
+    neither, the point is skipped with the reason, never raised."""
+    from moeplan.validation import training_rows
+
+    base = {"kind": "training_step", "source": "a run",
+            "model": {"d_model": 2048, "n_layers": 8, "n_heads": 16, "n_kv_heads": 4, "d_head": 128,
+                      "vocab_size": 32000, "seq_len": 4096, "num_experts": 16, "top_k": 2, "expert_d_ff": 1024},
+            "layout": {"data": 16, "expert": 8}, "global_batch_tokens": 64 * 4096, "dtype": "bf16",
+            "measured": {"step_time_s": 1.0}}
+    points = [{**base, "id": "chips", "hardware": {"family": "dgx-h100", "chips": 16}},
+              {**base, "id": "nodes", "hardware": {"family": "dgx-h100", "chips": None, "nodes": 2}},
+              {**base, "id": "layout", "hardware": {"family": "dgx-h100"}},
+              {**base, "id": "none", "hardware": {"family": "dgx-h100"}, "layout": {"expert": 8}}]
+    rows, skipped = training_rows(points)
+    step = {r.point_id: r.predicted for r in rows}
+    assert step["chips"] == step["nodes"] == step["layout"]
+    assert "chips" in dict(skipped)["none"]
+    # unstated attention shape: multi-head of d_model / n_heads; unstated routing: skipped, named
+    mha = {k: v for k, v in base["model"].items() if k not in ("n_kv_heads", "d_head")}
+    implicit = {**points[0], "id": "mha", "model": {**mha, "n_kv_heads": None}}
+    explicit = {**points[0], "id": "mha16", "model": {**mha, "n_kv_heads": 16, "d_head": 128}}
+    no_k = {**points[0], "id": "no_k", "model": {**base["model"], "top_k": None}}
+    dense = {**points[0], "id": "dense", "model": {**mha, "num_experts": None, "top_k": None, "d_ff": 8192,
+                                                       "expert_d_ff": None}, "layout": {"data": 16}}
+    rows, skipped = training_rows([implicit, explicit, no_k, dense])
+    step = {r.point_id: r.predicted for r in rows}
+    assert step["mha"] == step["mha16"] and "dense" in step
+    assert "top_k" in dict(skipped)["no_k"]
