@@ -475,14 +475,8 @@ def switched_candidates(topo: Topology, op: str, devices: np.ndarray, size: np.n
     if op == "p2p":
         return {"direct": _switched_p2p_s(topo, group, size, params)}
     if op == "all_to_all":
-        local = size * (group.per_node - 1) / n / node_rate(topo, group, size, params)
-        out = {"direct": base + params.node_step_latency_s + local}
-        if group.nodes > 1:
-            net_eff = params.eff("net")(size)
-            remote = size * (n - group.per_node) / n / (_nic_bw(topo) * net_eff)
-            uplink = size * _uplink_load_per_bw(topo, devices) / net_eff
-            out["direct"] = base + params.net_step_latency_s + np.maximum(np.maximum(local, remote), uplink)
-        return out
+        step = params.node_step_latency_s if group.nodes == 1 else params.net_step_latency_s
+        return {"direct": base + step + _all_to_all_transfer_s(topo, group, devices, size, params)}
     rounds = 2 if op == "all_reduce" else 1
     ring = base + rounds * _ring_latency_s(group, n - 1, params) + rounds * (n - 1) / n * size / _ring_bw(
         topo, group, size, params
@@ -546,9 +540,8 @@ def _tree_net_s(topo: Topology, group: SwitchedGroup, size: np.ndarray, params: 
 
 
 def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, params: CommParams,
-                        experts: ExpertRouting, direct: np.ndarray) -> dict[str, np.ndarray]:
-    """DeepEP's kernels for a send buffer of ``size`` bytes (one copy per token and expert) per rank;
-    ``direct`` is the all_to_all's own time (the low-latency kernels move its bytes)."""
+                        experts: ExpertRouting) -> dict[str, np.ndarray]:
+    """DeepEP's kernels for a send buffer of ``size`` bytes (one copy per token and expert) per rank."""
     if topo.kind != SWITCHED:
         raise ValueError("algorithm: DeepEP kernels run on GPU clusters; expected a switched topology")
     params = fabric_params(topo, params)
@@ -564,20 +557,22 @@ def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, p
     else:
         net = copies.network * per_copy / (_nic_bw(topo) * params.eff("net")(size))
         normal = params.net_step_latency_s + np.maximum(net, nvlink)
-    return {"deepep_normal": normal, "deepep_ll": params.ll_kernel_latency_s + _ll_transfer_s(topo, group, devices,
-                                                                                              size, params)}
+    # The low-latency kernels move the all_to_all's bytes, one RDMA write per (token, expert) from every SM over
+    # one queue pair per local expert (IBGDA): the links run at their large-message efficiency from the first
+    # token, without NCCL's chunk-pipeline size ramp (DeepEP V1 legacy.md: 39 GB/s of a 50 GB/s NIC at EP 256
+    # with 7.6 MB per rank, where NCCL's ramp would give a third of the line).
+    low_latency = _all_to_all_transfer_s(topo, group, devices, size, params, peak=True)
+    return {"deepep_normal": normal, "deepep_ll": params.ll_kernel_latency_s + low_latency}
 
 
-def _ll_transfer_s(topo: Topology, group: SwitchedGroup, devices: np.ndarray, size: np.ndarray,
-                   params: CommParams) -> np.ndarray:
-    """DeepEP's low-latency kernels move the all_to_all's bytes, one RDMA write per (token, expert) from every SM
-    over one queue pair per local expert (IBGDA): the links run at their large-message efficiency from the first
-    token, without NCCL's chunk-pipeline size ramp (DeepEP V1 legacy.md: 39 GB/s of a 50 GB/s NIC at EP 256 with
-    7.6 MB per rank, where NCCL's ramp would give a third of the line)."""
-    local = size * (group.per_node - 1) / group.n / node_rate(topo, group, size, params, peak=True)
+def _all_to_all_transfer_s(topo: Topology, group: SwitchedGroup, devices: np.ndarray, size: np.ndarray,
+                           params: CommParams, peak: bool = False) -> np.ndarray:
+    """Bytes time of an all_to_all: the local part over NVLink, the remote part through each GPU's own NIC and
+    the busiest leaf uplink, concurrently; ``peak``: at the links' large-message efficiency at every size."""
+    local = size * (group.per_node - 1) / group.n / node_rate(topo, group, size, params, peak=peak)
     if group.nodes == 1:
         return local
-    net_eff = params.eff("net").e_max
+    net_eff = params.eff("net").e_max if peak else params.eff("net")(size)
     remote = size * (group.n - group.per_node) / group.n / (_nic_bw(topo) * net_eff)
     uplink = size * _uplink_load_per_bw(topo, devices) / net_eff
     return np.maximum(np.maximum(local, remote), uplink)
@@ -626,7 +621,7 @@ def collective_cost(
     candidates = build(topo, op, ids, size, params)
     names = list(candidates)
     if experts is not None and op == "all_to_all" and algorithm in ("deepep_normal", "deepep_ll"):
-        candidates.update(dispatch_candidates(topo, ids, size, params, experts, candidates["direct"]))
+        candidates.update(dispatch_candidates(topo, ids, size, params, experts))
     elif algorithm in ("deepep_normal", "deepep_ll"):
         raise ValueError(f"algorithm: {algorithm!r} is an expert dispatch kernel; expected op='all_to_all' and "
                          "experts=ExpertRouting(num_experts, top_k)")

@@ -418,16 +418,16 @@ def _training_row(point: dict) -> ValidationRow:
     except ValueError as exc:
         raise _Skip(f"not expressible: {exc}") from None
     label = f"{family} x{chips} {model.name} {point.get('dtype')}"
-    metric, value, per_step = _published_rate(point, model.seq_len, chips)
-    if per_step is not None:  # a time or a rate of work per step: compared as a step time
-        predicted = est.step_time_s if metric == "step_time_s" else per_step / est.step_time_s
-        error = est.step_time_s / (per_step / value if metric != "step_time_s" else value) - 1.0
-        return ValidationRow(point["id"], label, metric, value, predicted, error, False, "estimate")
+    metric, value, step_s = _published_rate(point, model.seq_len, chips)
+    if step_s is not None:  # a step time, or a rate of work per step: compared as a step time
+        ratio = est.step_time_s / step_s
+        predicted = est.step_time_s if metric == "step_time_s" else value / ratio
+        return ValidationRow(point["id"], label, metric, value, predicted, ratio - 1.0, False, "estimate")
     predicted = est.mfu if metric == "mfu" else est.mfu * topo.chip.peak_bf16_flop_per_s
     return ValidationRow(point["id"], label, metric, value, predicted, value / predicted - 1.0, False, "estimate")
 
 
-# Published rates a training point may carry, in the order they are used: (name, work per step it counts).
+# Published measures of a training step, in the order they are used.
 _RATES = ("step_time_s", "steps_per_s", "tokens_per_s", "tokens_per_s_per_chip", "examples_per_s",
           "mfu", "model_flops_per_s_per_chip")
 
@@ -440,9 +440,9 @@ def _chips(point: dict, family: str) -> int:
     hw = point.get("hardware") or {}
     if hw.get("chips"):
         return int(hw["chips"])
-    per_node = getattr(getattr(load_family(family).layout, "node", None), "devices_per_node", None)
-    if hw.get("nodes") and per_node:
-        return int(hw["nodes"]) * int(per_node)
+    fam = load_family(family)
+    if hw.get("nodes") and hasattr(fam.layout, "node"):  # a switched family: nodes of devices_per_node
+        return int(hw["nodes"]) * fam.layout.node.devices_per_node
     lay = point.get("layout") or {}
     degrees = [int(lay.get(k) or 1) for k in ("data", "fsdp", "tensor", "pipeline", "context")]
     if lay.get("data") or lay.get("fsdp"):
@@ -452,16 +452,17 @@ def _chips(point: dict, family: str) -> int:
 
 def _published_rate(point: dict, seq_len: int, chips: int) -> tuple[str, float, float | None]:
     """The first published measure of the step (measured, then derived values): its name, its value and the
-    work per step it counts (1 for a step time or steps/s, tokens or sequences per step for a throughput,
-    None for MFU and model FLOP/s, which are compared as rates)."""
+    measured step time it implies (None for MFU and model FLOP/s, which are compared as rates)."""
     batch = float(point["global_batch_tokens"])
-    work = {"step_time_s": 1.0, "steps_per_s": 1.0, "tokens_per_s": batch, "tokens_per_s_per_chip": batch / chips,
-            "examples_per_s": batch / seq_len, "mfu": None, "model_flops_per_s_per_chip": None}
+    work = {"steps_per_s": 1.0, "tokens_per_s": batch, "tokens_per_s_per_chip": batch / chips,
+            "examples_per_s": batch / seq_len}  # a rate's work per step
     for source in (point.get("measured") or {}, point.get("derived_values") or {}):
         for name in _RATES:
             value = source.get(name)
             if value:
-                return name, float(value), work[name]
+                value = float(value)
+                step_s = value if name == "step_time_s" else work[name] / value if name in work else None
+                return name, value, step_s
     raise _Skip(f"no step time, throughput or MFU published (expected one of {', '.join(_RATES)})")
 
 
