@@ -38,3 +38,22 @@ def attention_time_s(flops, nbytes, chip: ChipSpec, dtype: str, eff: ComputeEffi
 def memory_time_s(nbytes, chip: ChipSpec, eff: ComputeEfficiency):
     return nbytes / (chip.hbm_bw_bytes_per_s * eff.memory) + eff.kernel_overhead_s
 
+
+# Bytes moved per element to cast a 16-bit GEMM input to 8 bits: read it (2) and write the 8-bit copy (1); a
+# training step writes a second, transposed copy (1) because the backward's weight-gradient GEMM needs the
+# operand along the other axis: Hopper's FP8 tensor cores take only the TN layout, and MXFP8's 1x32 scaling
+# blocks run along the reduction axis (Transformer Engine user guide, "Using FP8 with Transformer Engine" and
+# its MXFP8 section: row-wise and column-wise copies). The scales (one per tensor, or one byte per 32 values)
+# are left out.
+QUANTIZE_BYTES_PER_ELEMENT = {"train": 4.0, "infer": 3.0}
+
+
+def quantize_bytes(rows, forward_features, backward_features, training: bool):
+    """Bytes one GEMM-bearing block moves to quantize its 8-bit GEMM inputs, per unit of forward compute:
+    the forward casts its inputs (``rows`` x ``forward_features``); in training the backward also casts the
+    output gradients (``rows`` x ``backward_features``), and the total is spread over the three forward
+    units a training step counts (forward once, backward twice), so ``training_passes`` charges it once."""
+    if not training:
+        return QUANTIZE_BYTES_PER_ELEMENT["infer"] * rows * forward_features
+    return QUANTIZE_BYTES_PER_ELEMENT["train"] * rows * (forward_features + backward_features) / 3.0
+

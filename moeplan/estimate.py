@@ -17,7 +17,9 @@ A layer is a list of typed ``Part`` records (``layer_kinds``: the same compositi
 and decode); the overlap policy (``overlap``: "none", "dp" by default, "full" DualPipe-style) is applied in
 one place, ``Overlap``, which says what hides behind what.
 With an 8-bit ``dtype`` the linear layers run at the fp8 rate while attention, the output layer,
-activations and communication stay in bf16, as in Transformer Engine's recipes.
+activations and communication stay in bf16, as in Transformer Engine's recipes; every 8-bit GEMM input
+made from a bf16 tensor is cast first, a memory-bound pass (``compute.quantize_bytes``: in training the
+forward's inputs and the backward's output gradients, each with a transposed copy).
 
 Dispatch kernel (``dispatch``, ``dispatch.KERNELS``): "nccl" (default) is an all-to-all of one copy per
 (token, expert); "deepep_normal" sends a token once per remote node and fans it out over NVLink;
@@ -149,7 +151,11 @@ def _attention(ctx: Context, tokens, context: float, decode: bool) -> dict[str, 
     runs under the scores' compute as Megatron's ring overlaps it; what the scores do not cover is exposed."""
     m, t, cp = ctx.m, ctx.plan.tensor, ctx.plan.context
     width = M.attention_params(m) / m.d_model / t  # output features per rank, projections together
-    out = {"proj_s": ctx.mm(tokens, width, m.d_model) + _elementwise_s(ctx, tokens),
+    heads = m.n_heads * m.d_head / t  # the output projection's input features
+    # 8-bit casts: the output projection's input (the q/k/v projection's comes cast from its fused norm); in
+    # the backward the gradients of every projection's output
+    cast = ctx.quantize(tokens, heads, width - heads + m.d_model)
+    out = {"proj_s": ctx.mm(tokens, width, m.d_model) + _elementwise_s(ctx, tokens) + cast,
            "proj_flops": 2.0 * tokens * width * m.d_model}
     out["tp_s"], out["tp_bytes"] = _tp_comm(ctx, tokens)
     flops = M.attention_score_flops(m) * context / m.seq_len * tokens / t
@@ -184,6 +190,9 @@ def _ffn(ctx: Context, tokens, width, block: bool = True) -> dict[str, np.ndarra
     up = 2 if m.gated_ffn else 1
     time = ctx.mm(tokens, up * width / t, m.d_model) + ctx.mm(tokens, m.d_model, width / t)
     time = time + ctx.mem(3 * tokens * width / t * ctx.b) + (_elementwise_s(ctx, tokens) if block else 0.0)
+    # 8-bit casts: the down projection's input, and the up projection's unless a block's norm emits it cast
+    # (Transformer Engine's LayerNormMLP); backward: both projections' output gradients
+    time = time + ctx.quantize(tokens, width / t + (0.0 if block else m.d_model), (up * width / t + m.d_model))
     tp_s, tp_bytes = _tp_comm(ctx, tokens)
     return {"s": time * (width > 0), "flops": 2.0 * tokens * (up + 1) * width / t * m.d_model,
             "tp_s": tp_s * (width > 0), "tp_bytes": tp_bytes * (width > 0)}
@@ -236,6 +245,9 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
     rows = _grouped_rows(ctx, per_expert, active)
     experts = ctx.mm(rows, up * width, m.d_model, active) + ctx.mm(
         rows, m.d_model, width, active) + ctx.mem(3 * per_expert * active * width * ctx.b)
+    # 8-bit casts of the routed copies (the up projection's input) and of the down projection's input;
+    # backward: both projections' output gradients
+    experts = experts + ctx.quantize(per_expert * active, m.d_model + width, up * width + m.d_model)
     flops = 2.0 * per_expert * active * (up + 1) * width * m.d_model
     shared = _ffn(ctx, tokens, m.num_shared_experts * m.expert_d_ff, block=False)
     gathered = send * etp * (etp > 1)  # the set's received tokens, all-gathered, and the partial outputs
@@ -706,7 +718,7 @@ def estimate(model: M.MoEModel, topo: Topology, layout: Layout, global_batch_tok
         raise ValueError(f"layout.context: got {layout.context}; context parallelism is modelled for training; "
                          "expected 1 for prefill and decode")
     if mode != "train":
-        return _inference(make_context(plan, topo, dtype, profile, routing, dispatch, preset), mode,
+        return _inference(make_context(plan, topo, dtype, profile, routing, dispatch, preset, training=False), mode,
                           int(global_batch_tokens), hbm_reserve)
     costs = plan_costs(plan, topo, int(global_batch_tokens), dtype, profile, routing, overlap, dispatch=dispatch,
                        kernels=preset, hbm_reserve=hbm_reserve)

@@ -23,7 +23,7 @@ import numpy as np
 
 from moeplan import moe as M
 from moeplan.collectives import DEFAULT_PARAMS, CommParams, collective_cost, collective_time_s
-from moeplan.compute import matmul_time_s, memory_time_s
+from moeplan.compute import matmul_time_s, memory_time_s, quantize_bytes
 from moeplan.dispatch import ExpertRouting
 from moeplan.frameworks import FRAMEWORKS, Framework
 from moeplan.hardware import ComputeEfficiency
@@ -135,8 +135,10 @@ class Context:
     """Everything constant across a plan, plus the grouped collective lookups."""
 
     def __init__(self, plan: Plan, topo: Topology, dtype: str, eff: ComputeEfficiency, comm: CommParams,
-                 routing: Routing, dispatch: str = "nccl", kernels: Framework | None = None) -> None:
+                 routing: Routing, dispatch: str = "nccl", kernels: Framework | None = None,
+                 training: bool = True) -> None:
         self.plan, self.topo, self.dtype, self.eff, self.comm, self.routing = plan, topo, dtype, eff, comm, routing
+        self.training = training  # a training step (forward and backward), else one inference forward
         self.dispatch = dispatch  # the expert dispatch kernel (dispatch.KERNELS)
         kernels = kernels or FRAMEWORKS["megatron"]  # the framework's kernels and weight storage
         self.attention = kernels.attention  # the attention kernel (frameworks.ATTENTION_KERNELS)
@@ -157,6 +159,13 @@ class Context:
 
     def mem(self, nbytes):
         return memory_time_s(nbytes, self.topo.chip, self.eff)
+
+    def quantize(self, rows, forward_features, backward_features):
+        """Time to cast a block's 16-bit GEMM inputs to the 8-bit ``dtype`` per unit of forward compute
+        (``compute.quantize_bytes``); nothing at 16 bits and wider."""
+        if self.b == dtype_bytes(self.dtype):
+            return 0.0
+        return self.mem(quantize_bytes(rows, forward_features, backward_features, self.training))
 
     def _group(self, kind: str) -> tuple:
         """The degrees that place device 0's ``kind`` group (``_GROUP_IDS[kind]`` turns them into ids)."""
@@ -262,10 +271,10 @@ def _coll_one(topo: Topology, op: str, nbytes: float, kind: str, key: tuple[int,
 
 
 def make_context(plan, topo, dtype, profile, routing, dispatch: str = "nccl",
-                 kernels: Framework | None = None) -> Context:
+                 kernels: Framework | None = None, training: bool = True) -> Context:
     eff = getattr(profile, "compute", None) or topo.chip.efficiency
     comm = getattr(profile, "comm", None) or DEFAULT_PARAMS
-    ctx = Context(plan, topo, dtype, eff, comm, routing or Routing(), dispatch, kernels)
+    ctx = Context(plan, topo, dtype, eff, comm, routing or Routing(), dispatch, kernels, training)
     ctx.profile = profile
     return ctx
 

@@ -13,6 +13,7 @@ import copy
 import itertools
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -508,15 +509,18 @@ def point_framework(point: dict) -> str | None:
 _DISPATCHERS = {"alltoall": "nccl", "all-to-all": "nccl", "allgather": "nccl", "nccl": "nccl",
                 "flex": "deepep_normal", "deepep": "deepep_normal", "hybridep": "deepep_normal",
                 "deepep_normal": "deepep_normal", "deepep_ll": "deepep_ll"}
-# Megatron-Core's expert all-to-all overlap with another micro-batch's compute (--overlap-moe-expert-parallel-comm).
+# Megatron-Core's expert all-to-all overlap with another micro-batch's compute (--overlap-moe-expert-parallel-comm;
+# Megatron-Bridge's recipes call it moe_a2a_overlap and state it true or false).
 _EP_OVERLAP = ("overlap-moe-expert-parallel-comm", "overlap_moe_expert_parallel_comm", "ep a2a overlap")
+_A2A_OVERLAP_STATED = re.compile(r"moe_a2a_overlap\W{0,3}(true|false)")
 
 
 def point_kernels(point: dict) -> dict[str, str]:
     """The dispatch kernel and overlap a GPU training point names (estimate keywords; empty: the framework's).
     A stated dispatcher (the point's or its layout's ``dispatch``, ``moe_token_dispatcher_type`` or
     ``moe_flex_dispatcher_backend``) wins; else DeepEP or HybridEP named in the source or notes (both send a
-    token once per remote node: ``deepep_normal``)."""
+    token once per remote node: ``deepep_normal``). The all-to-all overlap: a stated ``moe_a2a_overlap``
+    (a field, or written true/false in the notes) wins over the flag's name in the text."""
     lay = point.get("layout") or {}
     stated = [str(v).lower() for v in (lay.get("moe_flex_dispatcher_backend"), point.get("dispatch"),
                                         lay.get("dispatch"), lay.get("moe_token_dispatcher_type")) if v]
@@ -529,7 +533,10 @@ def point_kernels(point: dict) -> dict[str, str]:
         knobs["dispatch"] = _DISPATCHERS[stated[0]]
     elif "deepep" in text or "hybridep" in text or "hybrid-ep" in text:
         knobs["dispatch"] = "deepep_normal"
-    if any(flag in text for flag in _EP_OVERLAP):
+    stated = lay.get("moe_a2a_overlap", point.get("moe_a2a_overlap"))
+    if stated is None and (match := _A2A_OVERLAP_STATED.search(text)):
+        stated = match.group(1) == "true"
+    if stated is True or (stated is None and any(flag in text for flag in _EP_OVERLAP)):
         knobs["overlap"] = "full"
     return knobs
 
