@@ -15,6 +15,7 @@ from moeplan.validation import (
     KORTHIKANTI_PATH,
     RANKINGS_PATH,
     STEP_LATENCY_FITTED_TO,
+    TRAINING_PATH,
     collected_leave_one_source_out,
     collective_rows,
     leave_one_source_out,
@@ -71,6 +72,21 @@ def main() -> int:
           f"worst {t['max_abs_error']:.1%}; leave-one-source-out the same: no constant of the step model is fitted "
           "to a training point (efficiencies come from datasheets and kernel papers)")
     skipped = skipped + train_skipped
+    collected_train, collected_skipped = training_rows(load_points(TRAINING_PATH))
+    print(f"\ntraining runs collected by the project ({TRAINING_PATH.name}):")
+    for r in collected_train:
+        print(f"  {r.point_id:36} {r.label:52} {r.metric:12} {r.measured:10.4g} {r.predicted:10.4g} {r.error:+7.1%}")
+    ct = summarize(collected_train)
+    fast = sum(r.error < 0 for r in collected_train)
+    print(f"collected training: {ct['points']} points, median |error| {ct['median_abs_error']:.1%}, worst "
+          f"{ct['max_abs_error']:.1%}, {fast} of them too fast; held out (nothing fitted), so leave-one-source-out "
+          "is the same")
+    by_family: dict[str, list[float]] = {}
+    for r in train + collected_train:
+        by_family.setdefault(r.label.split()[0], []).append(abs(r.error))
+    print("  median |error| per family, published and collected: " + ", ".join(
+        f"{fam} {sorted(errs)[len(errs) // 2]:.0%} ({len(errs)})" for fam, errs in sorted(by_family.items())))
+    skipped = skipped + collected_skipped
     ranked = load_points(RANKINGS_PATH)
     rank_rows, rank_skipped = training_rows(ranked)
     print("\nlayout rankings (published speed tables; Kendall tau between measured and predicted order):")

@@ -27,9 +27,10 @@ Dispatch kernel (``dispatch``, ``dispatch.KERNELS``): "nccl" (default) is an all
 8-bit ``dtype`` DeepEP dispatches in fp8 with a 4-byte scale per 128 channels and combines in bf16, as
 DeepSeek-V3 trains.
 
-Backward = 2x forward compute and the same collectives again (two more all-to-alls per MoE
-layer). Recompute: "selective" recomputes attention scores, "full" the whole forward with its
-collectives. MFU = model FLOPs (moe.model_flops_per_token) / (step time x devices x dense bf16 peak).
+Backward = 2x forward compute (2.5x for fused flash attention, which recomputes the scores) and the
+same collectives again (two more all-to-alls per MoE layer). Recompute: "selective" recomputes
+attention scores, "full" the whole forward with its collectives. MFU = model FLOPs
+(moe.model_flops_per_token) / (step time x devices x dense bf16 peak).
 Memory (training): weights in ``dtype`` (fp32 for fp32 runs) + fp32 grads + fp32 master weights
 and Adam m, v (sharded over data replicas with the distributed optimizer), activations of the
 micro-batches in flight, all-to-all buffers.
@@ -361,15 +362,22 @@ def recomputes(policy: str, part: str) -> bool:
     return policy in ("full", "offload_inputs")
 
 
-def training_passes(recompute, names) -> dict[str, tuple]:
+# FlashAttention's backward recomputes the scores from Q and K before its four gradient matmuls: five matmuls to
+# the forward's two, 2.5x the forward's FLOPs (Dao-AILab/flash-attention benchmarks/benchmark_flash_attention.py
+# counts the backward so, and the kernels' published TFLOP/s, hence the attention efficiencies, use that count).
+FLASH_BACKWARD_UNITS = 2.5
+
+
+def training_passes(recompute, names, attention: str = "flash") -> dict[str, tuple]:
     """Per part name: its (compute, communication) passes in a training step: the forward, the backward (twice
-    the compute, the collectives once more) and one more forward where ``recompute`` (a RECOMPUTE index, or an
-    array of them) reruns it."""
+    the compute, the collectives once more; 2.5x for fused flash attention's scores, ``FLASH_BACKWARD_UNITS``)
+    and one more forward where ``recompute`` (a RECOMPUTE index, or an array of them) reruns it."""
     out = {}
     for name in names:
         rerun = _reruns(name)  # per policy index: 1.0 where it reruns the part
         again = float(rerun[int(recompute)]) if np.ndim(recompute) == 0 else rerun[recompute]
-        out[name] = (3.0 + again, 2.0 + again)
+        backward = FLASH_BACKWARD_UNITS if name == "attention_scores" and attention == "flash" else 2.0
+        out[name] = (1.0 + backward + again, 2.0 + again)
     return out
 
 
@@ -470,7 +478,8 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     # stages hold the model's mix of layers: each kind's count in an average layer
     kinds = [(count / m.n_layers, scaled_parts(parts, scales)) for count, parts in kinds]
     last_parts = scaled_parts([logits_part(ctx, tokens, training=True)], scales)
-    passes = training_passes(p.recompute, [part.name for _, parts in kinds for part in parts] + ["logits"])
+    passes = training_passes(p.recompute, [part.name for _, parts in kinds for part in parts] + ["logits"],
+                             ctx.attention)
     policy = Overlap(overlap)
     out: dict = {}
     layer_s, shares = 0.0, []

@@ -46,6 +46,8 @@ DEFAULT_PATH = Path(os.environ.get("MOEPLAN_PUBLISHED") or _FOUND)
 COLLECTED_PATH = Path(__file__).resolve().parents[1] / "validation" / "collected.yaml"
 # Calculon's validation suite: Korthikanti et al. 2022, Table 5 (Megatron-LM on DGX A100).
 KORTHIKANTI_PATH = Path(__file__).resolve().parents[1] / "validation" / "korthikanti2022.yaml"
+# Training runs the project collected (Megatron-Bridge performance tables, MaxText and other published runs).
+TRAINING_PATH = Path(__file__).resolve().parents[1] / "validation" / "training.yaml"
 # Published tables ranking layouts by measured speed (Switch Transformers Table 1: top-k x capacity factor).
 RANKINGS_PATH = Path(__file__).resolve().parents[1] / "validation" / "rankings.yaml"
 
@@ -556,7 +558,7 @@ def training_layout(point: dict, chips: int, framework: str | None):
     lay = point["layout"]
     fsdp, tensor, pipeline = (int(lay.get(k) or 1) for k in ("fsdp", "tensor", "pipeline"))
     maxtext = framework == "maxtext"
-    context = int(lay.get("context") or lay.get("cp") or 1)  # context parallel size
+    context = int(lay.get("context") or lay.get("context_parallel") or lay.get("cp") or 1)  # context parallel size
     if maxtext and fsdp * int(lay.get("expert") or 1) * tensor * pipeline * context <= chips:
         fsdp *= int(lay.get("expert") or 1)  # (a source whose fsdp already spans the expert axis keeps it)
     data = chips // (fsdp * tensor * pipeline * context)
