@@ -155,7 +155,7 @@ def _attention(ctx: Context, tokens, context: float, decode: bool) -> dict[str, 
     heads = m.n_heads * m.d_head / t  # the output projection's input features
     # 8-bit casts: the output projection's input (the q/k/v projection's comes cast from its fused norm); in
     # the backward the gradients of every projection's output
-    cast = ctx.quantize(tokens, heads, width - heads + m.d_model)
+    cast = ctx.quantize(tokens, heads, width - heads + m.d_model) if ctx.casts else 0.0
     out = {"proj_s": ctx.mm(tokens, width, m.d_model) + _elementwise_s(ctx, tokens) + cast,
            "proj_flops": 2.0 * tokens * width * m.d_model}
     out["tp_s"], out["tp_bytes"] = _tp_comm(ctx, tokens)
@@ -193,7 +193,8 @@ def _ffn(ctx: Context, tokens, width, block: bool = True) -> dict[str, np.ndarra
     time = time + ctx.mem(3 * tokens * width / t * ctx.b) + (_elementwise_s(ctx, tokens) if block else 0.0)
     # 8-bit casts: the down projection's input, and the up projection's unless a block's norm emits it cast
     # (Transformer Engine's LayerNormMLP); backward: both projections' output gradients
-    time = time + ctx.quantize(tokens, width / t + (0.0 if block else m.d_model), (up * width / t + m.d_model))
+    if ctx.casts:
+        time = time + ctx.quantize(tokens, width / t + (0.0 if block else m.d_model), (up * width / t + m.d_model))
     tp_s, tp_bytes = _tp_comm(ctx, tokens)
     return {"s": time * (width > 0), "flops": 2.0 * tokens * (up + 1) * width / t * m.d_model,
             "tp_s": tp_s * (width > 0), "tp_bytes": tp_bytes * (width > 0)}
@@ -248,7 +249,8 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
         rows, m.d_model, width, active) + ctx.mem(3 * per_expert * active * width * ctx.b)
     # 8-bit casts of the routed copies (the up projection's input) and of the down projection's input;
     # backward: both projections' output gradients
-    experts = experts + ctx.quantize(per_expert * active, m.d_model + width, up * width + m.d_model)
+    if ctx.casts:
+        experts = experts + ctx.quantize(per_expert * active, m.d_model + width, up * width + m.d_model)
     flops = 2.0 * per_expert * active * (up + 1) * width * m.d_model
     shared = _ffn(ctx, tokens, m.num_shared_experts * m.expert_d_ff, block=False)
     gathered = send * etp * (etp > 1)  # the set's received tokens, all-gathered, and the partial outputs

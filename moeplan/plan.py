@@ -149,6 +149,7 @@ class Context:
         bits = dtype_bytes(dtype)
         self.b = 2.0 if bits < 2 else bits  # activations and communication: bf16 under 8-bit training
         self.high = "bf16" if bits < 2 else dtype  # attention and the output layer
+        self.casts = bits < 2  # 8-bit GEMMs: their 16-bit inputs are cast first (quantize)
         self._codes: dict = {}
         self._keys: dict = {}  # one candidate: the placement key of each group kind
         self.scalar = plan.shape == ()
@@ -163,7 +164,7 @@ class Context:
     def quantize(self, rows, forward_features, backward_features):
         """Time to cast a block's 16-bit GEMM inputs to the 8-bit ``dtype`` per unit of forward compute
         (``compute.quantize_bytes``); nothing at 16 bits and wider."""
-        if self.b == dtype_bytes(self.dtype):
+        if not self.casts:
             return 0.0
         return self.mem(quantize_bytes(rows, forward_features, backward_features, self.training))
 
