@@ -7,6 +7,7 @@ and why. Not a test: tests/test_collectives.py asserts the bounds.
 
 from __future__ import annotations
 
+import statistics
 import sys
 
 from moeplan.collectives import LL_KERNEL_LATENCY_S, LL_LATENCY_FITTED_TO, RAMP_FITTED_TO
@@ -85,7 +86,7 @@ def main() -> int:
     for r in train + collected_train:
         by_family.setdefault(r.label.split()[0], []).append(abs(r.error))
     print("  median |error| per family, published and collected: " + ", ".join(
-        f"{fam} {sorted(errs)[len(errs) // 2]:.0%} ({len(errs)})" for fam, errs in sorted(by_family.items())))
+        f"{fam} {statistics.median(errs):.0%} ({len(errs)})" for fam, errs in sorted(by_family.items())))
     skipped = skipped + collected_skipped
     ranked = load_points(RANKINGS_PATH)
     rank_rows, rank_skipped = training_rows(ranked)

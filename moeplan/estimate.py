@@ -153,11 +153,12 @@ def _attention(ctx: Context, tokens, context: float, decode: bool) -> dict[str, 
     m, t, cp = ctx.m, ctx.plan.tensor, ctx.plan.context
     width = M.attention_params(m) / m.d_model / t  # output features per rank, projections together
     heads = m.n_heads * m.d_head / t  # the output projection's input features
+    out = {"proj_s": ctx.mm(tokens, width, m.d_model) + _elementwise_s(ctx, tokens),
+           "proj_flops": 2.0 * tokens * width * m.d_model}
     # 8-bit casts: the output projection's input (the q/k/v projection's comes cast from its fused norm); in
     # the backward the gradients of every projection's output
-    cast = ctx.quantize(tokens, heads, width - heads + m.d_model) if ctx.casts else 0.0
-    out = {"proj_s": ctx.mm(tokens, width, m.d_model) + _elementwise_s(ctx, tokens) + cast,
-           "proj_flops": 2.0 * tokens * width * m.d_model}
+    if ctx.casts:
+        out["proj_s"] = out["proj_s"] + ctx.quantize(tokens, heads, width - heads + m.d_model)
     out["tp_s"], out["tp_bytes"] = _tp_comm(ctx, tokens)
     flops = M.attention_score_flops(m) * context / m.seq_len * tokens / t
     sequences = tokens if decode else tokens * cp / m.seq_len

@@ -163,9 +163,7 @@ class Context:
 
     def quantize(self, rows, forward_features, backward_features):
         """Time to cast a block's 16-bit GEMM inputs to the 8-bit ``dtype`` per unit of forward compute
-        (``compute.quantize_bytes``); nothing at 16 bits and wider."""
-        if not self.casts:
-            return 0.0
+        (``compute.quantize_bytes``); the blocks add it only where ``casts`` (an 8-bit dtype)."""
         return self.mem(quantize_bytes(rows, forward_features, backward_features, self.training))
 
     def _group(self, kind: str) -> tuple:

@@ -535,10 +535,10 @@ def point_kernels(point: dict) -> dict[str, str]:
         knobs["dispatch"] = _DISPATCHERS[stated[0]]
     elif "deepep" in text or "hybridep" in text or "hybrid-ep" in text:
         knobs["dispatch"] = "deepep_normal"
-    stated = lay.get("moe_a2a_overlap", point.get("moe_a2a_overlap"))
-    if stated is None and (match := _A2A_OVERLAP_STATED.search(text)):
-        stated = match.group(1) == "true"
-    if stated is True or (stated is None and any(flag in text for flag in _EP_OVERLAP)):
+    overlap = lay.get("moe_a2a_overlap", point.get("moe_a2a_overlap"))
+    if overlap is None and (match := _A2A_OVERLAP_STATED.search(text)):
+        overlap = match.group(1) == "true"
+    if overlap is True or (overlap is None and any(flag in text for flag in _EP_OVERLAP)):
         knobs["overlap"] = "full"
     return knobs
 
