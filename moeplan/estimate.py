@@ -444,10 +444,14 @@ class Overlap:
 
     def data_parallel(self, grad_s, fsdp_s, stage_s, micro_batches):
         """Exposed gradient sync (under the last backward, 2/3 of a stage's time) and FSDP gathers (under
-        every micro-batch's compute)."""
+        every micro-batch's compute). Both leave through the device's same links, so together they hide under
+        that compute at most once: what exceeds it is exposed, whichever part it is charged to (the gathers)."""
         if self.policy == "none":
             return grad_s, fsdp_s
-        return maximum(0.0, grad_s - stage_s * (2.0 / 3.0)), maximum(0.0, fsdp_s - stage_s * micro_batches)
+        window = stage_s * micro_batches
+        grad = maximum(0.0, grad_s - stage_s * (2.0 / 3.0))
+        both = maximum(grad + maximum(0.0, fsdp_s - window), grad_s + fsdp_s - window)
+        return grad, both - grad
 
 
 # ------------------------------------------------------------------ training
@@ -601,11 +605,31 @@ def _data_parallel(ctx: Context, counts: dict, mb) -> dict[str, np.ndarray]:
     grad = where(has_fsdp, ctx.coll("reduce_scatter", grad_bytes * has_fsdp, "fsdp")
                  + ctx.coll("all_reduce", grad_bytes / p.fsdp * has_fsdp, "replicas"),
                  ctx.coll("all_reduce", grad_bytes * no_fsdp, "replicas"))
-    expert_shard = 4.0 * counts["expert"] / (p.pipeline * p.expert_weight_shards)
-    grad = grad + ctx.coll("all_reduce", expert_shard, "expert_data")
-    gather = 2.0 * ctx.coll("all_gather", dense_stage * ctx.b * has_fsdp, "fsdp") * mb  # forward and backward
-    return {"grad_s": grad, "grad_bytes": grad_bytes + expert_shard, "fsdp_s": gather,
-            "fsdp_bytes": 2.0 * dense_stage * ctx.b * mb * has_fsdp}
+    replicated = p.batch_block > p.expert_weight_shards  # the expert shards have replicas to sum with
+    expert_shard = 4.0 * counts["expert"] / (p.pipeline * p.expert_weight_shards) * replicated
+    weights = _fsdp_weight_bytes(ctx, counts)
+    expert_grads = 4.0 / ctx.b * weights["expert"]  # the expert group's experts, reduce-scattered to their shards
+    grad = grad + ctx.coll("reduce_scatter", expert_grads, "expert_fsdp") + ctx.coll("all_reduce", expert_shard,
+                                                                                      "expert_data")
+    gather = 2.0 * _fsdp_gather_s(ctx, weights) * mb  # forward and backward
+    return {"grad_s": grad, "grad_bytes": grad_bytes + expert_grads + expert_shard, "fsdp_s": gather,
+            "fsdp_bytes": 2.0 * (weights["dense"] + weights["expert"]) * mb}
+
+
+def _fsdp_weight_bytes(ctx: Context, counts: dict) -> dict[str, np.ndarray]:
+    """Weights a device gathers for one forward of its pipeline stage under FSDP (ZeRO-3), at the compute
+    width: its tensor shard of the dense weights over the fsdp group, and its expert group's experts over the
+    fsdp ranks that split them further ("expert_fsdp": MaxText's fsdp_shard_on_exp, torchtitan's FSDP of the
+    routed experts). Zero where nothing is split beyond the device's own share."""
+    p = ctx.plan
+    dense = counts["non_expert"] / (p.pipeline * p.tensor) * ctx.b * (p.fsdp > 1)
+    expert = counts["expert"] / (p.pipeline * p.expert_block) * ctx.b * (p.expert_weight_shards > p.expert_block)
+    return {"dense": dense, "expert": expert}
+
+
+def _fsdp_gather_s(ctx: Context, weights: dict) -> np.ndarray:
+    """One FSDP all-gather of a stage's weights (``_fsdp_weight_bytes``), dense and experts over their groups."""
+    return ctx.coll("all_gather", weights["dense"], "fsdp") + ctx.coll("all_gather", weights["expert"], "expert_fsdp")
 
 
 def _activation_bytes_per_token_layer(ctx: Context):
@@ -826,9 +850,10 @@ def _inference(ctx: Context, mode: str, gbt: int, hbm_reserve: float = HBM_RESER
         p2p = (pp - 1) * float(ctx.coll("p2p", act, "pipeline"))
         rows.append(LayerRow("pipeline_p2p", "comm", p2p, 0.0, act * (pp - 1), pp - 1))
     if p.fsdp > 1:  # FSDP weights are gathered for every forward
-        dense_stage = counts["non_expert"] / (pp * int(p.tensor)) * ctx.b
-        gather = pp * float(ctx.coll("all_gather", dense_stage, "fsdp")) * scales.get("grad_sync", 1.0)
-        rows.append(LayerRow("fsdp_gather", "comm", gather, 0.0, dense_stage * pp, 1.0))
+        weights = _fsdp_weight_bytes(ctx, counts)
+        gather = pp * float(_fsdp_gather_s(ctx, weights)) * scales.get("grad_sync", 1.0)
+        rows.append(LayerRow("fsdp_gather", "comm", gather, 0.0, float(weights["dense"] + weights["expert"]) * pp,
+                             1.0))
     step = sum(r.time_s for r in rows)
     params = float(counts["non_expert"] / (pp * p.dense_weight_shards)
                    + counts["expert"] / (pp * p.expert_weight_shards))

@@ -128,7 +128,7 @@ def _ids_expert_data(block, expert, inner, fsdp, covered_fsdp):
 
 _GROUP_IDS = {"tensor": _ids_range, "expert_tensor": _ids_range, "expert": _ids_strided, "data": _ids_strided,
               "fsdp": _ids_strided, "context": _ids_strided, "replicas": _ids_replicas, "pipeline": _ids_pipeline,
-              "expert_data": _ids_expert_data}
+              "expert_data": _ids_expert_data, "expert_fsdp": _ids_strided}
 
 
 class Context:
@@ -183,8 +183,10 @@ class Context:
             return p.data, p.fsdp * p.inner, p.context, p.tensor
         if kind == "pipeline":
             return p.pipeline, p.batch_block
-        covered = p.fsdp * p.expert_block // np.maximum(p.expert_weight_shards, 1)  # expert_data: a shard's replicas
-        return p.batch_block, p.expert_block, p.inner, p.fsdp, covered
+        covered = p.fsdp * p.expert_block // np.maximum(p.expert_weight_shards, 1)  # fsdp ranks of one shard
+        if kind == "expert_fsdp":  # the fsdp ranks splitting one expert group's experts further, one per shard
+            return p.fsdp // np.maximum(covered, 1), covered * p.inner
+        return p.batch_block, p.expert_block, p.inner, p.fsdp, covered  # expert_data: a shard's replicas
 
     def coll(self, op: str, nbytes, kind: str):
         """Collective time per candidate (the broadcast shape of ``nbytes`` and the group's degrees)."""

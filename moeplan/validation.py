@@ -409,7 +409,8 @@ def _training_row(point: dict) -> ValidationRow:
     model = MoEModel(name=spec.get("name", point["id"]), **kwargs)
     framework = point_framework(point)
     lay = point["layout"]
-    topo = _training_topology(family, chips, int(lay.get("dcn_data") or 0) or None)
+    stated = (point.get("hardware") or {}).get("tpu_shape")
+    topo = _training_topology(family, chips, int(lay.get("dcn_data") or 0) or None, tuple(stated) if stated else None)
     layout = training_layout(point, chips, framework)
     if layout.recompute in _ON_DEVICE and topo.host_link is None:  # the family states no host link: the same
         layout = replace(layout, recompute=_ON_DEVICE[layout.recompute])  # recompute on the device
@@ -592,9 +593,10 @@ def _maxtext_remat(notes: str) -> str:
     return "offload_inputs" if "decoder_layer_input" in notes else "full"
 
 
-def _training_topology(family: str, chips: int, slices: int | None = None):
+def _training_topology(family: str, chips: int, slices: int | None = None, shape: tuple[int, ...] | None = None):
     """The family with ``chips`` devices; a torus family as one slice when one can hold them, else as the
-    fewest equal slices over DCN (``slices`` when the source states it, as MaxText's dcn_data_parallelism)."""
+    fewest equal slices over DCN (``slices`` when the source states it, as MaxText's dcn_data_parallelism),
+    each of the slice ``shape`` the source states, else the most cubic one."""
     from moeplan.families import load_family
 
     fam = load_family(family)
@@ -606,7 +608,9 @@ def _training_topology(family: str, chips: int, slices: int | None = None):
             raise _Skip(f"{chips} chips do not split into {slices} slices")
         if slices > 1 and fam.layout.dcn is None:
             raise _Skip(f"{family} states no DCN for {slices} slices")
-        return load_topology(family, shape=_torus_shape(fam.layout, chips // slices), slices=slices)
+        if shape is not None and math.prod(shape) != chips // slices:
+            raise _Skip(f"the stated slice shape {list(shape)} does not hold {chips // slices} chips")
+        return load_topology(family, shape=shape or _torus_shape(fam.layout, chips // slices), slices=slices)
     per_node = fam.layout.node.devices_per_node
     nodes = math.ceil(chips / per_node)
     return load_topology(family, nodes=nodes, devices_per_node=chips // nodes)
@@ -621,12 +625,13 @@ def _has_shape(fam, chips: int) -> bool:
 
 
 def _torus_shape(fam, chips: int) -> tuple[int, ...]:
-    """The most cubic allowed slice shape with ``chips`` chips."""
+    """The most cubic allowed slice shape with ``chips`` chips: the shortest longest axis, then the longest
+    shortest one (4x4x8 rather than 2x8x8: short axes close no ring)."""
     best = None
     sizes = fam.allowed_axis_sizes
     for shape in itertools.product(sizes, repeat=len(fam.default_shape)):
         if math.prod(shape) == chips and list(shape) == sorted(shape):
-            if best is None or max(shape) < max(best):
+            if best is None or (max(shape), -min(shape)) < (max(best), -min(best)):
                 best = shape
     if best is None:
         raise _Skip(f"no slice shape of {chips} chips")

@@ -270,6 +270,35 @@ def test_fsdp_holds_the_largest_blocks_gathered_weights_twice():
     assert pure.memory_per_device_bytes == pytest.approx(sum(pure.memory.values()))  # it counts toward the fit
 
 
+def test_fsdp_gathers_the_experts_it_splits_and_reduce_scatters_their_gradients():
+    """What memory holds gathered, the step moves: under pure FSDP (MaxText's fsdp_shard_on_exp, expert=1) every
+    forward and backward gathers the stage's experts with its dense weights, and their fp32 gradients are
+    reduce-scattered; with the experts kept whole in their expert group only the dense weights move."""
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=4)
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    counts = mp.moe.param_counts(model)
+    tokens = 16 * model.seq_len * 2  # two micro-batches of one sequence per device
+
+    def moved(est, name):
+        return next(r.bytes for r in est.layers if r.name == name)
+
+    pure = mp.estimate(model, topo, mp.Layout(fsdp=16, expert=1, micro_batch_size=1), tokens)
+    assert moved(pure, "fsdp_gather") == pytest.approx(2 * 2 * 2.0 * (counts["non_expert"] + counts["expert"]))
+    assert moved(pure, "grad_sync") == pytest.approx(4.0 * (counts["non_expert"] + counts["expert"]))
+    grouped = mp.estimate(model, topo, mp.Layout(data=2, fsdp=8, expert=8, micro_batch_size=1), tokens)
+    assert moved(grouped, "fsdp_gather") == pytest.approx(2 * 2 * 2.0 * counts["non_expert"])
+    # an expert group of 8 inside fsdp 16: the other half of fsdp splits each device's expert in two
+    halved = mp.estimate(model, topo, mp.Layout(fsdp=16, expert=8, micro_batch_size=1), tokens)
+    assert moved(halved, "fsdp_gather") == pytest.approx(2 * 2 * 2.0 * (counts["non_expert"] + counts["expert"] / 8))
+    # the gathers cost time: the pure layout's exceed the grouped one's by the experts' share
+    def raw(layout):
+        from moeplan.estimate import _data_parallel
+        from moeplan.plan import Plan, make_context
+        ctx = make_context(Plan.from_layout(model, layout), topo, "bf16", None, None)
+        return _data_parallel(ctx, counts, 2)
+    assert raw(mp.Layout(fsdp=16, expert=1))["fsdp_s"] > 5 * raw(mp.Layout(data=2, fsdp=8, expert=8))["fsdp_s"]
+
+
 def test_served_fp8_weights_take_one_byte_each():
     """Inference memory and devices-to-hold-weights count fp8 weights at 1 byte (activations stay bf16)."""
     model, topo = mp.load_model("deepseek-v3"), mp.load_topology("dgx-h100", nodes=4)
@@ -300,7 +329,10 @@ def test_full_overlap_hides_a_dispatch_that_fits_under_the_other_micro_batchs_co
     assert Overlap("none").pipeline_sends(0.5, True) == 0.5 and Overlap("dp").pipeline_sends(0.5, True) == 0.0
     assert Overlap("dp").pipeline_sends(0.5, False) == 0.5  # a schedule that does not overlap them
     assert Overlap("none").data_parallel(3.0, 2.0, 1.5, 4) == (3.0, 2.0)
-    assert Overlap("dp").data_parallel(3.0, 7.0, 1.5, 4) == (pytest.approx(2.0), pytest.approx(1.0))
+    # the sync and the gathers share the links: 3 + 7 s under 4 x 1.5 s of compute leaves 4 s, 2 s of it the sync's
+    assert Overlap("dp").data_parallel(3.0, 7.0, 1.5, 4) == (pytest.approx(2.0), pytest.approx(2.0))
+    # each alone would hide (1 s under 1 s of backward, 5.5 s under 6 s), together 0.5 s is exposed
+    assert Overlap("dp").data_parallel(1.0, 5.5, 1.5, 4) == (pytest.approx(0.0), pytest.approx(0.5))
     model = mp.load_model("mixtral-8x7b").with_(n_layers=4)
     topo, layout = mp.load_topology("dgx-h100", nodes=2), mp.Layout(data=16, expert=8)
     full, dp = (mp.estimate(model, topo, layout, 16 * 4096, overlap=o) for o in ("full", "dp"))
@@ -347,6 +379,10 @@ def test_expert_data_group_holds_the_replicas_of_one_expert_shard(tensor, fsdp, 
     ids = _GROUP_IDS["expert_data"](*ctx._group("expert_data"))
     assert ids.tolist() == replicas
     assert len(replicas) == block // shards
+    # the FSDP gather of device 0's experts: one device per fsdp shard of its expert slot (the first holding it)
+    holders = [min(d for d in range(block) if shard_of[d] == (0, s)) for s in range(rest)]
+    gather = _GROUP_IDS["expert_fsdp"](*ctx._group("expert_fsdp"))
+    assert gather.tolist() == holders
 
 
 def test_a_dense_model_is_a_tensor_parallel_ffn_by_hand():
