@@ -21,7 +21,7 @@ CAPACITY_FACTOR = (1e-3, 1e3)
 LAYOUT = {"data": (1, 1_048_576), "fsdp": (1, 1_048_576), "expert": (1, 65_536), "expert_tensor": (1, 4_096),
           "tensor": (1, 4_096), "context": (1, 4_096),
           "pipeline": (1, 1_024), "virtual_pipeline": (1, 1_024), "micro_batch_size": (1, 1_048_576),
-          "first_stage_layers": (0, 1_024), "last_stage_layers": (0, 1_024)}
+          "first_stage_layers": (0, 1_024), "last_stage_layers": (0, 1_024), "gradient_bytes": (2, 4)}
 GLOBAL_BATCH_TOKENS = (1, 2**40)  # about 1.1e12 tokens in one step
 BYTES_PER_DEVICE = (0.0, 1e15)  # one collective's buffer
 TOPOLOGY_DEVICES = (1, 131_072)  # accelerators in one topology

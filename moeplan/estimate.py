@@ -599,16 +599,16 @@ def _data_parallel(ctx: Context, counts: dict, mb) -> dict[str, np.ndarray]:
     """Gradient sync (fp32 grads) over data/fsdp and expert-data groups; FSDP parameter gathers."""
     p = ctx.plan
     dense_stage = counts["non_expert"] / (p.pipeline * p.tensor)  # before FSDP sharding
-    grad_bytes = 4.0 * dense_stage
+    grad_bytes = p.gradient_bytes * dense_stage
     has_fsdp, no_fsdp = p.fsdp > 1, p.fsdp == 1
     # the replicas of a dense shard: data x context (weights are whole on every context rank, as on every data rank)
     grad = where(has_fsdp, ctx.coll("reduce_scatter", grad_bytes * has_fsdp, "fsdp")
                  + ctx.coll("all_reduce", grad_bytes / p.fsdp * has_fsdp, "replicas"),
                  ctx.coll("all_reduce", grad_bytes * no_fsdp, "replicas"))
     replicated = p.batch_block > p.expert_weight_shards  # the expert shards have replicas to sum with
-    expert_shard = 4.0 * counts["expert"] / (p.pipeline * p.expert_weight_shards) * replicated
+    expert_shard = p.gradient_bytes * counts["expert"] / (p.pipeline * p.expert_weight_shards) * replicated
     weights = _fsdp_weight_bytes(ctx, counts)
-    expert_grads = 4.0 / ctx.b * weights["expert"]  # the expert group's experts, reduce-scattered to their shards
+    expert_grads = p.gradient_bytes * counts["expert"] / (p.pipeline * p.expert_block) * (weights["expert"] > 0)
     grad = grad + ctx.coll("reduce_scatter", expert_grads, "expert_fsdp") + ctx.coll("all_reduce", expert_shard,
                                                                                       "expert_data")
     gather = 2.0 * _fsdp_gather_s(ctx, weights) * mb  # forward and backward
@@ -618,13 +618,23 @@ def _data_parallel(ctx: Context, counts: dict, mb) -> dict[str, np.ndarray]:
 
 def _fsdp_weight_bytes(ctx: Context, counts: dict) -> dict[str, np.ndarray]:
     """Weights a device gathers for one forward of its pipeline stage under FSDP (ZeRO-3), at the compute
-    width: its tensor shard of the dense weights over the fsdp group, and its expert group's experts over the
-    fsdp ranks that split them further ("expert_fsdp": MaxText's fsdp_shard_on_exp, torchtitan's FSDP of the
-    routed experts). Zero where nothing is split beyond the device's own share."""
+    width (``gather_width``): its tensor shard of the dense weights over the fsdp group, and its expert group's
+    experts over the fsdp ranks that split them further ("expert_fsdp": MaxText's fsdp_shard_on_exp,
+    torchtitan's FSDP of the routed experts). Zero where nothing is split beyond the device's own share."""
     p = ctx.plan
-    dense = counts["non_expert"] / (p.pipeline * p.tensor) * ctx.b * (p.fsdp > 1)
-    expert = counts["expert"] / (p.pipeline * p.expert_block) * ctx.b * (p.expert_weight_shards > p.expert_block)
+    width = gather_width(ctx)
+    dense = counts["non_expert"] / (p.pipeline * p.tensor) * width * (p.fsdp > 1)
+    expert = counts["expert"] / (p.pipeline * p.expert_block) * width * (p.expert_weight_shards > p.expert_block)
     return {"dense": dense, "expert": expert}
+
+
+def gather_width(ctx: Context) -> float:
+    """Bytes per weight value FSDP gathers. Training: the activations' width (16-bit under 8-bit training), or 1
+    where the layout gathers 8-bit weights (Layout.quantized_gather) under an 8-bit dtype. Inference: the
+    served weights' own width (fp8/int8: 1 byte)."""
+    if not ctx.training:
+        return float(dtype_bytes(ctx.dtype))
+    return 1.0 if ctx.plan.quantized_gather and ctx.casts else ctx.b
 
 
 def _fsdp_gather_s(ctx: Context, weights: dict) -> np.ndarray:
@@ -685,7 +695,8 @@ def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, host, laye
     optimizer = params * ((4.0 if master else 0.0) + 8.0)  # fp32 master, Adam m and v
     if p.shard_optimizer:  # distributed optimizer (ZeRO-1) over the data-parallel replicas
         optimizer = optimizer / p.data
-    mem = {"mem:weights": params * (2.0 if master else 4.0), "mem:optimizer_and_grads": params * 4.0 + optimizer}
+    mem = {"mem:weights": params * (2.0 if master else 4.0),
+           "mem:optimizer_and_grads": params * p.gradient_bytes + optimizer}
     per_token_layer = _activation_bytes_per_token_layer(ctx)
     if ctx.attention == "unfused":  # softmax output, dropout mask and output: 5 a s^2 b per sequence (Korthikanti
         kept = p.recompute == RECOMPUTE.index("none")  # et al. 2022 eq. 1), dropped by selective recompute
@@ -700,7 +711,7 @@ def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, host, laye
     mem["mem:activations"] = stored + (tokens * m.vocab_size / t * 4.0 if logits else 0.0)  # fp32 logits
     mem["host:activations"] = host * layers * in_flight
     mem["mem:a2a_buffers"] = a2a_buffer_bytes(send, gathered, training=True)
-    mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, 2.0 if mixed else 4.0)
+    mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, min(gather_width(ctx), 2.0) if mixed else 4.0)
     mem["memory_per_device_bytes"] = sum(v for k, v in mem.items() if k.startswith("mem:"))
     return mem
 

@@ -82,8 +82,12 @@ def maxtext_config(model: MoEModel, topo: Topology, layout: Layout, global_batch
     }
     if _REMAT.get(layout.recompute, "custom") == "custom":  # the rest of the named tensors are rematerialised
         out.update({name: "offload" if name in OFFLOADED_TENSORS[layout.recompute] else "remat" for name in _TENSORS})
+    out["grad_dtype"] = "bfloat16" if layout.gradient_bytes == 2 else "float32"
     if dtype in ("fp8", "mxfp8"):
         out["quantization"] = "fp8"
+        if layout.quantized_gather:  # qwix quantizes fixed-calibrated weights on their shard, then gathers them
+            out.update(use_qwix_quantization=True, quantization="fp8_full",
+                       weight_quantization_calibration_method="fixed,-224,224")
     return out
 
 
@@ -94,7 +98,9 @@ def parse_maxtext(config: dict) -> Layout:
                   context=int(config.get("ici_context_parallelism", 1)),
                   pipeline=int(config["ici_pipeline_parallelism"]), expert=int(config["moeplan_expert_degree"]),
                   expert_tensor=int(config.get("moeplan_expert_tensor_degree", 1)),
-                  recompute=_recompute_of(config))
+                  recompute=_recompute_of(config),
+                  gradient_bytes=2 if config.get("grad_dtype") == "bfloat16" else 4,
+                  quantized_gather=str(config.get("weight_quantization_calibration_method", "")).startswith("fixed"))
 
 
 def _recompute_of(config: dict) -> str:
@@ -157,6 +163,10 @@ def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_
         args += ["--use-distributed-optimizer"]
     if layout.fsdp > 1:
         args += ["--use-torch-fsdp2"]
+    if layout.gradient_bytes == 2:
+        args += ["--grad-reduce-in-bf16"]
+    if layout.quantized_gather and dtype in ("fp8", "mxfp8"):
+        args += ["--fp8-param-gather"]
     if dtype in ("fp8", "mxfp8"):
         args += ["--bf16", "--fp8-format", "hybrid" if dtype == "fp8" else "e4m3", "--fp8-recipe",
                  "tensorwise" if dtype == "fp8" else "mxfp8"]
@@ -175,7 +185,8 @@ def parse_megatron(args: list[str], devices: int) -> Layout:
                  "decoder-last-pipeline-num-layers"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--recompute-granularity", default="none")
-    for flag in ("sequence-parallel", "use-distributed-optimizer", "use-torch-fsdp2", "cpu-offloading"):
+    for flag in ("sequence-parallel", "use-distributed-optimizer", "use-torch-fsdp2", "cpu-offloading",
+                 "grad-reduce-in-bf16", "fp8-param-gather"):
         parser.add_argument(f"--{flag}", action="store_true")
     known, _ = parser.parse_known_args(args)
     t, p, cp = known.tensor_model_parallel_size, known.pipeline_model_parallel_size, known.context_parallel_size or 1
@@ -190,7 +201,8 @@ def parse_megatron(args: list[str], devices: int) -> Layout:
                   micro_batch_size=known.micro_batch_size,
                   recompute="offload" if known.cpu_offloading else known.recompute_granularity,
                   sequence_parallel=known.sequence_parallel or t == 1,
-                  shard_optimizer=known.use_distributed_optimizer)
+                  shard_optimizer=known.use_distributed_optimizer, gradient_bytes=2 if known.grad_reduce_in_bf16 else 4,
+                  quantized_gather=known.fp8_param_gather)
 
 
 def plan_document(model: MoEModel, topo: Topology, layout: Layout, global_batch_tokens: int, dtype: str = "bf16",

@@ -50,7 +50,8 @@ OFFLOADED_TENSORS = {"offload": None,
 OFFLOADS = tuple(OFFLOADED_TENSORS)
 assert RECOMPUTE[-len(OFFLOADS):] == OFFLOADS  # _offloads reads an index past the others as an offload
 _INT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "context", "pipeline", "virtual_pipeline",
-               "micro_batch_size", "first_stage_layers", "last_stage_layers")
+               "micro_batch_size", "first_stage_layers", "last_stage_layers", "gradient_bytes")
+_FLAGS = ("sequence_parallel", "shard_optimizer", "quantized_gather")
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,21 @@ class Layout:
     # policy with those tensors set to offload, as its large MoE recipes run)
     sequence_parallel: bool = True  # Megatron SP: norms/dropout sharded over tensor, AG/RS instead of AR
     shard_optimizer: bool = True  # distributed optimizer (ZeRO-1): Adam states split over the data replicas
+    # How the data-parallel traffic is encoded. gradient_bytes: per gradient value, in the sync and in memory: 4
+    # (fp32, Megatron-Core's default) or 2 (bf16: MaxText's grad_dtype=bfloat16, Megatron-Core's
+    # --grad-reduce-in-bf16). quantized_gather: under an 8-bit dtype FSDP gathers 8-bit weights (1 byte each,
+    # quantized once on the shard) instead of 16-bit ones: MaxText's quantized all-gather (qwix fp8 with fixed
+    # weight calibration), Megatron-Core's --fp8-param-gather, torchao's enable_fsdp_float8_all_gather
+    gradient_bytes: int = 4
+    quantized_gather: bool = False
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:  # documented ranges (bounds.py)
             bounds.check_int(f"layout.{name}", getattr(self, name), *bounds.LAYOUT[name])
-        for name in ("sequence_parallel", "shard_optimizer"):
+        for name in _FLAGS:
             bounds.check_bool(f"layout.{name}", getattr(self, name))
+        if self.gradient_bytes not in (2, 4):
+            raise ValueError(f"layout.gradient_bytes: got {self.gradient_bytes}; expected 2 (bf16) or 4 (fp32)")
         if not isinstance(self.recompute, str) or self.recompute not in RECOMPUTE:
             raise ValueError(f"layout.recompute: got {self.recompute!r}; expected one of {list(RECOMPUTE)}")
         _first_broken(SHAPE_RULES, Fields(vars(self), None), None)
@@ -117,7 +127,7 @@ class Layout:
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")
             key = key.strip()
-            flags = ("sequence_parallel", "shard_optimizer")
+            flags = _FLAGS
             if not sep or key not in _INT_FIELDS + ("recompute",) + flags:
                 raise ValueError(f"layout: {part!r}; expected key=value with key in "
                                  f"{list(_INT_FIELDS) + ['recompute', *flags]}")

@@ -57,6 +57,8 @@ class Plan:
     shard_optimizer: bool = True
     first_stage_layers: int = 0  # an uneven pipeline split (layout.stage_layers); 0: even
     last_stage_layers: int = 0
+    gradient_bytes: float = 4.0  # per gradient value in the sync and in memory (Layout.gradient_bytes)
+    quantized_gather: bool = False  # FSDP gathers 8-bit weights under an 8-bit dtype (Layout.quantized_gather)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -71,7 +73,7 @@ class Plan:
         return cls(M.ModelView(model), recompute=RECOMPUTE.index(layout.recompute),
                    sequence_parallel=layout.sequence_parallel, shard_optimizer=layout.shard_optimizer,
                    first_stage_layers=layout.first_stage_layers, last_stage_layers=layout.last_stage_layers,
-                   **degrees)
+                   gradient_bytes=float(layout.gradient_bytes), quantized_gather=layout.quantized_gather, **degrees)
 
     @property
     def batch_shards(self) -> np.ndarray:

@@ -516,6 +516,10 @@ _DISPATCHERS = {"alltoall": "nccl", "all-to-all": "nccl", "allgather": "nccl", "
 # Megatron-Bridge's recipes call it moe_a2a_overlap and state it true or false).
 _EP_OVERLAP = ("overlap-moe-expert-parallel-comm", "overlap_moe_expert_parallel_comm", "ep a2a overlap")
 _A2A_OVERLAP_STATED = re.compile(r"moe_a2a_overlap\W{0,3}(true|false)")
+# A recipe's gradient and FSDP-gather encodings (Layout.gradient_bytes, Layout.quantized_gather), as sources state them
+_BF16_GRADIENTS = re.compile(r"grad_dtype\W{0,3}bfloat16|bf16 mu and grads|--grad-reduce-in-bf16", re.I)
+_QUANTIZED_GATHER = re.compile(r"weight_quantization_calibration_method\W{0,3}fixed|--fp8-param-gather|"
+                               r"fp8 param gather|enable_fsdp_float8_all_gather", re.I)
 
 
 def point_kernels(point: dict) -> dict[str, str]:
@@ -564,7 +568,12 @@ def training_layout(point: dict, chips: int, framework: str | None):
         fsdp *= int(lay.get("expert") or 1)  # (a source whose fsdp already spans the expert axis keeps it)
     data = chips // (fsdp * tensor * pipeline * context)
     recompute = lay.get("recompute") or _maxtext_remat(point.get("notes", ""))
-    flags = {k: bool(lay[k]) for k in ("sequence_parallel", "shard_optimizer") if lay.get(k) is not None}
+    flags = {k: bool(lay[k]) for k in ("sequence_parallel", "shard_optimizer", "quantized_gather")
+             if lay.get(k) is not None}
+    notes = point.get("notes", "")
+    if "quantized_gather" not in flags and _QUANTIZED_GATHER.search(notes):
+        flags["quantized_gather"] = True
+    flags["gradient_bytes"] = int(lay.get("gradient_bytes") or (2 if _BF16_GRADIENTS.search(notes) else 4))
     expert_tensor = int(lay.get("expert_tensor") or lay.get("etp") or (tensor if maxtext else 1))
     stages = {k: int(lay.get(k) or 0) for k in ("first_stage_layers", "last_stage_layers")}  # 0: an even split
     return Layout(data=data, fsdp=fsdp, tensor=tensor, context=context, pipeline=pipeline,

@@ -299,6 +299,31 @@ def test_fsdp_gathers_the_experts_it_splits_and_reduce_scatters_their_gradients(
     assert raw(mp.Layout(fsdp=16, expert=1))["fsdp_s"] > 5 * raw(mp.Layout(data=2, fsdp=8, expert=8))["fsdp_s"]
 
 
+
+def test_bf16_gradients_and_8_bit_gathers_halve_what_they_move():
+    """Layout.gradient_bytes=2 (MaxText's grad_dtype=bfloat16) halves the gradient sync and the gradients in
+    memory; Layout.quantized_gather (MaxText's QAG, Megatron's --fp8-param-gather) gathers 1-byte weights under
+    fp8 and changes nothing under bf16; an fp8 server gathers its 1-byte weights either way."""
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=4)
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    counts = mp.moe.param_counts(model)
+    tokens = 16 * model.seq_len * 2
+    full = counts["non_expert"] + counts["expert"]
+
+    def run(dtype="bf16", **knobs):
+        est = mp.estimate(model, topo, mp.Layout(fsdp=16, micro_batch_size=1, **knobs), tokens, dtype=dtype)
+        return {r.name: r.bytes for r in est.layers}, est.memory
+
+    (base, base_mem), (half, half_mem) = run(), run(gradient_bytes=2)
+    assert base["grad_sync"] == pytest.approx(4.0 * full) and half["grad_sync"] == pytest.approx(2.0 * full)
+    assert base_mem["optimizer_and_grads"] - half_mem["optimizer_and_grads"] == pytest.approx(2.0 * full / 16)
+    assert run(quantized_gather=True)[0]["fsdp_gather"] == pytest.approx(base["fsdp_gather"])  # bf16: no effect
+    fp8, qag = run("fp8")[0], run("fp8", quantized_gather=True)[0]
+    assert fp8["fsdp_gather"] == pytest.approx(2 * 2 * 2.0 * full) and qag["fsdp_gather"] == pytest.approx(2 * 2 * full)
+    served = mp.estimate(model, topo, mp.Layout(fsdp=16), 16 * model.seq_len, dtype="fp8", mode="prefill")
+    assert next(r.bytes for r in served.layers if r.name == "fsdp_gather") == pytest.approx(1.0 * full)
+
+
 def test_served_fp8_weights_take_one_byte_each():
     """Inference memory and devices-to-hold-weights count fp8 weights at 1 byte (activations stay bf16)."""
     model, topo = mp.load_model("deepseek-v3"), mp.load_topology("dgx-h100", nodes=4)

@@ -18,7 +18,7 @@ from moeplan.export import (
 )
 
 KEYS = ("data", "fsdp", "tensor", "pipeline", "expert", "expert_tensor", "context", "recompute",
-        "first_stage_layers", "last_stage_layers")
+        "first_stage_layers", "last_stage_layers", "gradient_bytes", "quantized_gather")
 
 
 def _same(a: mp.Layout, b: mp.Layout, keys=KEYS):
@@ -32,7 +32,8 @@ def _same(a: mp.Layout, b: mp.Layout, keys=KEYS):
                                     mp.Layout(data=8, fsdp=8, context=2, expert=8),
                                     mp.Layout(fsdp=128, expert=8, recompute="offload"),
                                     mp.Layout(fsdp=128, expert=8, recompute="offload_projections"),
-                                    mp.Layout(fsdp=128, expert=8, recompute="offload_inputs")])
+                                    mp.Layout(fsdp=128, expert=8, recompute="offload_inputs"),
+                                    mp.Layout(fsdp=128, recompute="full", gradient_bytes=2)])
 def test_maxtext_fragment_parses_back_to_the_layout(layout):
     model = mp.load_model("st-moe-like-8b")
     topo = mp.load_topology("tpu-v5p", shape=(4, 4, 8))
@@ -45,6 +46,23 @@ def test_maxtext_fragment_parses_back_to_the_layout(layout):
     if layout.recompute == "offload_projections":  # a custom policy moeplan cannot express is refused
         with pytest.raises(ValueError, match="remat_policy: custom with decoder_layer_input, key_proj"):
             parse_maxtext(dict(config, query_proj="remat"))
+
+
+def test_quantized_gathers_export_as_maxtext_qwix_fixed_calibration_and_megatron_fp8_param_gather():
+    model = mp.load_model("st-moe-like-8b")
+    topo = mp.load_topology("tpu-v5p", shape=(4, 4, 8))
+    layout = mp.Layout(fsdp=128, recompute="full", gradient_bytes=2, quantized_gather=True)
+    config = maxtext_config(model, topo, layout, 256 * model.seq_len, dtype="fp8")
+    assert config["weight_quantization_calibration_method"].startswith("fixed") and config["grad_dtype"] == "bfloat16"
+    assert _same(parse_maxtext(config), layout)
+    assert "weight_quantization_calibration_method" not in maxtext_config(model, topo, layout, 256 * model.seq_len)
+    gpus = mp.load_topology("dgx-h100", nodes=16)
+    args = megatron_args(model, gpus, mp.Layout(fsdp=128, quantized_gather=True), 512 * model.seq_len, dtype="fp8")
+    assert "--fp8-param-gather" in args and parse_megatron(args, 128).quantized_gather
+    with pytest.raises(ValueError, match="layout.gradient_bytes: got 3"):
+        mp.Layout(gradient_bytes=3)
+    assert mp.Layout.parse("fsdp=8,quantized_gather=true,gradient_bytes=2") == mp.Layout(
+        fsdp=8, quantized_gather=True, gradient_bytes=2)
 
 
 def test_maxtext_puts_data_across_slices_over_dcn():
@@ -64,7 +82,9 @@ def test_maxtext_puts_data_across_slices_over_dcn():
                                                         first_stage_layers=7, last_stage_layers=9), "nccl"),
                                              (mp.Layout(data=4, tensor=2, context=4, expert=8, pipeline=2),
                                               "nccl"),
-                                             (mp.Layout(data=32, tensor=2, expert=8, recompute="offload"), "nccl")])
+                                             (mp.Layout(data=32, tensor=2, expert=8, recompute="offload"), "nccl"),
+                                             (mp.Layout(data=32, tensor=2, expert=8, gradient_bytes=2,
+                                                        quantized_gather=True), "nccl")])
 def test_megatron_arguments_parse_back_to_the_layout(layout, dispatch):
     model = mp.load_model("mixtral-8x7b")
     topo = mp.load_topology("dgx-h100", nodes=8)
