@@ -516,6 +516,10 @@ _DISPATCHERS = {"alltoall": "nccl", "all-to-all": "nccl", "allgather": "nccl", "
 # Megatron-Bridge's recipes call it moe_a2a_overlap and state it true or false).
 _EP_OVERLAP = ("overlap-moe-expert-parallel-comm", "overlap_moe_expert_parallel_comm", "ep a2a overlap")
 _A2A_OVERLAP_STATED = re.compile(r"moe_a2a_overlap\W{0,3}(true|false)")
+# A Megatron recipe that recomputes nothing, or only element-wise modules (norms, the expert activation: memory-bound
+# reruns of a few activations' bytes, left out), runs as recompute "none"
+_NO_RECOMPUTE = re.compile(r"no activation recompute|recompute_granularity None|recompute_modules (finally )?\[\]|"
+                           r"recompute_modules \[(?:'(?:layernorm|moe_act)',? ?)+\]", re.I)
 # A recipe's gradient and FSDP-gather encodings (Layout.gradient_bytes, Layout.quantized_gather), as sources state them
 _BF16_GRADIENTS = re.compile(r"grad_dtype\W{0,3}bfloat16|bf16 mu and grads|--grad-reduce-in-bf16", re.I)
 _QUANTIZED_GATHER = re.compile(r"weight_quantization_calibration_method\W{0,3}fixed|--fp8-param-gather|"
@@ -567,10 +571,10 @@ def training_layout(point: dict, chips: int, framework: str | None):
     if maxtext and fsdp * int(lay.get("expert") or 1) * tensor * pipeline * context <= chips:
         fsdp *= int(lay.get("expert") or 1)  # (a source whose fsdp already spans the expert axis keeps it)
     data = chips // (fsdp * tensor * pipeline * context)
-    recompute = lay.get("recompute") or _maxtext_remat(point.get("notes", ""))
+    notes = point.get("notes", "")
+    recompute = lay.get("recompute") or ("none" if _NO_RECOMPUTE.search(notes) else _maxtext_remat(notes))
     flags = {k: bool(lay[k]) for k in ("sequence_parallel", "shard_optimizer", "quantized_gather")
              if lay.get(k) is not None}
-    notes = point.get("notes", "")
     if "quantized_gather" not in flags and _QUANTIZED_GATHER.search(notes):
         flags["quantized_gather"] = True
     flags["gradient_bytes"] = int(lay.get("gradient_bytes") or (2 if _BF16_GRADIENTS.search(notes) else 4))
