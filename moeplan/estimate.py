@@ -448,8 +448,10 @@ class Overlap:
         that compute at most once: what exceeds it is exposed, whichever part it is charged to (the gathers)."""
         if self.policy == "none":
             return grad_s, fsdp_s
-        window = stage_s * micro_batches
         grad = maximum(0.0, grad_s - stage_s * (2.0 / 3.0))
+        if not np.any(fsdp_s):  # no gathers: the sync alone (what follows gives the same, at a grid's cost)
+            return grad, fsdp_s
+        window = stage_s * micro_batches
         both = maximum(grad + maximum(0.0, fsdp_s - window), grad_s + fsdp_s - window)
         return grad, both - grad
 
