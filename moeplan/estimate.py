@@ -598,7 +598,8 @@ def _layer_rows(out: dict, parts, passes: dict, exposed, times) -> None:
 
 
 def _data_parallel(ctx: Context, counts: dict, mb) -> dict[str, np.ndarray]:
-    """Gradient sync (fp32 grads) over data/fsdp and expert-data groups; FSDP parameter gathers."""
+    """Gradient sync (Layout.gradient_bytes per value) over the data/fsdp, expert-fsdp and expert-data groups;
+    FSDP parameter gathers."""
     p = ctx.plan
     dense_stage = counts["non_expert"] / (p.pipeline * p.tensor)  # before FSDP sharding
     grad_bytes = p.gradient_bytes * dense_stage
@@ -620,17 +621,17 @@ def _data_parallel(ctx: Context, counts: dict, mb) -> dict[str, np.ndarray]:
 
 def _fsdp_weight_bytes(ctx: Context, counts: dict) -> dict[str, np.ndarray]:
     """Weights a device gathers for one forward of its pipeline stage under FSDP (ZeRO-3), at the compute
-    width (``gather_width``): its tensor shard of the dense weights over the fsdp group, and its expert group's
+    width (``_gather_width``): its tensor shard of the dense weights over the fsdp group, and its expert group's
     experts over the fsdp ranks that split them further ("expert_fsdp": MaxText's fsdp_shard_on_exp,
     torchtitan's FSDP of the routed experts). Zero where nothing is split beyond the device's own share."""
     p = ctx.plan
-    width = gather_width(ctx)
+    width = _gather_width(ctx)
     dense = counts["non_expert"] / (p.pipeline * p.tensor) * width * (p.fsdp > 1)
     expert = counts["expert"] / (p.pipeline * p.expert_block) * width * (p.expert_weight_shards > p.expert_block)
     return {"dense": dense, "expert": expert}
 
 
-def gather_width(ctx: Context) -> float:
+def _gather_width(ctx: Context) -> float:
     """Bytes per weight value FSDP gathers. Training: the activations' width (16-bit under 8-bit training), or 1
     where the layout gathers 8-bit weights (Layout.quantized_gather) under an 8-bit dtype. Inference: the
     served weights' own width (fp8/int8: 1 byte)."""
@@ -713,7 +714,7 @@ def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, host, laye
     mem["mem:activations"] = stored + (tokens * m.vocab_size / t * 4.0 if logits else 0.0)  # fp32 logits
     mem["host:activations"] = host * layers * in_flight
     mem["mem:a2a_buffers"] = a2a_buffer_bytes(send, gathered, training=True)
-    mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, min(gather_width(ctx), 2.0) if mixed else 4.0)
+    mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, min(_gather_width(ctx), 2.0) if mixed else 4.0)
     mem["memory_per_device_bytes"] = sum(v for k, v in mem.items() if k.startswith("mem:"))
     return mem
 
