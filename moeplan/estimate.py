@@ -74,7 +74,7 @@ OVERLAPS = ("none", "dp", "full")
 ROW_PART = {"attention": "attention", "attention_scores": "attention", "attention_tp": "attention",
             "router": "router", "dispatch_a2a": "dispatch_a2a", "experts": "experts", "experts_tp": "experts",
             "combine_a2a": "combine_a2a", "dense_ffn": "dense_ffn", "dense_ffn_tp": "dense_ffn", "logits": "logits",
-            "grad_sync": "grad_sync", "optimizer": "optimizer", "fsdp_gather": "grad_sync"}
+            "mtp_head": "logits", "grad_sync": "grad_sync", "optimizer": "optimizer", "fsdp_gather": "grad_sync"}
 MEASURED_PARTS = tuple(dict.fromkeys(ROW_PART.values()))
 
 
@@ -356,7 +356,7 @@ def recomputes(policy: str, part: str) -> bool:
     projections offloaded): every part of a layer but the projections; "none" and "offload" keep what they
     need. The output layer is never rerun (Megatron-Core checkpoints transformer layers, MaxText remats its
     decoder layers)."""
-    if part == "logits":
+    if part in ("logits", "mtp_head"):
         return False
     if policy == "selective":
         return part == "attention_scores"
@@ -396,6 +396,22 @@ def logits_part(ctx: Context, tokens, training: bool) -> Part:
     if training:
         time = time + ctx.mem(3 * tokens * m.vocab_size / t * 4)
     return Part("logits", "compute", time, 0.0, 2.0 * tokens * m.vocab_size / t * m.d_model, 0.0)
+
+
+def _mtp_head_part(ctx: Context, tokens) -> Part:
+    """One MTP module's head (``MoEModel.mtp_layers``): its 2d -> d projection and another pass of the shared
+    output layer and its loss; its transformer layer counts with the model's own (``_mtp_layers_per_kind``)."""
+    m, out = ctx.m, logits_part(ctx, tokens, training=True)
+    proj_s = ctx.mm(tokens, m.d_model, 2 * m.d_model)
+    return Part("mtp_head", "compute", out.compute_s + proj_s, 0.0, out.flops + 2.0 * tokens * 2 * m.d_model ** 2,
+                0.0)
+
+
+def _mtp_layers_per_kind(m) -> tuple:
+    """Layers each kind of ``layer_kinds`` gains from the MTP modules: one attention and one FFN each, the FFN of
+    the model's last kind (MoE where it has MoE layers)."""
+    moe = m.n_moe_layers > 0
+    return m.mtp_layers * 1.0, m.mtp_layers * (1.0 - moe), m.mtp_layers * (1.0 * moe)
 
 
 def scaled_parts(parts: list[Part], scales: dict[str, float]) -> list[Part]:
@@ -487,15 +503,23 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     # stages hold the model's mix of layers: each kind's count in an average layer
     kinds = [(count / m.n_layers, scaled_parts(parts, scales)) for count, parts in kinds]
     last_parts = scaled_parts([logits_part(ctx, tokens, training=True)], scales)
-    passes = training_passes(p.recompute, [part.name for _, parts in kinds for part in parts] + ["logits"],
-                             ctx.attention)
+    mtp_head = scaled_parts([_mtp_head_part(ctx, tokens)], scales) if m.mtp_layers else []
+    passes = training_passes(p.recompute, [part.name for _, parts in kinds for part in parts] + ["logits"]
+                             + [part.name for part in mtp_head], ctx.attention)
     policy = Overlap(overlap)
     out: dict = {}
+    # MTP modules (MoEModel.mtp_layers) spread over the stages with the layers, as a pipeline layout balances them
+    # (Megatron's --pipeline-model-parallel-layout gives the MTP stage fewer layers): per layer, their share
+    kinds = [(count + mtp / m.n_layers, parts) for (count, parts), mtp in zip(kinds, _mtp_layers_per_kind(m),
+                                                                            strict=True)]
     layer_s, shares = 0.0, []
     for count, parts in kinds:
         kind_s, exposed = policy.layer(parts, passes)
         layer_s = layer_s + kind_s * count
         shares.append((count, parts, exposed))
+    if mtp_head:
+        layer_s = layer_s + policy.layer(mtp_head, passes)[0] * (m.mtp_layers / m.n_layers)
+        shares.append((m.mtp_layers / m.n_layers, mtp_head, 1.0))
     host = _offload(ctx, tokens)
     offload_s = policy.offload(host["transfer_s"], layer_s) if np.any(host["bytes"]) else 0.0
     layer_s = layer_s + offload_s
@@ -796,8 +820,8 @@ def check_inputs(model, topo, layout, profile, routing) -> None:
 _ROWS = [("attention", "compute"), ("attention_tp", "comm"), ("attention_scores", "compute"),
          ("dense_ffn", "compute"), ("dense_ffn_tp", "comm"), ("router", "compute"), ("dispatch_a2a", "a2a"),
          ("experts", "compute"), ("experts_tp", "comm"), ("combine_a2a", "a2a"), ("logits", "compute"),
-         ("activation_offload", "comm"), ("pipeline_p2p", "comm"), ("pipeline_bubble", "bubble"),
-         ("grad_sync", "comm"), ("fsdp_gather", "comm"),
+         ("mtp_head", "compute"), ("activation_offload", "comm"), ("pipeline_p2p", "comm"),
+         ("pipeline_bubble", "bubble"), ("grad_sync", "comm"), ("fsdp_gather", "comm"),
          ("optimizer", "optimizer")]
 
 

@@ -137,6 +137,8 @@ def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_
                                                                              * layout.virtual_pipeline)]
     if model.n_kv_heads != model.n_heads:
         args += ["--group-query-attention", "--num-query-groups", model.n_kv_heads]
+    if model.mtp_layers:
+        args += ["--mtp-num-layers", model.mtp_layers]
     if model.num_experts > 1:
         args += ["--num-experts", model.num_experts, "--moe-router-topk", model.top_k, "--moe-ffn-hidden-size",
                  model.expert_d_ff, "--moe-token-dispatcher-type", "flex" if dispatch.startswith("deepep")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from moeplan import bounds
-from moeplan.arrays import maximum
+from moeplan.arrays import maximum, where
 from moeplan.schema import Section, read_yaml_mapping, resolve_bundled
 
 ATTENTION_KINDS = ("mha", "gqa", "mla")
@@ -69,6 +69,10 @@ class MoEModel:
     gated_ffn: bool = True
     tied_embeddings: bool = False
     route_node_limit: int | None = None  # node-limited routing: a token reaches at most this many EP nodes
+    # Multi-token prediction modules (DeepSeek-V3, Liu et al. 2024, section 2.2), trained and dropped at inference:
+    # each one more transformer layer of the model's last kind (MoE where the model has MoE layers), a projection
+    # of [norm(h), norm(emb)] from 2 d_model to d_model, and another pass of the shared output layer and its loss
+    mtp_layers: int = 0
     name: str = "custom"
     source: str = ""
 
@@ -267,8 +271,11 @@ def forward_flops_per_token(m: MoEModel) -> dict[str, float]:
     shared = 2.0 * m.num_shared_experts * ffn_params(m, m.expert_d_ff) * n_moe
     experts = 2.0 * m.top_k * ffn_params(m, m.expert_d_ff) * n_moe
     logits = 2.0 * m.vocab_size * m.d_model
+    # each MTP module: one layer of the last kind, its 2d -> d projection and one more output layer
+    last_ffn = where(n_moe > 0, (router + shared + experts) / maximum(n_moe, 1), dense_ffn / maximum(n_dense, 1))
+    mtp = m.mtp_layers * ((attn_proj + scores) / n_attn + last_ffn + 2.0 * 2 * m.d_model * m.d_model + logits)
     return {"attention_proj": attn_proj, "attention_scores": scores, "dense_ffn": dense_ffn, "router": router,
-            "shared_experts": shared, "experts": experts, "logits": logits}
+            "shared_experts": shared, "experts": experts, "logits": logits, "mtp": mtp}
 
 
 def model_flops_per_token(m: MoEModel, training: bool = True) -> float:
@@ -355,7 +362,7 @@ def load_model(name: str | os.PathLike[str]) -> MoEModel:
 
 _INT_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_size", "seq_len", "num_experts",
                "top_k", "expert_d_ff")
-_OPTIONAL_INT_FIELDS = ("d_ff", "num_shared_experts", "first_dense_layers")
+_OPTIONAL_INT_FIELDS = ("d_ff", "num_shared_experts", "first_dense_layers", "mtp_layers")
 
 
 def model_from_mapping(data: dict, file: str = "<mapping>") -> MoEModel:

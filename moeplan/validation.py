@@ -363,7 +363,9 @@ def summarize(rows: list[ValidationRow]) -> dict[str, float]:
 # ------------------------------------------------------------------ training steps
 _MODEL_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_size", "seq_len", "d_ff",
                "num_experts", "top_k", "expert_d_ff", "num_shared_experts", "moe_every", "first_dense_layers",
-               "capacity_factor", "attention", "encoder_decoder", "gated_ffn", "route_node_limit")
+               "capacity_factor", "attention", "encoder_decoder", "gated_ffn", "route_node_limit", "mtp_layers")
+# A recipe's multi-token prediction depth where the model spec does not give it (Megatron's --mtp-num-layers)
+_MTP_STATED = re.compile(r"mtp[_-]num[_-]layers\W{0,3}(\d+)", re.I)
 
 
 def training_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple[str, str]]]:
@@ -404,6 +406,8 @@ def _training_row(point: dict) -> ValidationRow:
     if unstated:
         raise _Skip(f"model {', '.join(unstated)} not published")
     kwargs["capacity_factor"] = spec.get("capacity_factor")
+    if "mtp_layers" not in kwargs and (mtp := _MTP_STATED.search(point.get("notes", ""))):
+        kwargs["mtp_layers"] = int(mtp.group(1))
     if spec.get("attention") == "mla":
         kwargs["mla"] = MLADims(**spec["mla"])
     model = MoEModel(name=spec.get("name", point["id"]), **kwargs)

@@ -250,7 +250,7 @@ KNOWN_COLLECTED_LIMITATIONS = {
     "MB-gptoss120b-gb300-bf16-26.04.01": _GPT_OSS, "MB-gptoss120b-gb200-bf16-26.04.01": _GPT_OSS,
     "MB-gptoss120b-b300-bf16-26.04.01": _GPT_OSS, "MB-gptoss120b-gb300-mxfp8-26.08": _GPT_OSS,
     "MB-gptoss120b-gb200-mxfp8-26.08": _GPT_OSS,
-    "MB-qwen3-30b-gb200-mxfp8-26.04.01": _GB200, "MB-dsv3-gb200-mxfp8-26.08": _GB200,
+    "MB-qwen3-30b-gb200-mxfp8-26.04.01": _GB200,
     "MB-llama3-8b-gb200-mxfp8-25.11": _GB200,
     "MB-qwen3-30b-b200-mxfp8-26.04.01": _QWEN3_30B, "MB-qwen3-30b-b300-mxfp8-26.04.01": _QWEN3_30B,
     "MB-qwen3-30b-gb300-mxfp8-26.04.01": _QWEN3_30B,
@@ -329,6 +329,58 @@ def test_fsdp_gathers_the_experts_it_splits_and_reduce_scatters_their_gradients(
         return _data_parallel(ctx, counts, 2)
     assert raw(mp.Layout(fsdp=16, expert=1))["fsdp_s"] > 5 * raw(mp.Layout(data=2, fsdp=8, expert=8))["fsdp_s"]
 
+
+
+def test_mtp_modules_add_a_layer_and_an_output_head_by_hand():
+    """DeepSeek-V3's multi-token prediction (MoEModel.mtp_layers): each module is one more layer of the model's
+    last kind and a head (its 2d -> d projection, another pass of the output layer and its loss). Without
+    pipelining every layer part runs (L + 1) / L times as often, and the head's row is its forward times the
+    three passes of an output layer (never recomputed); the model FLOPs grow by the same work."""
+    from moeplan.compute import matmul_time_s
+
+    model = mp.load_model("mixtral-8x7b").with_(n_layers=4)
+    topo, layout = mp.load_topology("dgx-h100"), mp.Layout(data=8, expert=8, micro_batch_size=1)
+    tokens = 8 * model.seq_len * 2  # two micro-batches
+    base = {r.name: r for r in mp.estimate(model, topo, layout, tokens).layers}
+    mtp = mp.estimate(model.with_(mtp_layers=1), topo, layout, tokens)
+    rows = {r.name: r for r in mtp.layers}
+    for name in ("attention", "attention_scores", "router", "dispatch_a2a", "experts", "combine_a2a"):
+        assert rows[name].time_s == pytest.approx(base[name].time_s * 5 / 4, rel=1e-9), name
+        assert rows[name].count == pytest.approx(base[name].count * 5 / 4, rel=1e-9), name
+    per_device = model.seq_len  # one sequence per micro-batch
+    head = base["logits"].time_s / 2 / 3 + matmul_time_s(per_device, model.d_model, 2 * model.d_model, topo.chip,
+                                                        "bf16", topo.chip.efficiency)
+    assert rows["mtp_head"].time_s == pytest.approx(3 * head * 2, rel=1e-9)  # 3 passes, 2 micro-batches
+    assert rows["logits"].time_s == pytest.approx(base["logits"].time_s, rel=1e-12)
+    assert mtp.step_time_s == pytest.approx(sum(r.time_s for r in mtp.layers), rel=1e-12)
+    flops = mp.moe.forward_flops_per_token(model)
+    extra = ((flops["attention_proj"] + flops["attention_scores"]) / 4 + (flops["router"] + flops["experts"]) / 4
+             + 4.0 * model.d_model ** 2 + flops["logits"])
+    assert mp.moe.model_flops_per_token(model.with_(mtp_layers=1)) == pytest.approx(
+        mp.moe.model_flops_per_token(model) + 3 * extra, rel=1e-12)
+    with pytest.raises(ValueError, match="mtp_layers"):
+        model.with_(mtp_layers=-1)
+
+
+def test_the_converter_reads_a_recipes_mtp_depth(monkeypatch):
+    """A training point whose recipe states mtp_num_layers (Megatron's --mtp-num-layers) converts to a model with
+    that many MTP modules; one that states none has none."""
+    import sys
+
+    from moeplan.validation import TRAINING_PATH, _training_row
+
+    seen = []
+
+    def capture(model, *args, **kwargs):
+        seen.append(model.mtp_layers)
+        raise ValueError("captured")
+
+    monkeypatch.setattr(sys.modules["moeplan.estimate"], "estimate", capture)
+    points = {p["id"]: p for p in load_points(TRAINING_PATH)}
+    for pid in ("MB-dsv3-b200-mxfp8-26.04.01", "MB-dsv3-gb200-bf16-25.11"):  # MTP 1; 'w/o MTP'
+        with pytest.raises(Exception, match="captured"):
+            _training_row(points[pid])
+    assert seen == [1, 0]
 
 
 def test_bf16_gradients_and_8_bit_gathers_halve_what_they_move():

@@ -57,6 +57,9 @@ def test_quantized_gathers_export_as_maxtext_qwix_fixed_calibration_and_megatron
     assert _same(parse_maxtext(config), layout)
     assert "weight_quantization_calibration_method" not in maxtext_config(model, topo, layout, 256 * model.seq_len)
     gpus = mp.load_topology("dgx-h100", nodes=16)
+    mtp = megatron_args(model.with_(mtp_layers=1), gpus, mp.Layout(data=128), 512 * model.seq_len)
+    assert mtp[mtp.index("--mtp-num-layers") + 1] == "1" and "--mtp-num-layers" not in megatron_args(
+        model, gpus, mp.Layout(data=128), 512 * model.seq_len)
     args = megatron_args(model, gpus, mp.Layout(fsdp=128, quantized_gather=True), 512 * model.seq_len, dtype="fp8")
     assert "--fp8-param-gather" in args and parse_megatron(args, 128).quantized_gather
     with pytest.raises(ValueError, match="layout.gradient_bytes: got 3"):
