@@ -565,7 +565,8 @@ def training_layout(point: dict, chips: int, framework: str | None):
     expert axis too (Megatron folds experts into data). MaxText's mesh axes read as MaxText shards: its expert
     axis splits the batch and the non-expert weights as fsdp does (base.yml logical axis rules put embed and
     activation_batch over it), its tensor axis splits the experts' mlp width too (expert-tensor parallelism),
-    and its remat policy comes from the notes (``_maxtext_remat``)."""
+    and its remat policy comes from the notes (``_maxtext_remat``). A Megatron MoE run that does not state its
+    expert-tensor degree has Megatron's default, the tensor-parallel size."""
     from moeplan.layout import Layout
 
     lay = point["layout"]
@@ -582,7 +583,10 @@ def training_layout(point: dict, chips: int, framework: str | None):
     if "quantized_gather" not in flags and _QUANTIZED_GATHER.search(notes):
         flags["quantized_gather"] = True
     flags["gradient_bytes"] = int(lay.get("gradient_bytes") or (2 if _BF16_GRADIENTS.search(notes) else 4))
-    expert_tensor = int(lay.get("expert_tensor") or lay.get("etp") or (tensor if maxtext else 1))
+    # unstated, the experts' width splits over the tensor axis where the framework does so by default: MaxText's
+    # tensor axis, and Megatron's --expert-tensor-parallel-size (None: the tensor-parallel size)
+    megatron = "megatron" in _text(point) and int((point.get("model") or {}).get("num_experts") or 1) > 1
+    expert_tensor = int(lay.get("expert_tensor") or lay.get("etp") or (tensor if maxtext or megatron else 1))
     stages = {k: int(lay.get(k) or 0) for k in ("first_stage_layers", "last_stage_layers")}  # 0: an even split
     return Layout(data=data, fsdp=fsdp, tensor=tensor, context=context, pipeline=pipeline,
                   expert=int(lay.get("expert") or 1),

@@ -619,6 +619,12 @@ def test_maxtext_points_read_their_mesh_as_maxtext_shards_it():
     # the recipe's own words: what it recomputes, its gradient width, whether FSDP gathers 8-bit weights
     def read(notes):
         return training_layout(dict(point, source="NVIDIA Megatron-Bridge", notes=notes), 256, None)
+    # Megatron's --expert-tensor-parallel-size defaults to the tensor-parallel size for an MoE model
+    moe_point = dict(point, source="NVIDIA Megatron-Bridge", notes="", model={"seq_len": 8192, "num_experts": 64})
+    assert training_layout(moe_point, 256, None).expert_tensor == 2
+    stated = dict(moe_point, layout={**point["layout"], "expert_tensor": 1})
+    assert training_layout(stated, 256, None).expert_tensor == 1
+    assert training_layout(dict(moe_point, source="torchtitan"), 256, None).expert_tensor == 1
     assert read("EP8; no activation recompute.").recompute == "none"
     assert read("recompute_modules ['layernorm', 'moe_act'] (selective)").recompute == "none"  # element-wise only
     assert read("recompute_modules ['mla_up_proj'] (selective)").recompute == "selective"
