@@ -398,10 +398,11 @@ def logits_part(ctx: Context, tokens, training: bool) -> Part:
     return Part("logits", "compute", time, 0.0, 2.0 * tokens * m.vocab_size / t * m.d_model, 0.0)
 
 
-def _mtp_head_part(ctx: Context, tokens) -> Part:
+def _mtp_head_part(ctx: Context, tokens, out: Part) -> Part:
     """One MTP module's head (``MoEModel.mtp_layers``): its 2d -> d projection and another pass of the shared
-    output layer and its loss; its transformer layer counts with the model's own (``_mtp_layers_per_kind``)."""
-    m, out = ctx.m, logits_part(ctx, tokens, training=True)
+    output layer ``out`` and its loss; its transformer layer counts with the model's own
+    (``_mtp_layers_per_kind``)."""
+    m = ctx.m
     proj_s = ctx.mm(tokens, m.d_model, 2 * m.d_model)
     return Part("mtp_head", "compute", out.compute_s + proj_s, 0.0, out.flops + 2.0 * tokens * 2 * m.d_model ** 2,
                 0.0)
@@ -502,8 +503,9 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     scales = part_scales(profile)  # a profile's measured per-part time scales, on every row of their part
     # stages hold the model's mix of layers: each kind's count in an average layer
     kinds = [(count / m.n_layers, scaled_parts(parts, scales)) for count, parts in kinds]
-    last_parts = scaled_parts([logits_part(ctx, tokens, training=True)], scales)
-    mtp_head = scaled_parts([_mtp_head_part(ctx, tokens)], scales) if m.mtp_layers else []
+    logits = logits_part(ctx, tokens, training=True)
+    last_parts = scaled_parts([logits], scales)
+    mtp_head = scaled_parts([_mtp_head_part(ctx, tokens, logits)], scales) if m.mtp_layers else []
     passes = training_passes(p.recompute, [part.name for _, parts in kinds for part in parts] + ["logits"]
                              + [part.name for part in mtp_head], ctx.attention)
     policy = Overlap(overlap)
@@ -738,7 +740,7 @@ def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, host, laye
     mem["mem:activations"] = stored + (tokens * m.vocab_size / t * 4.0 if logits else 0.0)  # fp32 logits
     mem["host:activations"] = host * layers * in_flight
     mem["mem:a2a_buffers"] = a2a_buffer_bytes(send, gathered, training=True)
-    mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, min(_gather_width(ctx), 2.0) if mixed else 4.0)
+    mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, _gather_width(ctx))
     mem["memory_per_device_bytes"] = sum(v for k, v in mem.items() if k.startswith("mem:"))
     return mem
 
