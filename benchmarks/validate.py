@@ -11,6 +11,7 @@ import statistics
 import sys
 
 from moeplan.collectives import LL_KERNEL_LATENCY_S, LL_LATENCY_FITTED_TO, RAMP_FITTED_TO
+from moeplan.dispatch import SM_COPY_FITTED_TO
 from moeplan.validation import (
     COLLECTED_PATH,
     KORTHIKANTI_PATH,
@@ -41,7 +42,9 @@ def main() -> int:
           f"worst {s['max_abs_error']:.1%}; held out ({s['held_out_points']} points, * = calibration input): "
           f"median {s['held_out_median_abs_error']:.1%}")
     loso = summarize(leave_one_source_out(points))
-    print(f"leave-one-source-out (the size ramp refitted without each of its points {', '.join(RAMP_FITTED_TO)}): "
+    sm_points = sorted({pid for ids in SM_COPY_FITTED_TO.values() for pid in ids})
+    print(f"leave-one-source-out (the size ramp refitted without each of its points {', '.join(RAMP_FITTED_TO)}; "
+          f"the dispatch kernels' per-SM copy figures, fitted to {', '.join(sm_points)}, left out for it): "
           f"median |error| {loso['median_abs_error']:.1%}, worst {loso['max_abs_error']:.1%}; in-sample "
           f"{s['median_abs_error']:.1%}")
     collected = load_points(COLLECTED_PATH)

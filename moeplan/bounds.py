@@ -33,6 +33,7 @@ SEARCH_POINTS = 50_000_000  # default cap on one search's grid (points), settabl
 FILE_MAX = {
     "peak_bf16_flop_per_s": 1e18, "peak_fp8_flop_per_s": 1e18, "peak_fp32_flop_per_s": 1e18,  # FLOP/s per chip
     "hbm_capacity_bytes": 1e13, "hbm_bw_bytes_per_s": 1e15, "cores_per_chip": 64, "matmul_tile": 4_096,
+    "sm_count": 4_096,
     "matmul": 1.0, "attention": 1.0, "memory": 1.0, "link_efficiency": 1.0,  # efficiencies: fractions of peak
     "nvls_efficiency": 1.0,
     "bw_bytes_per_s": 1e14, "latency_s": 1.0, "step_latency_s": 1.0, "kernel_overhead_s": 1.0,

@@ -588,7 +588,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     coll.add_argument("--bytes", default="1e6..1e10", help="sizes per device: 1e6..1e10, 1e6,4e6 or 65536")
     coll.add_argument("--factor", type=float, default=2.0, help="step of a .. sweep (default 2)")
     coll.add_argument("--algorithm", help="force an algorithm (ring, tree, nvls, nvls_tree, direct; with --experts "
-                      "and --top-k the all_to_all's dispatch kernels deepep_normal and deepep_ll)")
+                      "and --top-k the all_to_all's dispatch kernels deepep_normal, hybridep and deepep_ll)")
     coll.add_argument("--experts", type=int, help="dispatch kernels: experts spread over the ranks")
     coll.add_argument("--top-k", dest="top_k", type=int, help="dispatch kernels: experts per token")
     coll.add_argument("--max-nodes", dest="max_nodes", type=int,
@@ -683,7 +683,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     exp.add_argument("--batch-tokens", type=int, required=True, help="global batch in tokens")
     exp.add_argument("--dtype", default="bf16")
     exp.add_argument("--framework", choices=sorted(FRAMEWORKS))
-    exp.add_argument("--dispatch", choices=KERNELS, help="Megatron: the token dispatcher (deepep_* -> flex)")
+    exp.add_argument("--dispatch", choices=KERNELS, help="Megatron: the token dispatcher (deepep_*, hybridep -> flex)")
     exp.add_argument("--format", choices=("maxtext", "megatron", "moeplan"), required=True)
     exp.add_argument("--out", help="file to write (default: print)")
     handlers["export"] = cmd_export

@@ -32,12 +32,13 @@ alpha a per-step latency. Every algorithm is ``time = latency terms + wire bytes
   ``(n - g)/n * S`` leaves through its own NIC (NCCL cannot aggregate NICs for all-to-all), its
   local traffic over NVLink, concurrently.
 
-* **Expert dispatch kernels** (``experts=ExpertRouting(...)``, ``algorithm="deepep_normal"`` or
-  ``"deepep_ll"``; see ``dispatch``): the all_to_all's send buffer is one copy per (token, expert).
-  DeepEP's normal kernels send a token once per remote node through the NIC and fan it out over
-  NVLink, ``max(network copies / B_nic, NVLink copies / B_nvlink)`` per copy's bytes; its low-latency
-  kernels move the all_to_all's bytes at the links' large-message efficiency (per-token RDMA writes from
-  every SM: no chunk-pipeline ramp) after a fixed kernel latency (``ll_kernel_latency_s``).
+* **Expert dispatch kernels** (``experts=ExpertRouting(...)``, ``algorithm="deepep_normal"``,
+  ``"hybridep"`` or ``"deepep_ll"``; see ``dispatch``): the all_to_all's send buffer is one copy per
+  (token, expert). DeepEP's normal kernels and HybridEP send a token once per remote node through the NIC
+  and fan it out over NVLink, ``max(network copies / B_nic, NVLink copies / B_nvlink)`` per copy's bytes,
+  or their SMs' copy time (a fixed time per copy plus its bytes at a per-SM rate) where that is slower; the
+  low-latency kernels move the all_to_all's bytes at the links' large-message efficiency (per-token RDMA
+  writes from every SM: no chunk-pipeline ramp) after a fixed kernel latency (``ll_kernel_latency_s``).
 
 Without an explicit ``algorithm`` the fastest candidate is taken per size, as NCCL's tuner does
 with its own cost model (a dispatch kernel is a software choice: it is taken only when named).
@@ -53,10 +54,11 @@ from functools import lru_cache
 import numpy as np
 
 from moeplan import bounds
-from moeplan.dispatch import ExpertRouting, normal_copies
+from moeplan.dispatch import KERNELS, ExpertRouting, kernel_sms, normal_copies, sm_copy_s
 from moeplan.topology import SWITCHED, TORUS, Topology
 
 OPS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", "p2p")
+DISPATCH_KERNELS = tuple(k for k in KERNELS if k != "nccl")  # algorithms an all_to_all takes with experts=
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ class CommParams:
     # signal after the data, the receiver's wait and unpack), fitted to the points LL_LATENCY_FITTED_TO names
     # (validation.fit_ll_latency); left out of them, one network step (the kernels' own floor).
     ll_kernel_latency_s: float = LL_KERNEL_LATENCY_S
+    # SMs the normal-style dispatch kernels (deepep_normal, hybridep) run on; None: the kernel's default
+    # (dispatch.KERNEL_SMS). Each SM copies at dispatch.SM_COPY's rate.
+    dispatch_sms: int | None = None
     efficiency: dict[str, Efficiency] = field(default_factory=lambda: dict(DEFAULT_EFFICIENCY))
     source: str = _NCCL
     # Per-op corrections a calibration fits (empty by default): op -> (latency_s, efficiency); the op then
@@ -127,6 +132,9 @@ class CommParams:
         for name in ("nccl_base_latency_s", "node_step_latency_s", "net_step_latency_s", "net_tree_step_latency_s",
                      "nvls_latency_s", "xla_base_latency_s", "dcn_step_latency_s", "ll_kernel_latency_s"):
             bounds.check_number(f"comm.{name}", getattr(self, name), 0.0, 1.0)
+        if self.dispatch_sms is not None and (isinstance(self.dispatch_sms, bool) or not isinstance(
+                self.dispatch_sms, int) or not 1 <= self.dispatch_sms <= 4096):
+            raise ValueError(f"comm.dispatch_sms: got {self.dispatch_sms!r}; expected an integer in [1, 4096] or None")
         if not isinstance(self.efficiency, dict) or not all(
                 isinstance(k, str) and isinstance(v, Efficiency) for k, v in self.efficiency.items()):
             raise ValueError("comm.efficiency: expected a mapping of fabric name to Efficiency")
@@ -553,16 +561,19 @@ def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, p
     copies = normal_copies(experts, group.nodes, group.per_node)
     nvlink = copies.nvlink * per_copy / node_rate(topo, group, size, params)
     if group.nodes == 1:
-        normal = params.node_step_latency_s + nvlink
+        latency, links = params.node_step_latency_s, nvlink
     else:
         net = copies.network * per_copy / (_nic_bw(topo) * params.eff("net")(size))
-        normal = params.net_step_latency_s + np.maximum(net, nvlink)
+        latency, links = params.net_step_latency_s, np.maximum(net, nvlink)
+    # the normal-style kernels: the links, or their SMs' copy rate where that is slower (dispatch module docstring)
+    normal = {kernel: latency + np.maximum(links, sm_copy_s(kernel, size, experts, kernel_sms(
+        kernel, group.nodes, params.dispatch_sms))) for kernel in ("deepep_normal", "hybridep")}
     # The low-latency kernels move the all_to_all's bytes, one RDMA write per (token, expert) from every SM over
     # one queue pair per local expert (IBGDA): the links run at their large-message efficiency from the first
     # token, without NCCL's chunk-pipeline size ramp (DeepEP V1 legacy.md: 39 GB/s of a 50 GB/s NIC at EP 256
     # with 7.6 MB per rank, where NCCL's ramp would give a third of the line).
     low_latency = _all_to_all_transfer_s(topo, group, devices, size, params, peak=True)
-    return {"deepep_normal": normal, "deepep_ll": params.ll_kernel_latency_s + low_latency}
+    return {**normal, "deepep_ll": params.ll_kernel_latency_s + low_latency}
 
 
 def _all_to_all_transfer_s(topo: Topology, group: SwitchedGroup, devices: np.ndarray, size: np.ndarray,
@@ -620,9 +631,9 @@ def collective_cost(
     assert topo.kind in (TORUS, SWITCHED)
     candidates = build(topo, op, ids, size, params)
     names = list(candidates)
-    if experts is not None and op == "all_to_all" and algorithm in ("deepep_normal", "deepep_ll"):
+    if experts is not None and op == "all_to_all" and algorithm in DISPATCH_KERNELS:
         candidates.update(dispatch_candidates(topo, ids, size, params, experts))
-    elif algorithm in ("deepep_normal", "deepep_ll"):
+    elif algorithm in DISPATCH_KERNELS:
         raise ValueError(f"algorithm: {algorithm!r} is an expert dispatch kernel; expected op='all_to_all' and "
                          "experts=ExpertRouting(num_experts, top_k)")
     if algorithm is not None:

@@ -12,6 +12,15 @@ A token routed to ``top_k`` of ``num_experts`` experts, the experts spread evenl
   network, to the GPU on the sender's rail there, which forwards it over NVLink once per destination
   GPU; inside the sender's own node, once per destination GPU (DeepEP README, "normal kernels";
   DeepSeek-V3 report section 3.2.2).
+* ``"hybridep"``: NVIDIA's HybridEP (DeepEP branch hybrid-ep; Megatron-Core's flex dispatcher with backend
+  hybridep): the same copies as ``deepep_normal`` (TMA copies inside the NVLink domain, RDMA between
+  domains), with its own SM budget and per-SM copy rate.
+
+The normal-style kernels copy on a budget of SMs (``KERNEL_SMS``), each SM spending a fixed time per
+(token, expert) copy plus the copy's bytes at its own rate (``SM_COPY``), so a kernel on few SMs runs below
+the links on NVLink5 (the HybridEP README's B200 table: DeepEP's dispatch at 16 SMs moves about half of what
+it moves at 48, and an FP8 token, half a BF16 one's bytes, takes 70 % of its time). While such a kernel
+overlaps compute, its SMs are not computing (``sm_share``).
 
 Routing is uniform: every k-subset of experts equally likely. Node-limited routing (DeepSeek-V3: at most
 ``max_nodes`` = 4 nodes per token) is modelled as ``max_nodes`` nodes drawn uniformly, then the k
@@ -24,7 +33,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-KERNELS = ("nccl", "deepep_normal", "deepep_ll")
+KERNELS = ("nccl", "deepep_normal", "deepep_ll", "hybridep")
+# SMs a communication kernel's blocks hold while it runs, by default:
+# - nccl: 16 channels (one block each): NCCL's log on an 8-GPU H800 node, "16 coll channels, 16 p2p channels"
+#   (NVIDIA/nccl issue #892); NCCL 2.28.3's release notes cap Blackwell at 16 CTAs ("SM overhead is decreased
+#   by 50%"). Transformer Engine's tensor-parallel overlap also takes 16 (pytorch/module/base.py, num_sm 16).
+# - deepep_normal: 20 (DeepEP V1 deep_ep/buffer.py @567632dd, Buffer.num_sms = 20; Megatron-Core's
+#   moe_deepep_num_sms default 20, transformer_config.py @91fcdfe4).
+# - deepep_ll: none: hook-based, "does not occupy any SM resource" (DeepEP V1 README @567632dd).
+# - hybridep: 24 inside one NVLink domain, 8 across domains (DeepEP hybrid-ep @94a9f8f6
+#   csrc/hybrid_ep/config.cuh: its dispatch and combine defaults, which Megatron-Core keeps).
+KERNEL_SMS = {"nccl": 16, "deepep_normal": 20, "deepep_ll": 0, "hybridep": 24}
+HYBRIDEP_MULTI_DOMAIN_SMS = 8
+# Per SM, the normal-style kernels' fixed time per (token, expert) copy (s) and copy rate (bytes/s), fitted to the
+# SM-swept rows of the points SM_COPY_FITTED_TO names (validation.fit_sm_copy): the HybridEP README's B200 table
+# (A5), DeepEP's normal kernels at 16-48 SMs, HybridEP's kernel-only rows at 16 SMs (FP8 and BF16 tokens).
+SM_COPY = {"deepep_normal": (2.07e-7, 21.7e9), "hybridep": (6.0e-8, 54e9)}
+SM_COPY_FITTED_TO = {"deepep_normal": ("A5",), "hybridep": ("A5",)}
 # An FP8-dispatched token carries one fp32 scale per 128 channels (DeepSeek-V3 report 3.3.1, 1 x 128 tiles):
 # 4 / 128 bytes per value on top of its one byte.
 FP8_SCALE_BYTES_PER_VALUE = 4.0 / 128.0
@@ -37,6 +62,7 @@ class ExpertRouting:
     num_experts: int
     top_k: int
     max_nodes: int | None = None  # node-limited routing: a token reaches at most this many nodes
+    token_bytes: float | None = None  # one copy's bytes; None: the normal kernels' per-copy SM time is left out
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k"):
@@ -48,6 +74,9 @@ class ExpertRouting:
         if self.max_nodes is not None and (isinstance(self.max_nodes, bool) or not isinstance(self.max_nodes, int)
                                            or self.max_nodes < 1):
             raise ValueError(f"experts.max_nodes: got {self.max_nodes!r}; expected an integer >= 1 or None")
+        if self.token_bytes is not None and (isinstance(self.token_bytes, bool) or not isinstance(
+                self.token_bytes, int | float) or not 0 < self.token_bytes < 1e9):
+            raise ValueError(f"experts.token_bytes: got {self.token_bytes!r}; expected a positive number or None")
 
 
 @dataclass(frozen=True)
@@ -82,3 +111,32 @@ def normal_copies(routing: ExpertRouting, nodes: int, per_node: int) -> Copies:
     p_node = _selected(routing, nodes, routing.num_experts / nodes)
     p_gpu = _selected(routing, nodes, routing.num_experts / n)
     return Copies(network=(nodes - 1) * p_node, nvlink=nodes * (per_node - 1) * p_gpu)
+
+
+def kernel_sms(kernel: str, domains: int = 1, sms: int | None = None) -> int:
+    """SMs ``kernel`` runs on: ``sms`` where given, else its default (``KERNEL_SMS``; HybridEP takes fewer
+    across NVLink domains, ``domains`` > 1)."""
+    if sms is not None:
+        return sms
+    if kernel == "hybridep" and domains > 1:
+        return HYBRIDEP_MULTI_DOMAIN_SMS
+    return KERNEL_SMS[kernel]
+
+
+def sm_share(kernel: str, sm_count: int | None, domains: int = 1, sms: int | None = None) -> float:
+    """The fraction of the chip's SMs ``kernel`` holds while it runs; 0 where the chip family states no SM
+    count (the TPUs, the CPU host): no share is taken there."""
+    if not sm_count:
+        return 0.0
+    return min(1.0, kernel_sms(kernel, domains, sms) / sm_count)
+
+
+def sm_copy_s(kernel: str, size, experts: ExpertRouting, sms: int):
+    """The time ``kernel``'s ``sms`` SMs take to copy a send buffer of ``size`` bytes (one copy per (token,
+    expert)): per copy a fixed time plus its bytes at the per-SM rate (``SM_COPY``); without the routing's
+    ``token_bytes`` only the bytes; 0 for a kernel without fitted figures (no SM limit)."""
+    if kernel not in SM_COPY:
+        return 0.0
+    fixed_s, rate = SM_COPY[kernel]
+    copies = size / experts.token_bytes if experts.token_bytes else 0.0
+    return (copies * fixed_s + size / rate) / sms

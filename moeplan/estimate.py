@@ -22,10 +22,10 @@ made from a bf16 tensor is cast first, a memory-bound pass (``compute.quantize_b
 forward's inputs and the backward's output gradients, each with a transposed copy).
 
 Dispatch kernel (``dispatch``, ``dispatch.KERNELS``): "nccl" (default) is an all-to-all of one copy per
-(token, expert); "deepep_normal" sends a token once per remote node and fans it out over NVLink;
-"deepep_ll" sends per expert at the links' large-message efficiency after a fixed kernel latency. With an
-8-bit ``dtype`` DeepEP dispatches in fp8 with a 4-byte scale per 128 channels and combines in bf16, as
-DeepSeek-V3 trains.
+(token, expert); "deepep_normal" and "hybridep" send a token once per remote node and fan it out over
+NVLink, at most as fast as their SMs copy; "deepep_ll" sends per expert at the links' large-message
+efficiency after a fixed kernel latency. With an 8-bit ``dtype`` these kernels dispatch in fp8 with a
+4-byte scale per 128 channels and combine in bf16, as DeepSeek-V3 trains.
 
 Backward = 2x forward compute (2.5x for fused flash attention, which recomputes the scores) and the
 same collectives again (two more all-to-alls per MoE layer). Recompute: "selective" recomputes
@@ -243,6 +243,7 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
     send = group * m.top_k * m.d_model * ctx.b * straggle
     fp8_dispatch = ctx.dispatch != "nccl" and dtype_bytes(ctx.dtype) < 2
     send_in = send * (1.0 + FP8_SCALE_BYTES_PER_VALUE) / ctx.b if fp8_dispatch else send  # fp8 values + scales
+    token_in = float(m.d_model) * ((1.0 + FP8_SCALE_BYTES_PER_VALUE) if fp8_dispatch else ctx.b)  # one copy's bytes
     active = local * (1.0 - (1.0 - m.top_k / m.num_experts) ** (group * etp * ep)) if decode else local
     up, width = (2 if m.gated_ffn else 1), m.expert_d_ff / etp
     rows = _grouped_rows(ctx, per_expert, active)
@@ -259,7 +260,8 @@ def _moe(ctx: Context, tokens, decode: bool = False) -> dict[str, np.ndarray]:
     out.update(experts_s=experts + shared["s"] + _elementwise_s(ctx, tokens), experts_flops=flops + shared["flops"],
                shared_tp_s=shared["tp_s"] + etp_s, shared_tp_bytes=shared["tp_bytes"] + 2.0 * gathered,
                drop=drop, send=send * (ep > 1), send_in=send_in * (ep > 1), gathered=gathered,
-               dispatch_s=ctx.dispatch_a2a(send_in * (ep > 1)), combine_s=ctx.dispatch_a2a(send * (ep > 1)),
+               dispatch_s=ctx.dispatch_a2a(send_in * (ep > 1), token_in),
+               combine_s=ctx.dispatch_a2a(send * (ep > 1), float(m.d_model) * ctx.b),
                **_permute(ctx, group, send))
     return _one_expert_is_an_ffn(ctx, tokens, out)
 
@@ -423,6 +425,9 @@ def scaled_parts(parts: list[Part], scales: dict[str, float]) -> list[Part]:
                           comm_s=part.comm_s * scales.get(ROW_PART[part.name], 1.0)) for part in parts]
 
 
+_A2A_PARTS = ("dispatch_a2a", "combine_a2a")  # the parts whose communication the dispatch kernel runs
+
+
 @dataclass(frozen=True)
 class Overlap:
     """The overlap policy, the one place that says which communication hides behind which compute.
@@ -432,19 +437,29 @@ class Overlap:
     behind other micro-batches where the framework's schedule overlaps them; tensor-parallel collectives and
     the all-to-alls stay on the critical path.
     "full" is DualPipe's schedule: two micro-batches interleave, so a layer's communication runs under the other
-    micro-batch's compute of the whole layer, and the layer takes max(compute, communication)."""
+    micro-batch's compute of the whole layer.
+
+    Communication kernels that hide under compute hold a share f of the chip's SMs while they run
+    (``dispatch_share`` for the expert all-to-alls, ``nccl_share`` for the collectives; dispatch.sm_share), so
+    the compute beside them runs on the rest: compute W under communication c takes max(W + f c, c), not
+    max(W, c); at least f c of the communication shows."""
 
     policy: str
+    dispatch_share: float | np.ndarray = 0.0
+    nccl_share: float = 0.0
 
     def layer(self, parts: list[Part], passes: dict | None = None):
         """One layer of a kind over every pass (``passes``: per part name its compute and communication passes,
         ``training_passes``; one each without), and the fraction of its communication left exposed."""
         one = (1.0, 1.0)
         compute = sum(part.compute_s * (passes or {}).get(part.name, one)[0] for part in parts)
-        comm = sum(part.comm_s * (passes or {}).get(part.name, one)[1] for part in parts)
+        comms = [part.comm_s * (passes or {}).get(part.name, one)[1] for part in parts]
+        comm = sum(comms)
         if self.policy != "full":
             return compute + comm, 1.0
-        layer_s = maximum(compute, comm)
+        held = sum(c * (self.dispatch_share if part.name in _A2A_PARTS else self.nccl_share)
+                   for c, part in zip(comms, parts, strict=True))
+        layer_s = maximum(compute + held, comm)
         return layer_s, where(comm > 0, (layer_s - compute) / maximum(comm, 1e-300), 0.0)
 
     def pipeline_sends(self, p2p_s, schedule_hides):
@@ -465,11 +480,12 @@ class Overlap:
         that compute at most once: what exceeds it is exposed, whichever part it is charged to (the gathers)."""
         if self.policy == "none":
             return grad_s, fsdp_s
-        grad = maximum(0.0, grad_s - stage_s * (2.0 / 3.0))
+        f = self.nccl_share  # the SMs the collectives hold: at least f of their time shows (class docstring)
+        grad = maximum(f * grad_s, grad_s - stage_s * (2.0 / 3.0))
         if not np.any(fsdp_s):  # no gathers: the sync alone (what follows gives the same, at a grid's cost)
             return grad, fsdp_s
         window = stage_s * micro_batches
-        both = maximum(grad + maximum(0.0, fsdp_s - window), grad_s + fsdp_s - window)
+        both = maximum(maximum(grad + maximum(0.0, fsdp_s - window), grad_s + fsdp_s - window), f * (grad_s + fsdp_s))
         return grad, both - grad
 
 
@@ -508,7 +524,7 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
     mtp_head = scaled_parts([_mtp_head_part(ctx, tokens, logits)], scales) if m.mtp_layers else []
     passes = training_passes(p.recompute, [part.name for _, parts in kinds for part in parts] + ["logits"]
                              + [part.name for part in mtp_head], ctx.attention)
-    policy = Overlap(overlap)
+    policy = Overlap(overlap, ctx.dispatch_share, ctx.nccl_share)
     out: dict = {}
     # MTP modules (MoEModel.mtp_layers) spread over the stages with the layers, as a pipeline layout balances them
     # (Megatron's --pipeline-model-parallel-layout gives the MTP stage fewer layers): per layer, their share

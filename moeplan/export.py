@@ -13,7 +13,7 @@ YAML that reproduces the estimate.
   and context parallel sizes, an uneven pipeline split (first and last stage layers), micro and
   global batch (sequences), router top-k, capacity factor (omitted for dropless), recompute
   granularity (recompute "offload" as ``--cpu-offloading`` of every layer's activations but the last's),
-  sequence parallelism, distributed optimizer, the token dispatcher (``flex`` for DeepEP) and the model's
+  sequence parallelism, distributed optimizer, the token dispatcher (``flex`` for DeepEP and HybridEP) and the model's
   shape.
 * ``plan_document`` / ``load_plan``: model, topology, layout, batch, dtype and framework as YAML;
   ``estimate_plan`` of the loaded document gives the same estimate.
@@ -141,8 +141,8 @@ def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_
         args += ["--mtp-num-layers", model.mtp_layers]
     if model.num_experts > 1:
         args += ["--num-experts", model.num_experts, "--moe-router-topk", model.top_k, "--moe-ffn-hidden-size",
-                 model.expert_d_ff, "--moe-token-dispatcher-type", "flex" if dispatch.startswith("deepep")
-                 else "alltoall", "--moe-layer-freq", f"([0]*{model.first_dense_layers}+([1]+[0]*"
+                 model.expert_d_ff, "--moe-token-dispatcher-type", "alltoall" if dispatch == "nccl" else "flex",
+                 "--moe-layer-freq", f"([0]*{model.first_dense_layers}+([1]+[0]*"
                  f"{model.moe_every - 1})*{-(-(model.n_layers - model.first_dense_layers) // model.moe_every)})"
                  f"[:{model.n_layers}]"]
         if model.capacity_factor is not None:
@@ -151,6 +151,8 @@ def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_
             args += ["--moe-shared-expert-intermediate-size", model.num_shared_experts * model.expert_d_ff]
         if dispatch.startswith("deepep"):
             args += ["--moe-enable-deepep"]
+        elif dispatch == "hybridep":  # Megatron-Core's flex dispatcher with the HybridEP backend
+            args += ["--moe-flex-dispatcher-backend", "hybridep"]
     if layout.recompute in ("offload_projections", "offload_inputs"):
         _unexpressed("layout.recompute", f"{layout.recompute!r} (MaxText's custom remat) in Megatron-Core")
     if layout.recompute == "offload":  # the last layer's activations are used at once: Megatron keeps them

@@ -102,6 +102,7 @@ def _chip(sec: Section) -> ChipSpec:
         hbm_capacity_bytes=sec.number("hbm_capacity_bytes"),
         hbm_bw_bytes_per_s=sec.number("hbm_bw_bytes_per_s"),
         cores_per_chip=sec.integer("cores_per_chip", optional=True) or 1,
+        sm_count=sec.integer("sm_count", optional=True),
         source=_sourced(sec),
         efficiency=_efficiency(sec.section("efficiency")),
         host_link=_optional_link(sec.section("host_link", optional=True)),

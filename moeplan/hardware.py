@@ -68,6 +68,7 @@ class ChipSpec:
     hbm_bw_bytes_per_s: float
     peak_fp8_flop_per_s: float | None = None
     cores_per_chip: int = 1
+    sm_count: int | None = None  # streaming multiprocessors (AMD: compute units); None on chips without them
     source: str = ""
     efficiency: ComputeEfficiency | None = None  # achieved / peak defaults for this family (cited)
     host_link: LinkSpec | None = None  # chip <-> host memory, one direction (activation offload); None: the PCIe
@@ -82,6 +83,9 @@ class ChipSpec:
         _require_positive(owner, "peak_fp8_flop_per_s", self.peak_fp8_flop_per_s, optional=True)
         if not isinstance(self.cores_per_chip, int) or self.cores_per_chip < 1:
             raise ValueError(f"{owner}.cores_per_chip: expected an integer >= 1, got {self.cores_per_chip!r}")
+        if self.sm_count is not None and (isinstance(self.sm_count, bool) or not isinstance(self.sm_count, int)
+                                          or self.sm_count < 1):
+            raise ValueError(f"{owner}.sm_count: expected an integer >= 1 or none, got {self.sm_count!r}")
 
     def peak_flop_per_s(self, dtype: str) -> float:
         """Dense matmul peak for ``dtype``; fp8 falls back to bf16 where the chip has no fp8 unit."""

@@ -32,7 +32,7 @@ from moeplan.collectives import (
     switched_group,
     torus_group,
 )
-from moeplan.dispatch import ExpertRouting
+from moeplan.dispatch import ExpertRouting, kernel_sms, sm_copy_s
 from moeplan.topology import TORUS, Topology
 
 Route = list[tuple[object, object, float]]  # (u, v, fraction of the flow on this directed link)
@@ -326,8 +326,9 @@ def simulate_dispatch(
 ) -> LinkSimResult:
     """Every rank sends one token along every routing the model deems equally likely (each reachable node set,
     then each k-subset of its experts), copy by copy over the graph: ``deepep_normal`` once per remote node to
-    the GPU on the sender's rail there, which forwards it over NVLink to the other selected GPUs of its node;
-    ``deepep_ll`` once per (token, expert) straight to the expert's rank."""
+    the GPU on the sender's rail there, which forwards it over NVLink to the other selected GPUs of its node
+    (``hybridep`` the same); ``deepep_ll`` once per (token, expert) straight to the expert's rank. The
+    normal-style kernels take at least the send buffer over their SMs' copy rate (``dispatch``)."""
     params = fabric_params(topo, params or CommParams())
     ids = topo.device_ids(devices)
     owner = np.repeat(ids, experts.num_experts // ids.size)
@@ -351,7 +352,8 @@ def simulate_dispatch(
     if low_latency:
         return LinkSimResult(worst + params.ll_kernel_latency_s, dict(phase.load))
     step = params.node_step_latency_s if len(nodes) == 1 else params.net_step_latency_s
-    return LinkSimResult(worst + step, dict(phase.load))
+    copy_s = sm_copy_s(kernel, size, experts, kernel_sms(kernel, len(nodes), params.dispatch_sms))
+    return LinkSimResult(max(worst, copy_s) + step, dict(phase.load))
 
 
 def _all_routings(experts: ExpertRouting, nodes: list[int], experts_on: dict[int, list[int]]) -> list[tuple]:
@@ -367,8 +369,8 @@ def _token_hops(topo: Topology, src: int, targets: list[int], node_of: dict, ker
     """(from, to) device pairs one token's copies take."""
     if kernel == "deepep_ll":
         return [(src, int(owner[e])) for e in token if int(owner[e]) != src]
-    if kernel != "deepep_normal":
-        raise ValueError(f"kernel: got {kernel!r}; expected 'deepep_normal' or 'deepep_ll'")
+    if kernel not in ("deepep_normal", "hybridep"):
+        raise ValueError(f"kernel: got {kernel!r}; expected 'deepep_normal', 'hybridep' or 'deepep_ll'")
     g = topo.node.devices_per_node
     hops = []
     for node in sorted({node_of[d] for d in targets}):

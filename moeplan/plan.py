@@ -24,12 +24,12 @@ import numpy as np
 from moeplan import moe as M
 from moeplan.collectives import DEFAULT_PARAMS, CommParams, collective_cost, collective_time_s
 from moeplan.compute import matmul_time_s, memory_time_s, quantize_bytes
-from moeplan.dispatch import ExpertRouting
+from moeplan.dispatch import ExpertRouting, sm_share
 from moeplan.frameworks import FRAMEWORKS, Framework
 from moeplan.hardware import ComputeEfficiency
 from moeplan.layout import RECOMPUTE, Layout, expert_weight_shards
 from moeplan.routing import Routing
-from moeplan.topology import Topology
+from moeplan.topology import SWITCHED, Topology
 from moeplan.units import dtype_bytes
 
 LAYOUT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "context", "pipeline", "virtual_pipeline",
@@ -152,6 +152,13 @@ class Context:
         self.b = 2.0 if bits < 2 else bits  # activations and communication: bf16 under 8-bit training
         self.high = "bf16" if bits < 2 else dtype  # attention and the output layer
         self.casts = bits < 2  # 8-bit GEMMs: their 16-bit inputs are cast first (quantize)
+        # The fraction of the chip's SMs a collective (NCCL's channels) and the dispatch kernel hold while they
+        # overlap compute (dispatch.sm_share; 0 on chips without SMs). HybridEP takes fewer SMs when the expert
+        # group spans NVLink domains (taken as: more experts x expert-tensor ranks than a node holds).
+        sm_count = topo.chip.sm_count
+        self.nccl_share = sm_share("nccl", sm_count)
+        domains = 1 + (plan.expert * plan.expert_tensor > topo.node.devices_per_node) if topo.kind == SWITCHED else 1
+        self.dispatch_share = np.where(domains > 1, sm_share(dispatch, sm_count, 2), sm_share(dispatch, sm_count, 1))
         self._codes: dict = {}
         self._keys: dict = {}  # one candidate: the placement key of each group kind
         self.scalar = plan.shape == ()
@@ -199,8 +206,9 @@ class Context:
             return _coll_one(self.topo, op, float(nbytes), kind, key, self.comm)
         return self._coll_grid(op, nbytes, kind)
 
-    def dispatch_a2a(self, nbytes):
-        """The expert all-to-all (dispatch or combine) of ``nbytes`` per device with the context's kernel."""
+    def dispatch_a2a(self, nbytes, token_bytes: float | None = None):
+        """The expert all-to-all (dispatch or combine) of ``nbytes`` per device with the context's kernel
+        (``token_bytes``: one copy's bytes, for the normal-style kernels' per-copy SM time)."""
         if self.dispatch == "nccl":
             return self.coll("all_to_all", nbytes, "expert")
         m = self.m
@@ -216,7 +224,7 @@ class Context:
             ids = _ids(self.topo, "expert", (int(ep_one), int(etp_one)))
             if ids is not None:
                 out.reshape(-1)[sel] = _dispatch_s(self.topo, size.reshape(-1)[sel], ids, self.comm, self.dispatch,
-                                                   int(e), int(k), m.route_node_limit)
+                                                   int(e), int(k), m.route_node_limit, token_bytes)
         return float(out) if self.scalar and out.shape == () else out
 
     def _coll_grid(self, op: str, nbytes, kind: str):
@@ -251,14 +259,14 @@ def _ids(topo: Topology, kind: str, key: tuple[int, ...]) -> np.ndarray | None:
     return None if ids.size < 2 or ids[-1] >= topo.num_devices else ids
 
 
-def _dispatch_s(topo, size, ids, comm, kernel, experts, top_k, node_limit):
+def _dispatch_s(topo, size, ids, comm, kernel, experts, top_k, node_limit, token_bytes):
     """A dispatch kernel's time, or inf where the routing cannot be spread over this group (no valid layout)."""
     positive = size > 0
     out = np.zeros(size.shape)
     if not positive.any():
         return out
     try:
-        routing = ExpertRouting(experts, top_k, node_limit)
+        routing = ExpertRouting(experts, top_k, node_limit, token_bytes)
         out[positive] = collective_cost(topo, "all_to_all", size[positive], ids, algorithm=kernel, params=comm,
                                         experts=routing).time_s
     except ValueError:

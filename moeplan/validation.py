@@ -29,7 +29,7 @@ from moeplan.collectives import (
     bus_bandwidth_factor,
     collective_cost,
 )
-from moeplan.dispatch import FP8_SCALE_BYTES_PER_VALUE, KERNELS, ExpertRouting
+from moeplan.dispatch import FP8_SCALE_BYTES_PER_VALUE, KERNELS, SM_COPY, SM_COPY_FITTED_TO, ExpertRouting
 from moeplan.families import load_topology
 from moeplan.schema import read_yaml_mapping, short_repr
 from moeplan.topology import SWITCHED
@@ -220,9 +220,11 @@ def _collective_row(point: dict, row: dict, index: int, params: CommParams | Non
 def _dispatch_row(point: dict, row: dict, index: int, params: CommParams | None = None,
                   step_latency_s: float | None = None) -> ValidationRow:
     sms = row.get("sms")
+    kernel = dispatch_kernel(point, row)
     peers = [r for r in point["measurements"] if _same_config(r, row)]
-    if sms is not None and sms < max(r.get("sms") or 0 for r in peers):
-        raise _Skip(f"SM-limited kernel ({sms} SMs): the model has no SM-count term; the most-SM row is used")
+    if kernel not in _SM_BUDGETED and sms is not None and sms < max(r.get("sms") or 0 for r in peers):
+        raise _Skip(f"SM-limited kernel ({sms} SMs) of an implementation the model has no SM budget for (DeepEP V2's "
+                    "are not fitted: dispatch.SM_COPY); the most-SM row is used")
     if row.get("measurement") == "torch_api" and any(r.get("measurement") == "kernel_only" for r in
                                                        point["measurements"] if _same_config(r, row, "measurement")):
         raise _Skip("includes framework overhead (torch API); the kernel-only row of the same configuration is used")
@@ -238,8 +240,10 @@ def _dispatch_row(point: dict, row: dict, index: int, params: CommParams | None 
     topo = _topology(family, nodes, ranks, step_latency_s)
     if ranks > topo.num_devices:
         raise _Skip(f"{ranks} ranks on a {family} of {topo.num_devices} devices")
-    kernel = dispatch_kernel(point, row)
-    experts = ExpertRouting(_num_experts(work, ranks), int(work["top_k"])) if kernel else None
+    experts = ExpertRouting(_num_experts(work, ranks), int(work["top_k"]),
+                            token_bytes=_token_bytes(work["hidden"], dtype)) if kernel else None
+    if kernel in _SM_BUDGETED and sms is not None:
+        params = replace(params or CommParams(), dispatch_sms=int(sms))
     cost = collective_cost(topo, "all_to_all", float(size), ranks, params=params, algorithm=kernel, experts=experts)
     t_pred = float(cost.time_s[0])
     label = f"{family} {row['phase']} EP{ranks} x{nodes}n {dtype} {row.get('implementation') or ''} " + (
@@ -270,8 +274,14 @@ def _token_bytes(hidden: int, dtype: str) -> float:
 _LOW_LATENCY = ("low-latency", "low_latency", "low latency")
 
 
+# A row's implementation, as the HybridEP README's tables name it, measured with a stated SM budget: the kernel.
+_IMPLEMENTATIONS = {"deepep": "deepep_normal", "hybridep": "hybridep"}
+_SM_BUDGETED = ("deepep_normal", "hybridep")  # kernels whose time depends on their SMs (dispatch.sm_copy_s)
+
+
 def dispatch_kernel(point: dict, row: dict) -> str | None:
-    """The dispatch kernel a measurement ran: a row's or point's ``kernel`` (one of dispatch.KERNELS), else
+    """The dispatch kernel a measurement ran: a row's or point's ``kernel`` (one of dispatch.KERNELS), else the
+    row's ``implementation`` (DeepEP's normal kernels, HybridEP) where the row states its SM budget, else
     DeepEP's low-latency kernels when the row's implementation or mode, or the point's source or notes, name
     them (and not the normal kernels); None (an NCCL all_to_all) otherwise."""
     named = row.get("kernel") or point.get("kernel")
@@ -279,6 +289,8 @@ def dispatch_kernel(point: dict, row: dict) -> str | None:
         if named not in KERNELS:
             raise ValueError(f"kernel: got {named!r}; expected one of {list(KERNELS)}")
         return None if named == "nccl" else named
+    if row.get("sms") and str(row.get("implementation")).lower() in _IMPLEMENTATIONS:
+        return _IMPLEMENTATIONS[str(row["implementation"]).lower()]
     fields = (row.get("implementation"), row.get("mode"), point.get("source"), point.get("notes"))
     text = " ".join(str(v) for v in fields).lower()
     low = any(word in text for word in _LOW_LATENCY) and "normal kernel" not in text
@@ -514,7 +526,7 @@ def point_framework(point: dict) -> str | None:
 
 # Dispatcher names as sources write them (Megatron-Core's --moe-token-dispatcher-type and flex backends).
 _DISPATCHERS = {"alltoall": "nccl", "all-to-all": "nccl", "allgather": "nccl", "nccl": "nccl",
-                "flex": "deepep_normal", "deepep": "deepep_normal", "hybridep": "deepep_normal",
+                "flex": "deepep_normal", "deepep": "deepep_normal", "hybridep": "hybridep",
                 "deepep_normal": "deepep_normal", "deepep_ll": "deepep_ll"}
 # Megatron-Core's expert all-to-all overlap with another micro-batch's compute (--overlap-moe-expert-parallel-comm;
 # Megatron-Bridge's recipes call it moe_a2a_overlap and state it true or false).
@@ -533,8 +545,8 @@ _QUANTIZED_GATHER = re.compile(r"weight_quantization_calibration_method\W{0,3}fi
 def point_kernels(point: dict) -> dict[str, str]:
     """The dispatch kernel and overlap a GPU training point names (estimate keywords; empty: the framework's).
     A stated dispatcher (the point's or its layout's ``dispatch``, ``moe_token_dispatcher_type`` or
-    ``moe_flex_dispatcher_backend``) wins; else DeepEP or HybridEP named in the source or notes (both send a
-    token once per remote node: ``deepep_normal``). The all-to-all overlap: a stated ``moe_a2a_overlap``
+    ``moe_flex_dispatcher_backend``) wins; else HybridEP (``hybridep``), then DeepEP (``deepep_normal``), named
+    in the source or notes. The all-to-all overlap: a stated ``moe_a2a_overlap``
     (a field, or written true/false in the notes) wins over the flag's name in the text."""
     lay = point.get("layout") or {}
     stated = [str(v).lower() for v in (lay.get("moe_flex_dispatcher_backend"), point.get("dispatch"),
@@ -546,7 +558,9 @@ def point_kernels(point: dict) -> dict[str, str]:
     text = _text(point)
     if stated:
         knobs["dispatch"] = _DISPATCHERS[stated[0]]
-    elif "deepep" in text or "hybridep" in text or "hybrid-ep" in text:
+    elif "hybridep" in text or "hybrid-ep" in text:
+        knobs["dispatch"] = "hybridep"
+    elif "deepep" in text:
         knobs["dispatch"] = "deepep_normal"
     overlap = lay.get("moe_a2a_overlap", point.get("moe_a2a_overlap"))
     if overlap is None and (match := _A2A_OVERLAP_STATED.search(text)):
@@ -681,13 +695,30 @@ def fit_ramp(points: list[dict]) -> tuple[float, float]:
 
 
 def leave_one_source_out(points: list[dict]) -> list[ValidationRow]:
-    """Every collective and dispatch row, each predicted by a ramp fitted without its own point: the points
-    the ramp was fitted to are refitted on the others; every other point is held out already."""
+    """Every collective and dispatch row, each predicted by constants fitted without its own point: the points
+    the ramp was fitted to are refitted on the others; the point the dispatch kernels' per-SM copy figures were
+    fitted to (dispatch.SM_COPY_FITTED_TO; no other public point sweeps SMs) is predicted without them (no SM
+    limit: every SM budget runs at the links' time); every other point is held out already."""
     fitted = [p for p in points if p["id"] in RAMP_FITTED_TO]
-    rows, _ = collective_rows([p for p in points if p["id"] not in RAMP_FITTED_TO])
+    sm_fitted = {pid: [k for k, ids in SM_COPY_FITTED_TO.items() if pid in ids]
+                 for ids in SM_COPY_FITTED_TO.values() for pid in ids}
+    rows, _ = collective_rows([p for p in points if p["id"] not in RAMP_FITTED_TO and p["id"] not in sm_fitted])
     for point in fitted:
         rows += collective_rows([point], params_with_ramp(*fit_ramp([p for p in fitted if p is not point])))[0]
+    for point in (p for p in points if p["id"] in sm_fitted):
+        with _without_sm_copy(sm_fitted[point["id"]]):
+            rows += collective_rows([point])[0]
     return rows
+
+
+@contextmanager
+def _without_sm_copy(kernels: list[str]):
+    """The dispatch kernels ``kernels`` without their fitted per-SM copy figures, for the duration."""
+    saved = {k: SM_COPY.pop(k) for k in kernels}
+    try:
+        yield
+    finally:
+        SM_COPY.update(saved)
 
 
 # ------------------------------------------------------------------ a fabric's per-step latency
@@ -747,3 +778,24 @@ def collected_leave_one_source_out(points: list[dict]) -> list[ValidationRow]:
         latency = fit_ll_latency([p for p in group if p is not point])
         rows += collective_rows([point], CommParams(ll_kernel_latency_s=latency))[0]
     return rows
+
+
+def fit_sm_copy(points: list[dict], kernel: str) -> tuple[float, float]:
+    """The per-SM fixed time per copy and copy rate of ``kernel`` (dispatch.SM_COPY) that minimise the squared
+    log time error of ``points``' dispatch rows that ran it on a stated SM budget."""
+    from scipy import optimize
+
+    from moeplan import dispatch
+
+    def cost(x: np.ndarray) -> float:
+        saved = dispatch.SM_COPY[kernel]
+        dispatch.SM_COPY[kernel] = (math.exp(x[0]), math.exp(x[1]))
+        try:
+            rows = [r for r in collective_rows(points)[0] if r.algorithm == kernel]
+        finally:
+            dispatch.SM_COPY[kernel] = saved
+        return float(np.sum(np.log1p(np.array([r.error for r in rows])) ** 2))
+
+    start = np.log(dispatch.SM_COPY[kernel])
+    sol = optimize.minimize(cost, start, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-10})
+    return float(math.exp(sol.x[0])), float(math.exp(sol.x[1]))

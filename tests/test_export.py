@@ -87,14 +87,16 @@ def test_maxtext_puts_data_across_slices_over_dcn():
                                               "nccl"),
                                              (mp.Layout(data=32, tensor=2, expert=8, recompute="offload"), "nccl"),
                                              (mp.Layout(data=32, tensor=2, expert=8, gradient_bytes=2,
-                                                        quantized_gather=True), "nccl")])
+                                                        quantized_gather=True), "nccl"),
+                                             (mp.Layout(data=8, expert=8, pipeline=8), "hybridep")])
 def test_megatron_arguments_parse_back_to_the_layout(layout, dispatch):
     model = mp.load_model("mixtral-8x7b")
     topo = mp.load_topology("dgx-h100", nodes=8)
     args = megatron_args(model, topo, layout, 512 * model.seq_len, dtype="fp8", dispatch=dispatch)
     assert _same(parse_megatron(args, topo.num_devices), layout, KEYS + ("virtual_pipeline", "micro_batch_size"))
     assert args[args.index("--moe-router-topk") + 1] == "2" and args[args.index("--global-batch-size") + 1] == "512"
-    assert ("--moe-token-dispatcher-type" in args) and ("flex" in args) == (dispatch == "deepep_normal")
+    assert ("--moe-token-dispatcher-type" in args) and ("flex" in args) == (dispatch != "nccl")
+    assert ("hybridep" in args) == (dispatch == "hybridep")
     assert "--fp8-format" in args
     if layout.recompute == "offload":  # every layer's activations to host but the last one's
         assert args[args.index("--cpu-offloading-num-layers") + 1] == str(model.n_layers - 1)

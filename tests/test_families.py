@@ -54,6 +54,11 @@ def test_published_chip_numbers():
     v5p = mp.load_topology("tpu-v5p")
     assert v5p.chip.hbm_capacity_bytes == 95 * 2**30
     assert v5p.tier_bandwidths()["ici0"] == 1e11
+    # multiprocessors (the share a communication kernel holds): every GPU family states them, no TPU does
+    assert (h100.sm_count, a100.sm_count, mp.load_topology("gb300-nvl72").chip.sm_count) == (132, 108, 160)
+    for name in mp.list_topologies():
+        chip = mp.load_topology(name).chip
+        assert (chip.sm_count is None) == (name.startswith("tpu") or name == "cpu-host"), name
 
 
 # ------------------------------------------------------------------ malformed files
@@ -96,6 +101,7 @@ MALFORMED = [
     ("float devices", H100, ("switched", "node", "devices_per_node"), 8.5, "devices_per_node: got 8.5"),
     ("bad scope", V5P, ("torus", "wraparound_scope"), "cube", "wraparound_scope: got 'cube'"),
     ("empty name", V5P, ("chip", "name"), "", "chip.name: got ''"),
+    ("fractional SMs", H100, ("chip", "sm_count"), 13.5, "chip.sm_count: got 13.5"),
 ]
 
 
