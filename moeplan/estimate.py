@@ -176,7 +176,7 @@ def _attention(ctx: Context, tokens, context: float, decode: bool) -> dict[str, 
     out["scores_flops"] = flops
     kv = sequences * m.seq_len * M.kv_cache_bytes_per_token(m, ctx.b) / m.n_layers / t * (cp > 1) * (not decode)
     gather = ctx.coll("all_gather", kv, "context")
-    out["tp_s"] = out["tp_s"] + maximum(gather - out["scores_s"], 0.0)
+    out["tp_s"] = out["tp_s"] + maximum(gather - out["scores_s"], ctx.nccl_share * gather)  # Overlap's SM share
     out["tp_bytes"] = out["tp_bytes"] + kv
     return out
 
@@ -439,7 +439,8 @@ class Overlap:
     "full" is DualPipe's schedule: two micro-batches interleave, so a layer's communication runs under the other
     micro-batch's compute of the whole layer.
 
-    Communication kernels that hide under compute hold a share f of the chip's SMs while they run
+    Communication kernels that hide under compute (here, and the context-parallel gathers under the scores)
+    hold a share f of the chip's SMs while they run
     (``dispatch_share`` for the expert all-to-alls, ``nccl_share`` for the collectives; dispatch.sm_share), so
     the compute beside them runs on the rest: compute W under communication c takes max(W + f c, c), not
     max(W, c); at least f c of the communication shows."""
@@ -463,13 +464,15 @@ class Overlap:
         return layer_s, where(comm > 0, (layer_s - compute) / maximum(comm, 1e-300), 0.0)
 
     def pipeline_sends(self, p2p_s, schedule_hides):
-        """Exposed pipeline sends: all under "none"; else none where the schedule overlaps them with other
-        micro-batches (``schedule_hides``: the framework's interleaved 1F1B, XLA's async permutes)."""
-        return p2p_s if self.policy == "none" else where(schedule_hides, 0.0, p2p_s)
+        """Exposed pipeline sends: all under "none"; else, where the schedule overlaps them with other
+        micro-batches (``schedule_hides``: the framework's interleaved 1F1B, XLA's async permutes), the share of
+        their time their SMs take from that compute."""
+        return p2p_s if self.policy == "none" else where(schedule_hides, self.nccl_share * p2p_s, p2p_s)
 
     def offload(self, transfer_s, layer_s):
         """Exposed host transfers of one layer's offloaded activations: out during its forward (a third of the
-        layer's time), back during its backward (two thirds), each a side stream under that pass."""
+        layer's time), back during its backward (two thirds), each a side stream under that pass (on the copy
+        engines: no SMs held)."""
         if self.policy == "none":
             return 2.0 * transfer_s
         return maximum(0.0, transfer_s - layer_s / 3.0) + maximum(0.0, transfer_s - layer_s * (2.0 / 3.0))
