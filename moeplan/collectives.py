@@ -54,7 +54,7 @@ from functools import lru_cache
 import numpy as np
 
 from moeplan import bounds
-from moeplan.dispatch import KERNELS, ExpertRouting, kernel_sms, normal_copies, sm_copy_s
+from moeplan.dispatch import KERNELS, SM_COPY, ExpertRouting, kernel_sms, normal_copies, sm_copy_s
 from moeplan.topology import SWITCHED, TORUS, Topology
 
 OPS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", "p2p")
@@ -120,8 +120,10 @@ class CommParams:
     # (validation.fit_ll_latency); left out of them, one network step (the kernels' own floor).
     ll_kernel_latency_s: float = LL_KERNEL_LATENCY_S
     # SMs the normal-style dispatch kernels (deepep_normal, hybridep) run on; None: the kernel's default
-    # (dispatch.KERNEL_SMS). Each SM copies at dispatch.SM_COPY's rate.
+    # (dispatch.KERNEL_SMS); and per kernel each SM's (fixed time per copy s, copy rate bytes/s), dispatch.SM_COPY
+    # by default (a kernel left out has no SM limit).
     dispatch_sms: int | None = None
+    sm_copy: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(SM_COPY))
     efficiency: dict[str, Efficiency] = field(default_factory=lambda: dict(DEFAULT_EFFICIENCY))
     source: str = _NCCL
     # Per-op corrections a calibration fits (empty by default): op -> (latency_s, efficiency); the op then
@@ -135,6 +137,12 @@ class CommParams:
         if self.dispatch_sms is not None and (isinstance(self.dispatch_sms, bool) or not isinstance(
                 self.dispatch_sms, int) or not 1 <= self.dispatch_sms <= 4096):
             raise ValueError(f"comm.dispatch_sms: got {self.dispatch_sms!r}; expected an integer in [1, 4096] or None")
+        for kernel, pair in self.sm_copy.items():
+            if kernel not in ("deepep_normal", "hybridep") or not isinstance(pair, tuple) or len(pair) != 2:
+                raise ValueError(f"comm.sm_copy: got {kernel!r}: {pair!r}; expected deepep_normal or hybridep "
+                                 "mapped to (fixed_s, bytes_per_s)")
+            bounds.check_number(f"comm.sm_copy.{kernel}.fixed_s", pair[0], 0.0, 1.0)
+            bounds.check_number(f"comm.sm_copy.{kernel}.bytes_per_s", pair[1], 1.0, 1e15)
         if not isinstance(self.efficiency, dict) or not all(
                 isinstance(k, str) and isinstance(v, Efficiency) for k, v in self.efficiency.items()):
             raise ValueError("comm.efficiency: expected a mapping of fabric name to Efficiency")
@@ -151,7 +159,7 @@ class CommParams:
             cached = hash((self.nccl_base_latency_s, self.node_step_latency_s, self.net_step_latency_s,
                            self.net_tree_step_latency_s, self.nvls_latency_s, self.xla_base_latency_s,
                            self.dcn_step_latency_s, self.ll_kernel_latency_s, tuple(sorted(self.efficiency.items())),
-                           tuple(sorted(self.ops.items()))))
+                           tuple(sorted(self.ops.items())), self.dispatch_sms, tuple(sorted(self.sm_copy.items()))))
             object.__setattr__(self, "_hash", cached)
         return cached
 
@@ -567,7 +575,7 @@ def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, p
         latency, links = params.net_step_latency_s, np.maximum(net, nvlink)
     # the normal-style kernels: the links, or their SMs' copy rate where that is slower (dispatch module docstring)
     normal = {kernel: latency + np.maximum(links, sm_copy_s(kernel, size, experts, kernel_sms(
-        kernel, group.nodes, params.dispatch_sms))) for kernel in ("deepep_normal", "hybridep")}
+        kernel, group.nodes, params.dispatch_sms), params.sm_copy)) for kernel in ("deepep_normal", "hybridep")}
     # The low-latency kernels move the all_to_all's bytes, one RDMA write per (token, expert) from every SM over
     # one queue pair per local expert (IBGDA): the links run at their large-message efficiency from the first
     # token, without NCCL's chunk-pipeline size ramp (DeepEP V1 legacy.md: 39 GB/s of a 50 GB/s NIC at EP 256

@@ -131,12 +131,13 @@ def sm_share(kernel: str, sm_count: int | None, domains: int = 1, sms: int | Non
     return min(1.0, kernel_sms(kernel, domains, sms) / sm_count)
 
 
-def sm_copy_s(kernel: str, size, experts: ExpertRouting, sms: int):
+def sm_copy_s(kernel: str, size, experts: ExpertRouting, sms: int, figures: dict | None = None):
     """The time ``kernel``'s ``sms`` SMs take to copy a send buffer of ``size`` bytes (one copy per (token,
-    expert)): per copy a fixed time plus its bytes at the per-SM rate (``SM_COPY``); without the routing's
-    ``token_bytes`` only the bytes; 0 for a kernel without fitted figures (no SM limit)."""
-    if kernel not in SM_COPY:
+    expert)): per copy a fixed time plus its bytes at the per-SM rate (``figures``, default ``SM_COPY``);
+    without the routing's ``token_bytes`` only the bytes; 0 for a kernel without figures (no SM limit)."""
+    figures = SM_COPY if figures is None else figures
+    if kernel not in figures:
         return 0.0
-    fixed_s, rate = SM_COPY[kernel]
+    fixed_s, rate = figures[kernel]
     copies = size / experts.token_bytes if experts.token_bytes else 0.0
     return (copies * fixed_s + size / rate) / sms

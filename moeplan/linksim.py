@@ -352,7 +352,7 @@ def simulate_dispatch(
     if low_latency:
         return LinkSimResult(worst + params.ll_kernel_latency_s, dict(phase.load))
     step = params.node_step_latency_s if len(nodes) == 1 else params.net_step_latency_s
-    copy_s = sm_copy_s(kernel, size, experts, kernel_sms(kernel, len(nodes), params.dispatch_sms))
+    copy_s = sm_copy_s(kernel, size, experts, kernel_sms(kernel, len(nodes), params.dispatch_sms), params.sm_copy)
     return LinkSimResult(max(worst, copy_s) + step, dict(phase.load))
 
 

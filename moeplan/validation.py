@@ -706,19 +706,9 @@ def leave_one_source_out(points: list[dict]) -> list[ValidationRow]:
     for point in fitted:
         rows += collective_rows([point], params_with_ramp(*fit_ramp([p for p in fitted if p is not point])))[0]
     for point in (p for p in points if p["id"] in sm_fitted):
-        with _without_sm_copy(sm_fitted[point["id"]]):
-            rows += collective_rows([point])[0]
+        figures = {k: v for k, v in SM_COPY.items() if k not in sm_fitted[point["id"]]}
+        rows += collective_rows([point], CommParams(sm_copy=figures))[0]
     return rows
-
-
-@contextmanager
-def _without_sm_copy(kernels: list[str]):
-    """The dispatch kernels ``kernels`` without their fitted per-SM copy figures, for the duration."""
-    saved = {k: SM_COPY.pop(k) for k in kernels}
-    try:
-        yield
-    finally:
-        SM_COPY.update(saved)
 
 
 # ------------------------------------------------------------------ a fabric's per-step latency
@@ -785,17 +775,11 @@ def fit_sm_copy(points: list[dict], kernel: str) -> tuple[float, float]:
     log time error of ``points``' dispatch rows that ran it on a stated SM budget."""
     from scipy import optimize
 
-    from moeplan import dispatch
-
     def cost(x: np.ndarray) -> float:
-        saved = dispatch.SM_COPY[kernel]
-        dispatch.SM_COPY[kernel] = (math.exp(x[0]), math.exp(x[1]))
-        try:
-            rows = [r for r in collective_rows(points)[0] if r.algorithm == kernel]
-        finally:
-            dispatch.SM_COPY[kernel] = saved
+        params = CommParams(sm_copy={**SM_COPY, kernel: (math.exp(x[0]), math.exp(x[1]))})
+        rows = [r for r in collective_rows(points, params)[0] if r.algorithm == kernel]
         return float(np.sum(np.log1p(np.array([r.error for r in rows])) ** 2))
 
-    start = np.log(dispatch.SM_COPY[kernel])
+    start = np.log(SM_COPY[kernel])
     sol = optimize.minimize(cost, start, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-10})
     return float(math.exp(sol.x[0])), float(math.exp(sol.x[1]))
