@@ -161,14 +161,15 @@ def cmd_collective(args: argparse.Namespace) -> int:
 
 
 def _expert_routing(args: argparse.Namespace) -> ExpertRouting | None:
-    """The routing a dispatch kernel needs (--experts, --top-k, --max-nodes), or None for a plain collective."""
-    given = [args.experts, args.top_k, args.max_nodes]
+    """The routing a dispatch kernel needs (--experts, --top-k, --max-nodes, --token-bytes), or None for a plain
+    collective."""
+    given = [args.experts, args.top_k, args.max_nodes, args.token_bytes]
     if all(v is None for v in given):
         return None
     if args.experts is None or args.top_k is None:
         raise ValueError("--experts and --top-k: a dispatch kernel needs both (the all_to_all's send buffer is one "
                          "copy per token and expert)")
-    return ExpertRouting(args.experts, args.top_k, args.max_nodes)
+    return ExpertRouting(args.experts, args.top_k, args.max_nodes, args.token_bytes)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -593,6 +594,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     coll.add_argument("--top-k", dest="top_k", type=int, help="dispatch kernels: experts per token")
     coll.add_argument("--max-nodes", dest="max_nodes", type=int,
                       help="dispatch kernels: node-limited routing, at most this many nodes per token")
+    coll.add_argument("--token-bytes", dest="token_bytes", type=float,
+                      help="dispatch kernels: one token copy's bytes (DeepEP's and HybridEP's SMs spend a fixed time "
+                           "per copy; without it only the bytes count)")
     coll.add_argument("--json", action="store_true")
     handlers["collective"] = cmd_collective
 

@@ -575,7 +575,7 @@ def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, p
         latency, links = params.net_step_latency_s, np.maximum(net, nvlink)
     # the normal-style kernels: the links, or their SMs' copy rate where that is slower (dispatch module docstring)
     normal = {kernel: latency + np.maximum(links, sm_copy_s(kernel, size, experts, kernel_sms(
-        kernel, group.nodes, params.dispatch_sms), params.sm_copy)) for kernel in ("deepep_normal", "hybridep")}
+        kernel, params.dispatch_sms), params.sm_copy)) for kernel in ("deepep_normal", "hybridep")}
     # The low-latency kernels move the all_to_all's bytes, one RDMA write per (token, expert) from every SM over
     # one queue pair per local expert (IBGDA): the links run at their large-message efficiency from the first
     # token, without NCCL's chunk-pipeline size ramp (DeepEP V1 legacy.md: 39 GB/s of a 50 GB/s NIC at EP 256

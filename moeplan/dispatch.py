@@ -41,13 +41,15 @@ KERNELS = ("nccl", "deepep_normal", "deepep_ll", "hybridep")
 # - deepep_normal: 20 (DeepEP V1 deep_ep/buffer.py @567632dd, Buffer.num_sms = 20; Megatron-Core's
 #   moe_deepep_num_sms default 20, transformer_config.py @91fcdfe4).
 # - deepep_ll: none: hook-based, "does not occupy any SM resource" (DeepEP V1 README @567632dd).
-# - hybridep: 24 inside one NVLink domain, 8 across domains (DeepEP hybrid-ep @94a9f8f6
-#   csrc/hybrid_ep/config.cuh: its dispatch and combine defaults, which Megatron-Core keeps).
-KERNEL_SMS = {"nccl": 16, "deepep_normal": 20, "deepep_ll": 0, "hybridep": 24}
-HYBRIDEP_MULTI_DOMAIN_SMS = 8
+# - hybridep: 32, as NVIDIA-NeMo/Megatron-Bridge's performance recipes set it for every HybridEP run
+#   (src/megatron/bridge/perf_recipes/_common.py, _benchmark_common, and scripts/performance/utils/overrides.py
+#   @067f987), the runs of its published tables; the library's own default is lower (DeepEP hybrid-ep
+#   @94a9f8f6 csrc/hybrid_ep/config.cuh: 24 inside an NVLink domain, 8 across).
+KERNEL_SMS = {"nccl": 16, "deepep_normal": 20, "deepep_ll": 0, "hybridep": 32}
 # Per SM, the normal-style kernels' fixed time per (token, expert) copy (s) and copy rate (bytes/s), fitted to the
 # SM-swept rows of the points SM_COPY_FITTED_TO names (validation.fit_sm_copy): the HybridEP README's B200 table
-# (A5), DeepEP's normal kernels at 16-48 SMs, HybridEP's kernel-only rows at 16 SMs (FP8 and BF16 tokens).
+# (A5), DeepEP's normal kernels at 16-48 SMs (timed through its torch API), HybridEP's kernel-only rows at 16 SMs
+# (FP8 and BF16 tokens). No Hopper table sweeps SMs: these B200 figures serve every GPU.
 SM_COPY = {"deepep_normal": (2.07e-7, 21.7e9), "hybridep": (6.0e-8, 54e9)}
 SM_COPY_FITTED_TO = {"deepep_normal": ("A5",), "hybridep": ("A5",)}
 # An FP8-dispatched token carries one fp32 scale per 128 channels (DeepSeek-V3 report 3.3.1, 1 x 128 tiles):
@@ -113,22 +115,17 @@ def normal_copies(routing: ExpertRouting, nodes: int, per_node: int) -> Copies:
     return Copies(network=(nodes - 1) * p_node, nvlink=nodes * (per_node - 1) * p_gpu)
 
 
-def kernel_sms(kernel: str, domains: int = 1, sms: int | None = None) -> int:
-    """SMs ``kernel`` runs on: ``sms`` where given, else its default (``KERNEL_SMS``; HybridEP takes fewer
-    across NVLink domains, ``domains`` > 1)."""
-    if sms is not None:
-        return sms
-    if kernel == "hybridep" and domains > 1:
-        return HYBRIDEP_MULTI_DOMAIN_SMS
-    return KERNEL_SMS[kernel]
+def kernel_sms(kernel: str, sms: int | None = None) -> int:
+    """SMs ``kernel`` runs on: ``sms`` where given, else its default (``KERNEL_SMS``)."""
+    return KERNEL_SMS[kernel] if sms is None else sms
 
 
-def sm_share(kernel: str, sm_count: int | None, domains: int = 1, sms: int | None = None) -> float:
+def sm_share(kernel: str, sm_count: int | None, sms: int | None = None) -> float:
     """The fraction of the chip's SMs ``kernel`` holds while it runs; 0 where the chip family states no SM
     count (the TPUs, the CPU host): no share is taken there."""
     if not sm_count:
         return 0.0
-    return min(1.0, kernel_sms(kernel, domains, sms) / sm_count)
+    return min(1.0, kernel_sms(kernel, sms) / sm_count)
 
 
 def sm_copy_s(kernel: str, size, experts: ExpertRouting, sms: int, figures: dict | None = None):

@@ -446,7 +446,7 @@ class Overlap:
     max(W, c); at least f c of the communication shows."""
 
     policy: str
-    dispatch_share: float | np.ndarray = 0.0
+    dispatch_share: float = 0.0
     nccl_share: float = 0.0
 
     def layer(self, parts: list[Part], passes: dict | None = None):

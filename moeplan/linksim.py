@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 
 import networkx as nx
@@ -352,7 +352,8 @@ def simulate_dispatch(
     if low_latency:
         return LinkSimResult(worst + params.ll_kernel_latency_s, dict(phase.load))
     step = params.node_step_latency_s if len(nodes) == 1 else params.net_step_latency_s
-    copy_s = sm_copy_s(kernel, size, experts, kernel_sms(kernel, len(nodes), params.dispatch_sms), params.sm_copy)
+    routing = experts if experts.token_bytes else replace(experts, token_bytes=bytes_per_token)
+    copy_s = sm_copy_s(kernel, size, routing, kernel_sms(kernel, params.dispatch_sms), params.sm_copy)
     return LinkSimResult(max(worst, copy_s) + step, dict(phase.load))
 
 

@@ -29,7 +29,7 @@ from moeplan.frameworks import FRAMEWORKS, Framework
 from moeplan.hardware import ComputeEfficiency
 from moeplan.layout import RECOMPUTE, Layout, expert_weight_shards
 from moeplan.routing import Routing
-from moeplan.topology import SWITCHED, Topology
+from moeplan.topology import Topology
 from moeplan.units import dtype_bytes
 
 LAYOUT_FIELDS = ("data", "fsdp", "expert", "expert_tensor", "tensor", "context", "pipeline", "virtual_pipeline",
@@ -153,12 +153,9 @@ class Context:
         self.high = "bf16" if bits < 2 else dtype  # attention and the output layer
         self.casts = bits < 2  # 8-bit GEMMs: their 16-bit inputs are cast first (quantize)
         # The fraction of the chip's SMs a collective (NCCL's channels) and the dispatch kernel hold while they
-        # overlap compute (dispatch.sm_share; 0 on chips without SMs). HybridEP takes fewer SMs when the expert
-        # group spans NVLink domains (taken as: more experts x expert-tensor ranks than a node holds).
-        sm_count = topo.chip.sm_count
-        self.nccl_share = sm_share("nccl", sm_count)
-        domains = 1 + (plan.expert * plan.expert_tensor > topo.node.devices_per_node) if topo.kind == SWITCHED else 1
-        self.dispatch_share = np.where(domains > 1, sm_share(dispatch, sm_count, 2), sm_share(dispatch, sm_count, 1))
+        # overlap compute (dispatch.sm_share; 0 on chips without SMs)
+        self.nccl_share = sm_share("nccl", topo.chip.sm_count)
+        self.dispatch_share = sm_share(dispatch, topo.chip.sm_count, getattr(comm, "dispatch_sms", None))
         self._codes: dict = {}
         self._keys: dict = {}  # one candidate: the placement key of each group kind
         self.scalar = plan.shape == ()

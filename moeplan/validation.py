@@ -772,7 +772,8 @@ def collected_leave_one_source_out(points: list[dict]) -> list[ValidationRow]:
 
 def fit_sm_copy(points: list[dict], kernel: str) -> tuple[float, float]:
     """The per-SM fixed time per copy and copy rate of ``kernel`` (dispatch.SM_COPY) that minimise the squared
-    log time error of ``points``' dispatch rows that ran it on a stated SM budget."""
+    log time error of ``points``' dispatch rows that ran it (``dispatch_kernel``: an implementation with a stated
+    SM budget, or a named kernel)."""
     from scipy import optimize
 
     def cost(x: np.ndarray) -> float:

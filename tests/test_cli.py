@@ -80,13 +80,22 @@ def test_collective_times_the_dispatch_kernels(capsys):
 
     argv = ["collective", "all_to_all", "--topology", "hgx-h800", "--nodes", "4", "--bytes", "7569408", "--json",
             "--experts", "256", "--top-k", "8", "--max-nodes", "2"]
-    for kernel in ("deepep_ll", "deepep_normal"):
+    topo = mp.load_topology("hgx-h800", nodes=4)
+    for kernel in ("deepep_ll", "deepep_normal", "hybridep"):
         assert main(argv + ["--algorithm", kernel]) == 0
         row = json.loads(capsys.readouterr().out)["rows"][0]
-        topo = mp.load_topology("hgx-h800", nodes=4)
         expected = collective_time_s(topo, "all_to_all", 7569408, algorithm=kernel,
                                      experts=ExpertRouting(256, 8, max_nodes=2))
         assert row["algorithm"] == kernel and row["time_s"] == pytest.approx(expected)
+    # one copy's bytes add DeepEP's per-copy SM time: one node of B200, where the SMs, not NVLink5, bind
+    node = argv[:3] + ["dgx-b200", "--bytes", "7569408", "--json", "--experts", "64", "--top-k", "8"]
+    assert main(node + ["--algorithm", "deepep_normal"]) == 0
+    bytes_only = json.loads(capsys.readouterr().out)["rows"][0]["time_s"]
+    assert main(node + ["--algorithm", "deepep_normal", "--token-bytes", "7392"]) == 0
+    per_copy = json.loads(capsys.readouterr().out)["rows"][0]["time_s"]
+    assert per_copy == pytest.approx(collective_time_s(mp.load_topology("dgx-b200"), "all_to_all", 7569408,
+                                     algorithm="deepep_normal", experts=ExpertRouting(64, 8, token_bytes=7392)))
+    assert per_copy > bytes_only
     assert main(argv[:-6] + ["--top-k", "8", "--algorithm", "deepep_ll"]) == 2
     assert "--experts and --top-k" in capsys.readouterr().err
 

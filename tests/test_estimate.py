@@ -242,12 +242,17 @@ _GPT_OSS = ("gpt-oss-120b is too fast by 30-56 % on every Blackwell system and b
             "kernels)")
 _GB200 = ("GB200 measures below DGX B200 on the same software (Qwen3-30B-A3B, 26.04.01: 26112 against 27136 "
           "tokens/s/GPU) though its datasheet peak is 11 % higher; the model takes the datasheet peak")
+_QWEN3_30B = ("Qwen3-30B-A3B (d_model 2048, 128 experts of 768, top-8) without recompute on 8 DGX B200: 30 % too fast; "
+              "the many small router, permute and grouped-GEMM kernels of its 48 MoE layers carry fixed per-kernel "
+              "and host costs the model has no term for (its B300 and GB300 runs, HybridEP's per-copy SM time "
+              "counted, are within 21 %)")
 KNOWN_COLLECTED_LIMITATIONS = {
     "MB-gptoss120b-gb300-bf16-26.04.01": _GPT_OSS, "MB-gptoss120b-gb200-bf16-26.04.01": _GPT_OSS,
     "MB-gptoss120b-b300-bf16-26.04.01": _GPT_OSS, "MB-gptoss120b-gb300-mxfp8-26.08": _GPT_OSS,
     "MB-gptoss120b-gb200-mxfp8-26.08": _GPT_OSS,
     "MB-qwen3-30b-gb200-mxfp8-26.04.01": _GB200,
     "MB-llama3-8b-gb200-mxfp8-25.11": _GB200,
+    "MB-qwen3-30b-b200-mxfp8-26.04.01": _QWEN3_30B,
 }
 
 
@@ -464,12 +469,12 @@ def test_communication_that_hides_holds_its_sms():
     assert Overlap("dp", 0.0, 0.1).pipeline_sends(0.5, True) == pytest.approx(0.05)  # hidden sends hold SMs too
     assert Overlap("dp", 0.0, 0.1).pipeline_sends(0.5, False) == 0.5
     model = mp.load_model("mixtral-8x7b").with_(n_layers=4)
-    for family, kernel, share in (("dgx-h100", "deepep_normal", 20 / 132), ("gb200-nvl72", "hybridep", 24 / 148),
+    for family, kernel, share in (("dgx-h100", "deepep_normal", 20 / 132), ("gb200-nvl72", "hybridep", 32 / 148),
                                   ("tpu-v5p", "nccl", 0.0)):
         topo = mp.load_topology(family)
         ctx = make_context(Plan.from_layout(model, mp.Layout(data=topo.num_devices, expert=4)), topo, "bf16", None,
                            None, kernel)
-        assert float(ctx.dispatch_share) == pytest.approx(share)
+        assert ctx.dispatch_share == pytest.approx(share)
         assert ctx.nccl_share == pytest.approx(16 / topo.chip.sm_count if topo.chip.sm_count else 0.0)
 
 
