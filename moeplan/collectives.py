@@ -54,7 +54,15 @@ from functools import lru_cache
 import numpy as np
 
 from moeplan import bounds
-from moeplan.dispatch import KERNELS, SM_COPY, ExpertRouting, kernel_sms, normal_copies, sm_copy_s
+from moeplan.dispatch import (
+    KERNELS,
+    NORMAL_KERNELS,
+    SM_COPY,
+    ExpertRouting,
+    kernel_sms,
+    normal_copies,
+    sm_copy_s,
+)
 from moeplan.topology import SWITCHED, TORUS, Topology
 
 OPS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", "p2p")
@@ -138,7 +146,7 @@ class CommParams:
                 self.dispatch_sms, int) or not 1 <= self.dispatch_sms <= 4096):
             raise ValueError(f"comm.dispatch_sms: got {self.dispatch_sms!r}; expected an integer in [1, 4096] or None")
         for kernel, pair in self.sm_copy.items():
-            if kernel not in ("deepep_normal", "hybridep") or not isinstance(pair, tuple) or len(pair) != 2:
+            if kernel not in NORMAL_KERNELS or not isinstance(pair, tuple) or len(pair) != 2:
                 raise ValueError(f"comm.sm_copy: got {kernel!r}: {pair!r}; expected deepep_normal or hybridep "
                                  "mapped to (fixed_s, bytes_per_s)")
             bounds.check_number(f"comm.sm_copy.{kernel}.fixed_s", pair[0], 0.0, 1.0)
@@ -575,7 +583,7 @@ def dispatch_candidates(topo: Topology, devices: np.ndarray, size: np.ndarray, p
         latency, links = params.net_step_latency_s, np.maximum(net, nvlink)
     # the normal-style kernels: the links, or their SMs' copy rate where that is slower (dispatch module docstring)
     normal = {kernel: latency + np.maximum(links, sm_copy_s(kernel, size, experts, kernel_sms(
-        kernel, params.dispatch_sms), params.sm_copy)) for kernel in ("deepep_normal", "hybridep")}
+        kernel, params.dispatch_sms), params.sm_copy)) for kernel in NORMAL_KERNELS}
     # The low-latency kernels move the all_to_all's bytes, one RDMA write per (token, expert) from every SM over
     # one queue pair per local expert (IBGDA): the links run at their large-message efficiency from the first
     # token, without NCCL's chunk-pipeline size ramp (DeepEP V1 legacy.md: 39 GB/s of a 50 GB/s NIC at EP 256

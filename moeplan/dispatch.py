@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 
 KERNELS = ("nccl", "deepep_normal", "deepep_ll", "hybridep")
+NORMAL_KERNELS = ("deepep_normal", "hybridep")  # once per remote node, NVLink fan-out, copied on a budget of SMs
 # SMs a communication kernel's blocks hold while it runs, by default:
 # - nccl: 16 channels (one block each): NCCL's log on an 8-GPU H800 node, "16 coll channels, 16 p2p channels"
 #   (NVIDIA/nccl issue #892); NCCL 2.28.3's release notes cap Blackwell at 16 CTAs ("SM overhead is decreased

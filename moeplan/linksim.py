@@ -32,7 +32,7 @@ from moeplan.collectives import (
     switched_group,
     torus_group,
 )
-from moeplan.dispatch import ExpertRouting, kernel_sms, sm_copy_s
+from moeplan.dispatch import NORMAL_KERNELS, ExpertRouting, kernel_sms, sm_copy_s
 from moeplan.topology import TORUS, Topology
 
 Route = list[tuple[object, object, float]]  # (u, v, fraction of the flow on this directed link)
@@ -370,7 +370,7 @@ def _token_hops(topo: Topology, src: int, targets: list[int], node_of: dict, ker
     """(from, to) device pairs one token's copies take."""
     if kernel == "deepep_ll":
         return [(src, int(owner[e])) for e in token if int(owner[e]) != src]
-    if kernel not in ("deepep_normal", "hybridep"):
+    if kernel not in NORMAL_KERNELS:
         raise ValueError(f"kernel: got {kernel!r}; expected 'deepep_normal', 'hybridep' or 'deepep_ll'")
     g = topo.node.devices_per_node
     hops = []

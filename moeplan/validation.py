@@ -29,7 +29,14 @@ from moeplan.collectives import (
     bus_bandwidth_factor,
     collective_cost,
 )
-from moeplan.dispatch import FP8_SCALE_BYTES_PER_VALUE, KERNELS, SM_COPY, SM_COPY_FITTED_TO, ExpertRouting
+from moeplan.dispatch import (
+    FP8_SCALE_BYTES_PER_VALUE,
+    KERNELS,
+    NORMAL_KERNELS,
+    SM_COPY,
+    SM_COPY_FITTED_TO,
+    ExpertRouting,
+)
 from moeplan.families import load_topology
 from moeplan.schema import read_yaml_mapping, short_repr
 from moeplan.topology import SWITCHED
@@ -222,7 +229,7 @@ def _dispatch_row(point: dict, row: dict, index: int, params: CommParams | None 
     sms = row.get("sms")
     kernel = dispatch_kernel(point, row)
     peers = [r for r in point["measurements"] if _same_config(r, row)]
-    if kernel not in _SM_BUDGETED and sms is not None and sms < max(r.get("sms") or 0 for r in peers):
+    if kernel not in NORMAL_KERNELS and sms is not None and sms < max(r.get("sms") or 0 for r in peers):
         raise _Skip(f"SM-limited kernel ({sms} SMs) of an implementation the model has no SM budget for (DeepEP V2's "
                     "are not fitted: dispatch.SM_COPY); the most-SM row is used")
     if row.get("measurement") == "torch_api" and any(r.get("measurement") == "kernel_only" for r in
@@ -242,7 +249,7 @@ def _dispatch_row(point: dict, row: dict, index: int, params: CommParams | None 
         raise _Skip(f"{ranks} ranks on a {family} of {topo.num_devices} devices")
     experts = ExpertRouting(_num_experts(work, ranks), int(work["top_k"]),
                             token_bytes=_token_bytes(work["hidden"], dtype)) if kernel else None
-    if kernel in _SM_BUDGETED and sms is not None:
+    if kernel in NORMAL_KERNELS and sms is not None:
         params = replace(params or CommParams(), dispatch_sms=int(sms))
     cost = collective_cost(topo, "all_to_all", float(size), ranks, params=params, algorithm=kernel, experts=experts)
     t_pred = float(cost.time_s[0])
@@ -276,7 +283,6 @@ _LOW_LATENCY = ("low-latency", "low_latency", "low latency")
 
 # A row's implementation, as the HybridEP README's tables name it, measured with a stated SM budget: the kernel.
 _IMPLEMENTATIONS = {"deepep": "deepep_normal", "hybridep": "hybridep"}
-_SM_BUDGETED = ("deepep_normal", "hybridep")  # kernels whose time depends on their SMs (dispatch.sm_copy_s)
 
 
 def dispatch_kernel(point: dict, row: dict) -> str | None:
