@@ -29,9 +29,37 @@ def matmul_time_s(m, n, k, chip: ChipSpec, dtype: str, eff: ComputeEfficiency, c
     return maximum(flops / rate, nbytes / (chip.hbm_bw_bytes_per_s * eff.memory)) + eff.kernel_overhead_s
 
 
-def attention_time_s(flops, nbytes, chip: ChipSpec, dtype: str, eff: ComputeEfficiency):
-    """Fused attention (scores and values): its own efficiency, or HBM-bound."""
-    return maximum(flops / (chip.peak_flop_per_s(dtype) * eff.attention),
+# Fused attention's time per score element on a GPU: its matmuls (forward 4 d FLOPs, backward 10 d for head dim d)
+# plus a fixed cost per element that the head dim does not change (the softmax: an exponential per element, which at
+# the 16 per clock per SM of H100's special-function units, 4.2e12/s, is the fitted forward cost to 2 %). Fitted to
+# FlashAttention-3's H100 SXM5 BF16 charts (Shah et al. 2024, arXiv 2407.08608, Figs. 5-6, sequence 16k,
+# non-causal): forward 497 and 648 TFLOP/s at head dims 64 and 128 (which predict 764 at 256, measured 756),
+# backward 474 and 561 at 64 and 128. In units of one head dim's matmul work the fixed cost is 56 forward and 29
+# backward; a training step's forward and backward together: 35. The families' attention efficiencies are quoted
+# at head dim 128, so in training time per FLOP scales by (d + 35) / d * 128 / (128 + 35): 1.21 at 64, 0.96 at the
+# 160 of DeepSeek's MLA (192 for q.k, 128 for values), 0.91 at 256; a forward alone (inference) by the same with
+# 56: 1.30 at 64. GPUs only (chips with SMs):
+# no TPU chart by head dim is published, and Switch Transformers' TPU v3 table (64-wide heads) fits the
+# head-dim-free efficiency (tests/test_estimate.py).
+SOFTMAX_HEAD_DIMS = {"train": 35.0, "forward": 56.0}
+REFERENCE_HEAD_DIM = 128
+FA3_H100_TFLOPS = {"forward": {64: 497.0, 128: 648.0, 256: 756.0}, "backward": {64: 474.0, 128: 561.0}}
+
+
+def attention_head_factor(qk_dim, v_dim, softmax_head_dims: float = SOFTMAX_HEAD_DIMS["train"]) -> float:
+    """Time per attention FLOP at these head dims against the 128-wide heads the efficiencies are quoted at: the
+    softmax's fixed cost per score element (``softmax_head_dims`` of matmul work) weighs more on narrow heads."""
+    width = (qk_dim + v_dim) / 2.0
+    return (width + softmax_head_dims) / width * REFERENCE_HEAD_DIM / (REFERENCE_HEAD_DIM + softmax_head_dims)
+
+
+def attention_time_s(flops, nbytes, chip: ChipSpec, dtype: str, eff: ComputeEfficiency,
+                     head_dims: tuple[int, int] = (REFERENCE_HEAD_DIM, REFERENCE_HEAD_DIM), training: bool = True):
+    """Fused attention (scores and values) with (q.k, value) ``head_dims``: its own efficiency, on GPUs scaled by
+    ``attention_head_factor`` (a training step's forward and backward, else a forward alone), or HBM-bound."""
+    softmax = SOFTMAX_HEAD_DIMS["train" if training else "forward"]
+    factor = attention_head_factor(*head_dims, softmax) if chip.sm_count else 1.0
+    return maximum(flops * factor / (chip.peak_flop_per_s(dtype) * eff.attention),
                    nbytes / (chip.hbm_bw_bytes_per_s * eff.memory))
 
 

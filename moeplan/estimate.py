@@ -167,7 +167,8 @@ def _attention(ctx: Context, tokens, context: float, decode: bool) -> dict[str, 
     # causal self-attention skips the masked half of the score blocks (FlashAttention) in training and
     # prefill; the FLOPs reported keep the full count, as the MFU convention does
     causal = 1.0 if (m.encoder_decoder or decode) else 0.5
-    out["scores_s"] = attention_time_s(flops * causal, nbytes, ctx.topo.chip, ctx.high, ctx.eff)
+    out["scores_s"] = attention_time_s(flops * causal, nbytes, ctx.topo.chip, ctx.high, ctx.eff, M.score_head_dims(m),
+                                       ctx.training)
     if ctx.attention == "unfused" and not decode:  # QK^T and AV as batched matmuls, the scores through HBM
         heads = m.n_heads / t * sequences
         out["scores_s"] = (ctx.mm(m.seq_len, context, m.d_head, heads, dtype=ctx.high)

@@ -260,6 +260,13 @@ def attention_score_flops(m: MoEModel) -> float:
     return 4.0 * m.seq_len * m.n_heads * m.d_head
 
 
+def score_head_dims(m: MoEModel) -> tuple[int, int]:
+    """The head dims of attention's two matmuls: q.k (MLA: its no-position and rope parts) and values."""
+    if m.attention == "mla":
+        return m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim
+    return m.d_head, m.d_head
+
+
 def forward_flops_per_token(m: MoEModel) -> dict[str, float]:
     """Forward FLOPs per token by part (matmuls; norms and softmax are memory-bound, not counted)."""
     n_moe, n_dense, n_cross = m.n_moe_layers, m.n_dense_layers, m.n_cross_attention_layers

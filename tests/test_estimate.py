@@ -1142,3 +1142,51 @@ def test_flash_attention_backward_recomputes_the_scores():
     assert flash["attention_scores"] == (3.5, 2.0) and unfused["attention_scores"] == (3.0, 2.0)
     assert flash["experts"] == unfused["experts"] == (3.0, 2.0)
     assert training_passes(mp.layout.RECOMPUTE.index("full"), ["attention_scores"])["attention_scores"] == (4.5, 3.0)
+
+
+def test_attention_head_factor_reproduces_flashattention3():
+    """The softmax's fixed cost per score element, fitted to FlashAttention-3's H100 charts (Shah et al. 2024,
+    Figs. 5-6): the forward fitted at head dims 64 and 128 predicts 256 within 2 % (measured 756 TFLOP/s); the
+    training figure (35 head dims) is the forward's and backward's together, the inference one (56) the forward's,
+    within 1 %."""
+    from moeplan.compute import FA3_H100_TFLOPS, SOFTMAX_HEAD_DIMS, attention_head_factor
+
+    def fit(points, flops_per_dim):  # per score element: seconds = fixed + slope * d
+        (d1, r1), (d2, r2) = list(points.items())[:2]
+        t1, t2 = flops_per_dim * d1 / (r1 * 1e12), flops_per_dim * d2 / (r2 * 1e12)
+        slope = (t2 - t1) / (d2 - d1)
+        return t1 - slope * d1, slope
+
+    fwd, bwd = fit(FA3_H100_TFLOPS["forward"], 4.0), fit(FA3_H100_TFLOPS["backward"], 10.0)
+    predicted_256 = 4.0 * 256 / (fwd[0] + fwd[1] * 256) / 1e12
+    assert predicted_256 == pytest.approx(FA3_H100_TFLOPS["forward"][256], rel=0.02)
+    assert SOFTMAX_HEAD_DIMS["train"] == pytest.approx((fwd[0] + bwd[0]) / (fwd[1] + bwd[1]), rel=0.01)
+    assert SOFTMAX_HEAD_DIMS["forward"] == pytest.approx(fwd[0] / fwd[1], rel=0.01)
+    assert attention_head_factor(128, 128) == pytest.approx(1.0)
+    assert attention_head_factor(64, 64) == pytest.approx(99 / 64 * 128 / 163)
+    assert attention_head_factor(192, 128) == pytest.approx(195 / 160 * 128 / 163)  # DeepSeek's MLA
+
+
+def test_narrow_heads_slow_a_gpus_scores_not_a_tpus():
+    """The estimate's attention scores follow ``attention_head_factor`` on a GPU: the same score FLOPs in 64-wide
+    heads take 1.21x in training, 1.30x in a prefill; a TPU keeps the head-dim-free efficiency; the projections do
+    not change."""
+    def rows(family, d_head):
+        model = mp.MoEModel(d_model=4096, n_layers=2, n_heads=4096 // d_head, n_kv_heads=4096 // d_head,
+                            d_head=d_head, vocab_size=32000, seq_len=8192, d_ff=0, num_experts=8, top_k=2,
+                            expert_d_ff=4096)
+        topo = mp.load_topology(family)
+        est = mp.estimate(model, topo, mp.Layout(data=topo.num_devices), 8192 * topo.num_devices * 2)
+        return {r.name: r.time_s for r in est.layers}
+
+    for family, ratio in (("dgx-h100", 99 / 64 * 128 / 163), ("tpu-v5p", 1.0)):
+        narrow, wide = rows(family, 64), rows(family, 128)
+        assert narrow["attention_scores"] / wide["attention_scores"] == pytest.approx(ratio, rel=1e-6)
+        assert narrow["attention"] == pytest.approx(wide["attention"], rel=1e-6)
+    topo = mp.load_topology("dgx-h100")
+    model = mp.MoEModel(d_model=4096, n_layers=2, n_heads=64, n_kv_heads=64, d_head=64, vocab_size=32000,
+                        seq_len=8192, d_ff=0, num_experts=8, top_k=2, expert_d_ff=4096)
+    wide = dataclasses.replace(model, n_heads=32, n_kv_heads=32, d_head=128)
+    prefill = [{r.name: r.time_s for r in mp.estimate(m, topo, mp.Layout(data=8), 8 * 8192, mode="prefill").layers}
+               for m in (model, wide)]
+    assert prefill[0]["attention_scores"] / prefill[1]["attention_scores"] == pytest.approx(120 / 64 * 128 / 184)
