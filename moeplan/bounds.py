@@ -16,7 +16,7 @@ MODEL = {  # MoEModel fields
     "d_head": (1, 4_096), "vocab_size": (1, 4_194_304), "seq_len": (1, 16_777_216), "d_ff": (0, 1_048_576),
     "num_experts": (1, 65_536), "top_k": (1, 1_024), "expert_d_ff": (1, 1_048_576),
     "num_shared_experts": (0, 1_024), "moe_every": (1, 1_024), "first_dense_layers": (0, 1_024),
-    "mtp_layers": (0, 64),
+    "mtp_layers": (0, 64), "sliding_window": (0, 16_777_216), "full_attention_every": (0, 1_024),
 }
 CAPACITY_FACTOR = (1e-3, 1e3)
 LAYOUT = {"data": (1, 1_048_576), "fsdp": (1, 1_048_576), "expert": (1, 65_536), "expert_tensor": (1, 4_096),

@@ -160,15 +160,17 @@ def _attention(ctx: Context, tokens, context: float, decode: bool) -> dict[str, 
     if ctx.casts:
         out["proj_s"] = out["proj_s"] + ctx.quantize(tokens, heads, width - heads + m.d_model)
     out["tp_s"], out["tp_bytes"] = _tp_comm(ctx, tokens)
-    flops = M.attention_score_flops(m) * context / m.seq_len * tokens / t
+    # the keys a query attends, averaged over the layers (sliding-window layers attend at most their window):
+    # reported as the full count, as the MFU convention does; run with causal self-attention skipping the masked
+    # score blocks (FlashAttention) in training and prefill, half of them where every layer attends fully
+    keys = M.attended_keys(m, context)
+    run = M.attended_keys(m, context, causal=not (m.encoder_decoder or decode))
+    flops = M.attention_score_flops(m) * keys / m.seq_len * tokens / t
     sequences = tokens if decode else tokens * cp / m.seq_len
-    nbytes = sequences * context * M.kv_cache_bytes_per_token(m, ctx.b) / m.n_layers / t
+    nbytes = sequences * (keys if decode else context) * M.kv_cache_bytes_per_token(m, ctx.b) / m.n_layers / t
     nbytes = nbytes + tokens * m.n_heads * m.d_head * 2 * ctx.b / t
-    # causal self-attention skips the masked half of the score blocks (FlashAttention) in training and
-    # prefill; the FLOPs reported keep the full count, as the MFU convention does
-    causal = 1.0 if (m.encoder_decoder or decode) else 0.5
-    out["scores_s"] = attention_time_s(flops * causal, nbytes, ctx.topo.chip, ctx.high, ctx.eff, M.score_head_dims(m),
-                                       ctx.training)
+    out["scores_s"] = attention_time_s(flops * run / keys, nbytes, ctx.topo.chip, ctx.high, ctx.eff,
+                                       M.score_head_dims(m), ctx.training)
     if ctx.attention == "unfused" and not decode:  # QK^T and AV as batched matmuls, the scores through HBM
         heads = m.n_heads / t * sequences
         out["scores_s"] = (ctx.mm(m.seq_len, context, m.d_head, heads, dtype=ctx.high)
@@ -920,7 +922,8 @@ def _inference(ctx: Context, mode: str, gbt: int, hbm_reserve: float = HBM_RESER
     sequences = tokens if decode else tokens / m.seq_len
     weight_bytes = dtype_bytes(ctx.dtype)  # served weights are stored at the dtype's width (fp8/int8: 1 byte)
     memory = {"weights": params * weight_bytes,
-              "kv_cache": sequences * m.seq_len * M.kv_cache_bytes_per_token(m, ctx.b) / (pp * int(p.tensor)),
+              "kv_cache": sequences * M.attended_keys(m, m.seq_len) * M.kv_cache_bytes_per_token(m, ctx.b)
+              / (pp * int(p.tensor)),  # windowed layers keep their window's keys
               "activations": float(tokens * _activation_bytes_per_token_layer(ctx) / p.tensor),
               "a2a_buffers": a2a_buffer_bytes(send, gathered, training=False)}
     flops = M.model_flops_per_token(m.base, training=False) * gbt

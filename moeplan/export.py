@@ -80,6 +80,8 @@ def maxtext_config(model: MoEModel, topo: Topology, layout: Layout, global_batch
         "dtype": "bfloat16" if dtype in ("bf16", "fp8", "mxfp8") else "float32",
         "moeplan_expert_degree": layout.expert, "moeplan_expert_tensor_degree": layout.expert_tensor,
     }
+    if model.sliding_window:  # which layers are windowed is the decoder block's own pattern in MaxText
+        out["sliding_window_size"] = model.sliding_window
     if _REMAT.get(layout.recompute, "custom") == "custom":  # the rest of the named tensors are rematerialised
         out.update({name: "offload" if name in OFFLOADED_TENSORS[layout.recompute] else "remat" for name in _TENSORS})
     out["grad_dtype"] = "bfloat16" if layout.gradient_bytes == 2 else "float32"
@@ -139,6 +141,10 @@ def megatron_args(model: MoEModel, topo: Topology, layout: Layout, global_batch_
         args += ["--group-query-attention", "--num-query-groups", model.n_kv_heads]
     if model.mtp_layers:
         args += ["--mtp-num-layers", model.mtp_layers]
+    if model.sliding_window:  # (left, right) tokens; one full-attention layer after N - 1 windowed ones
+        args += ["--window-size", f"{model.sliding_window},0"]
+        if model.full_attention_every:
+            args += ["--window-attn-skip-freq", model.full_attention_every]
     if model.num_experts > 1:
         args += ["--num-experts", model.num_experts, "--moe-router-topk", model.top_k, "--moe-ffn-hidden-size",
                  model.expert_d_ff, "--moe-token-dispatcher-type", "alltoall" if dispatch == "nccl" else "flex",

@@ -73,6 +73,12 @@ class MoEModel:
     # each one more transformer layer of the model's last kind (MoE where the model has MoE layers), a projection
     # of [norm(h), norm(emb)] from 2 d_model to d_model, and another pass of the shared output layer and its loss
     mtp_layers: int = 0
+    # Sliding-window attention (Mistral, Gemma, gpt-oss): a windowed self-attention layer lets each query attend to
+    # at most ``sliding_window`` tokens back (0: every layer attends to the whole sequence); with
+    # ``full_attention_every`` = N, one layer in N attends fully after N - 1 windowed ones (Megatron-LM's
+    # --window-attn-skip-freq; gpt-oss alternates, N = 2), 0: every self-attention layer is windowed
+    sliding_window: int = 0
+    full_attention_every: int = 0
     name: str = "custom"
     source: str = ""
 
@@ -102,6 +108,12 @@ class MoEModel:
             raise ValueError(f"{owner}.mla: MLA dimensions are required with attention='mla' and only then")
         if self.encoder_decoder and self.n_layers % 2:
             raise ValueError(f"{owner}.n_layers: got {self.n_layers}; an encoder-decoder needs an even count")
+        if self.full_attention_every and not self.sliding_window:
+            raise ValueError(f"{owner}.full_attention_every: got {self.full_attention_every} with sliding_window 0; "
+                             "expected 0 (no windowed layers to alternate with)")
+        if self.sliding_window and self.encoder_decoder:
+            raise ValueError(f"{owner}.sliding_window: got {self.sliding_window} for an encoder-decoder; expected 0 "
+                             "(windows are modelled for decoder-only self-attention)")
         if self.n_dense_layers > 0 and self.d_ff == 0:
             raise ValueError(f"{owner}.d_ff: 0, but {self.n_dense_layers} layers are dense; expected d_ff >= 1")
 
@@ -267,12 +279,36 @@ def score_head_dims(m: MoEModel) -> tuple[int, int]:
     return m.d_head, m.d_head
 
 
+def windowed_fraction(m: MoEModel) -> float:
+    """The share of self-attention layers that attend through the sliding window."""
+    if not m.sliding_window:
+        return 0.0
+    return 1.0 - 1.0 / m.full_attention_every if m.full_attention_every else 1.0
+
+
+def attended_keys(m: MoEModel, context, causal: bool = False):
+    """Keys one query attends in a self-attention layer, averaged over the layers: ``context`` where it attends
+    fully, at most ``sliding_window`` where windowed. ``causal``: also averaged over the positions of a sequence of
+    ``context`` tokens, the query at position i seeing i keys (i, or the window, whichever is fewer): context / 2
+    fully, w (1 - w / 2 context) windowed (w < context)."""
+    f, w = windowed_fraction(m), m.sliding_window
+    context = np.asarray(context, dtype=float)
+    if causal:
+        full = context / 2.0
+        window = np.where(w < context, w * (1.0 - w / (2.0 * np.maximum(context, 1.0))), full)
+    else:
+        full, window = context, np.minimum(w, context)
+    out = (1.0 - f) * full + f * window
+    return float(out) if out.ndim == 0 else out
+
+
 def forward_flops_per_token(m: MoEModel) -> dict[str, float]:
     """Forward FLOPs per token by part (matmuls; norms and softmax are memory-bound, not counted)."""
     n_moe, n_dense, n_cross = m.n_moe_layers, m.n_dense_layers, m.n_cross_attention_layers
     n_attn = m.n_layers + n_cross
     attn_proj = 2.0 * attention_params(m) * n_attn
-    scores = attention_score_flops(m) * n_attn
+    # windowed layers' scores over the keys they attend (the full count otherwise: no causal discount)
+    scores = attention_score_flops(m) * (m.n_layers * attended_keys(m, m.seq_len) / m.seq_len + n_cross)
     dense_ffn = 2.0 * ffn_params(m, m.d_ff) * n_dense
     router = 2.0 * router_params(m) * n_moe
     shared = 2.0 * m.num_shared_experts * ffn_params(m, m.expert_d_ff) * n_moe
@@ -369,7 +405,8 @@ def load_model(name: str | os.PathLike[str]) -> MoEModel:
 
 _INT_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_size", "seq_len", "num_experts",
                "top_k", "expert_d_ff")
-_OPTIONAL_INT_FIELDS = ("d_ff", "num_shared_experts", "first_dense_layers", "mtp_layers")
+_OPTIONAL_INT_FIELDS = ("d_ff", "num_shared_experts", "first_dense_layers", "mtp_layers", "sliding_window",
+                        "full_attention_every")
 
 
 def model_from_mapping(data: dict, file: str = "<mapping>") -> MoEModel:

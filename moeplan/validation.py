@@ -386,6 +386,18 @@ _MODEL_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "vocab_
 _MTP_STATED = re.compile(r"mtp[_-]num[_-]layers\W{0,3}(\d+)", re.I)
 
 
+def _window(spec: dict) -> dict:
+    """A point's sliding window as ``MoEModel`` fields: ``sliding_window`` tokens on one layer in every
+    ``sliding_window_every`` (1: all, 2: alternate layers, i.e. one full-attention layer in two)."""
+    window, every = int(spec.get("sliding_window") or 0), int(spec.get("sliding_window_every") or 1)
+    if not window:
+        return {}
+    if every not in (1, 2):
+        raise _Skip(f"model sliding_window_every: got {every}; expected 1 or 2 (a window on one layer in {every} "
+                    "has no full_attention_every)")
+    return {"sliding_window": window, "full_attention_every": 0 if every == 1 else 2}
+
+
 def training_rows(points: list[dict]) -> tuple[list[ValidationRow], list[tuple[str, str]]]:
     """Rows for every ``training_step`` point whose model, layout and batch are published."""
     rows: list[ValidationRow] = []
@@ -428,6 +440,7 @@ def _training_row(point: dict) -> ValidationRow:
         kwargs["mtp_layers"] = int(mtp.group(1))
     if spec.get("attention") == "mla":
         kwargs["mla"] = MLADims(**spec["mla"])
+    kwargs.update(_window(spec))
     model = MoEModel(name=spec.get("name", point["id"]), **kwargs)
     framework = point_framework(point)
     lay = point["layout"]

@@ -237,9 +237,10 @@ def test_the_repository_snapshot_holds_the_shared_published_points():
 
 
 # Collected runs (validation/training.yaml) the model misses by more than POINT_BOUND, with what is known of why.
-_GPT_OSS = ("gpt-oss-120b is too fast by 30-56 % on every Blackwell system and by 39 % on H100 (G11): not explained "
-            "(candidates: its attention sinks and head dim 64, where the attention efficiency comes from head dim 128 "
-            "kernels)")
+_GPT_OSS = ("gpt-oss-120b is too fast by 32-58 % on every Blackwell system and by 41 % on H100 (G11): not explained. "
+            "Its 64-wide heads are costed (the softmax's fixed cost per score element, 1.21x per attention FLOP) and "
+            "its window (128 tokens on alternate layers) shrinks the scores, both small; candidates: its attention "
+            "sinks and clamped, biased expert activation (unfused element-wise work on a 2880-wide expert)")
 _GB200 = ("GB200 measures below DGX B200 on the same software (Qwen3-30B-A3B, 26.04.01: 26112 against 27136 "
           "tokens/s/GPU) though its datasheet peak is 11 % higher; the model takes the datasheet peak")
 _QWEN3_30B = ("Qwen3-30B-A3B (d_model 2048, 128 experts of 768, top-8) without recompute on 8 DGX B200: 30 % too fast; "
@@ -257,8 +258,9 @@ KNOWN_COLLECTED_LIMITATIONS = {
 
 
 # The other collected runs (ids TB-: MaxText and tpu-recipes on TPU v5e/v5p/v6e/tpu7x, torchtitan, Megatron-LM's
-# DeepSeek-V3 GB200 write-up, Megatron-MoE-ModelZoo) are held to this wider bound: the model is too fast on 22 of
-# their 25 runs, by 15-64 % on large MoE runs (tpu7x: 17-62 %), within 10 % on the dense ones. A cost of MoE
+# DeepSeek-V3 GB200 write-up, Megatron-MoE-ModelZoo; DSV3-: DeepSeek-V3's own report on 2048 H800) are held to this
+# wider bound: the model is too fast on 22 of their 26 runs, by 15-64 % on large MoE runs (tpu7x: 17-66 %), within
+# 10 % on the dense ones. A cost of MoE
 # training the model lacks on every platform (candidates: grouped-matmul efficiency below the dense rate, host and
 # kernel-boundary costs of the permute, router and dispatch kernels); not fitted away.
 OTHER_SOURCES_BOUND = 0.70
@@ -271,7 +273,7 @@ def test_collected_training_runs_one_by_one():
     from moeplan.validation import TRAINING_PATH
 
     rows, skipped = training_rows(load_points(TRAINING_PATH))
-    assert not skipped and len(rows) >= 61
+    assert not skipped and len(rows) >= 62
     bridge = [r for r in rows if r.point_id.startswith("MB-")]
     for r in bridge:
         if r.point_id in KNOWN_COLLECTED_LIMITATIONS:
@@ -1190,3 +1192,26 @@ def test_narrow_heads_slow_a_gpus_scores_not_a_tpus():
     prefill = [{r.name: r.time_s for r in mp.estimate(m, topo, mp.Layout(data=8), 8 * 8192, mode="prefill").layers}
                for m in (model, wide)]
     assert prefill[0]["attention_scores"] / prefill[1]["attention_scores"] == pytest.approx(120 / 64 * 128 / 184)
+
+
+def test_a_sliding_window_shrinks_the_scores_and_the_kv_cache():
+    """gpt-oss's pattern (window 128 on alternate layers) at a 4096 sequence: the training scores take the
+    causal keys ``attended_keys`` counts against a full layer's s / 2, their reported FLOPs the window's keys,
+    and a served model caches only the window on its windowed layers; projections are unchanged."""
+    topo = mp.load_topology("dgx-h100")
+    plain = mp.MoEModel(d_model=4096, n_layers=4, n_heads=32, n_kv_heads=8, d_head=128, vocab_size=32000,
+                        seq_len=4096, d_ff=0, num_experts=8, top_k=2, expert_d_ff=4096)
+    windowed = dataclasses.replace(plain, sliding_window=128, full_attention_every=2)
+    s = plain.seq_len
+
+    def run(model, mode):
+        est = mp.estimate(model, topo, mp.Layout(data=8), 8 * s * (2 if mode == "train" else 1), mode=mode)
+        return {r.name: r for r in est.layers}, est.memory
+
+    (train_w, _), (train_p, _) = run(windowed, "train"), run(plain, "train")
+    keys = mp.moe.attended_keys(windowed, s, causal=True)
+    assert train_w["attention_scores"].time_s / train_p["attention_scores"].time_s == pytest.approx(keys / (s / 2))
+    assert train_w["attention_scores"].flops / train_p["attention_scores"].flops == pytest.approx((128 + s) / 2 / s)
+    assert train_w["attention"].time_s == pytest.approx(train_p["attention"].time_s)
+    (_, served_w), (_, served_p) = run(windowed, "prefill"), run(plain, "prefill")
+    assert served_w["kv_cache"] / served_p["kv_cache"] == pytest.approx((128 + s) / 2 / s)

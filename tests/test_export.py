@@ -135,3 +135,21 @@ def test_the_cli_exports_each_format(tmp_path, capsys):
     plan = load_plan(tmp_path / "p.yaml")
     assert plan["layout"] == mp.Layout(data=16, expert=8, pipeline=4)
     assert main(base[:-2] + ["--batch-tokens", "100", "--format", "maxtext"]) == 2  # not whole sequences
+
+
+def test_a_sliding_window_exports_to_megatron_and_maxtext_and_round_trips(tmp_path):
+    """gpt-oss's window: Megatron-LM's --window-size (left, right) and --window-attn-skip-freq, MaxText's
+    sliding_window_size; the moeplan plan file keeps both fields."""
+    model = mp.load_model("gpt-oss-120b")
+    topo = mp.load_topology("dgx-h100", nodes=8)
+    layout = mp.Layout(data=64, expert=64)
+    args = megatron_args(model, topo, layout, 1280 * model.seq_len)
+    assert args[args.index("--window-size") + 1] == "128,0" and args[args.index("--window-attn-skip-freq") + 1] == "2"
+    tpu = mp.load_topology("tpu-v5p", shape=(4, 4, 4))
+    assert maxtext_config(model, tpu, mp.Layout(fsdp=64), 64 * model.seq_len)["sliding_window_size"] == 128
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan_document(model, topo, layout, 1280 * model.seq_len)))
+    plan = load_plan(path)
+    assert (plan["model"].sliding_window, plan["model"].full_attention_every) == (128, 2)
+    assert estimate_plan(plan).step_time_s == pytest.approx(
+        mp.estimate(model, topo, layout, 1280 * model.seq_len).step_time_s)

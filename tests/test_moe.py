@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -52,10 +53,11 @@ def test_encoder_decoder_counts_cross_attention():
 @pytest.mark.parametrize(
     "name,total,active",
     [("deepseek-v3", 671e9, 37e9), ("mixtral-8x7b", 46.7e9, 12.9e9), ("mixtral-8x22b", 141e9, 39e9),
-     ("qwen3-30b-a3b", 30.5e9, 3.3e9), ("st-moe-32b", 269e9, None)],
+     ("qwen3-30b-a3b", 30.5e9, 3.3e9), ("st-moe-32b", 269e9, None), ("gpt-oss-120b", 116.8e9, None)],
 )
 def test_presets_match_their_published_sizes(name, total, active):
-    """Published totals: DeepSeek-V3 report, Mistral AI model cards, Qwen3 report, ST-MoE paper (5%)."""
+    """Published totals: DeepSeek-V3 report, Mistral AI model cards, Qwen3 report, ST-MoE paper, gpt-oss model
+    card (116.8B; its 5.1B active leave out the embeddings, which the count here keeps) (5%)."""
     counts = mp.param_counts(mp.load_model(name))
     assert counts["total"] == pytest.approx(total, rel=0.05)
     if active:
@@ -95,6 +97,9 @@ def test_dropless_has_one_owner_and_its_encodings_round_trip():
         (dict(d_ff=0), "d_ff"),
         (dict(attention="mla"), "mla"),
         (dict(encoder_decoder=True, n_layers=5), "even"),
+        (dict(full_attention_every=2), "full_attention_every"),
+        (dict(sliding_window=-1), "sliding_window"),
+        (dict(sliding_window=64, encoder_decoder=True, n_layers=4), "sliding_window"),
     ],
 )
 def test_bad_models_are_rejected(change, message):
@@ -112,3 +117,23 @@ def test_model_files_are_strict(tmp_path):
         mp.load_model(str(bad))
     with pytest.raises(ValueError, match="model: .* bundled"):
         mp.load_model("../../etc/passwd")
+
+
+def test_a_sliding_window_counts_the_keys_each_query_attends_by_brute_force():
+    """``attended_keys`` against a loop over positions and layers: a causal query at position i (1-based) sees i
+    keys on a full layer and min(i, W) on a windowed one; gpt-oss alternates (W = 128, one full layer in two).
+    The model FLOPs count W keys per query on windowed layers; with no window nothing changes."""
+    s, w = 4096, 128
+    model = mp.MoEModel(**{**SMALL, "seq_len": s, "n_layers": 6, "sliding_window": w, "full_attention_every": 3})
+    layers = [i % 3 != 2 for i in range(6)]  # windowed, windowed, full
+    causal = sum(sum(min(i, w) if win else i for i in range(1, s + 1)) / s for win in layers) / 6
+    assert M.attended_keys(model, s, causal=True) == pytest.approx(causal, rel=2e-3)  # continuous vs discrete
+    assert M.attended_keys(model, s) == pytest.approx((4 * w + 2 * s) / 6)
+    assert M.attended_keys(model, 100) == pytest.approx(100)  # a context within the window: all of it
+    assert M.attended_keys(dataclasses.replace(model, full_attention_every=0), s) == pytest.approx(w)
+    plain = dataclasses.replace(model, sliding_window=0, full_attention_every=0)
+    assert M.attended_keys(plain, s, causal=True) == pytest.approx(s / 2) and M.windowed_fraction(plain) == 0.0
+    scores = M.attention_score_flops(model) * model.n_layers
+    fewer = sum(M.forward_flops_per_token(plain).values()) - sum(M.forward_flops_per_token(model).values())
+    assert fewer == pytest.approx(scores * (1.0 - M.attended_keys(model, s) / s))
+    assert M.forward_flops_per_token(plain)["attention_scores"] == pytest.approx(scores)
