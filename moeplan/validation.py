@@ -462,8 +462,28 @@ def _training_row(point: dict) -> ValidationRow:
         ratio = est.step_time_s / step_s
         predicted = est.step_time_s if metric == "step_time_s" else value / ratio
         return ValidationRow(point["id"], label, metric, value, predicted, ratio - 1.0, False, "estimate")
-    predicted = est.mfu if metric == "mfu" else est.mfu * topo.chip.peak_bf16_flop_per_s
+    predicted = (est.mfu if metric == "mfu" else est.mfu * topo.chip.peak_bf16_flop_per_s) * _flop_count(point, model)
     return ValidationRow(point["id"], label, metric, value, predicted, value / predicted - 1.0, False, "estimate")
+
+
+# How a source counts the FLOPs of the rate it publishes (``flop_count``): "full" (the default, moeplan's and
+# PaLM's: a causal self-attention's scores counted whole) or "causal" (half of them: Megatron-LM's
+# num_floating_point_operations since 2025-03, '/ 2  # causal mask', as at @1d9edcf; MaxText's
+# calculate_tflops_training_per_device cites it and does the same).
+FLOP_COUNTS = ("full", "causal")
+
+
+def _flop_count(point: dict, model) -> float:
+    """The source's FLOPs per step over moeplan's, for a point published as a FLOP rate or an MFU."""
+    from moeplan.moe import forward_flops_per_token, model_flops_per_token
+
+    count = point.get("flop_count") or "full"
+    if count not in FLOP_COUNTS:
+        raise ValueError(f"flop_count: got {count!r}; expected one of {list(FLOP_COUNTS)}")
+    if count == "full" or model.encoder_decoder:
+        return 1.0
+    scores = 3.0 * forward_flops_per_token(model)["attention_scores"]
+    return 1.0 - 0.5 * scores / model_flops_per_token(model)
 
 
 # Published measures of a training step, in the order they are used.
