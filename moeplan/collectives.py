@@ -105,6 +105,17 @@ LL_LATENCY_FITTED_TO = ("DEEPEP-V1-LL", "NCCL-EP-LL")
 LL_KERNEL_LATENCY_S = 3.55e-5
 
 
+def _check_pairs(field_name: str, pairs: dict, keys, limits: dict[str, tuple[float, float]]) -> None:
+    """``CommParams.<field_name>``: each of ``keys`` mapped to a pair of numbers, named and bounded by ``limits``."""
+    names = tuple(limits)
+    for key, pair in pairs.items():
+        if key not in keys or not isinstance(pair, tuple) or len(pair) != 2:
+            raise ValueError(f"comm.{field_name}: got {key!r}: {pair!r}; expected one of {list(keys)} mapped to "
+                             f"({', '.join(names)})")
+        for name, value in zip(names, pair, strict=True):
+            bounds.check_number(f"comm.{field_name}.{key}.{name}", value, *limits[name])
+
+
 @dataclass(frozen=True)
 class CommParams:
     """Software latencies and efficiency curves of the collective libraries (cited defaults).
@@ -145,21 +156,11 @@ class CommParams:
         if self.dispatch_sms is not None and (isinstance(self.dispatch_sms, bool) or not isinstance(
                 self.dispatch_sms, int) or not 1 <= self.dispatch_sms <= 4096):
             raise ValueError(f"comm.dispatch_sms: got {self.dispatch_sms!r}; expected an integer in [1, 4096] or None")
-        for kernel, pair in self.sm_copy.items():
-            if kernel not in NORMAL_KERNELS or not isinstance(pair, tuple) or len(pair) != 2:
-                raise ValueError(f"comm.sm_copy: got {kernel!r}: {pair!r}; expected deepep_normal or hybridep "
-                                 "mapped to (fixed_s, bytes_per_s)")
-            bounds.check_number(f"comm.sm_copy.{kernel}.fixed_s", pair[0], 0.0, 1.0)
-            bounds.check_number(f"comm.sm_copy.{kernel}.bytes_per_s", pair[1], 1.0, 1e15)
+        _check_pairs("sm_copy", self.sm_copy, NORMAL_KERNELS, {"fixed_s": (0.0, 1.0), "bytes_per_s": (1.0, 1e15)})
         if not isinstance(self.efficiency, dict) or not all(
                 isinstance(k, str) and isinstance(v, Efficiency) for k, v in self.efficiency.items()):
             raise ValueError("comm.efficiency: expected a mapping of fabric name to Efficiency")
-        for op, pair in self.ops.items():
-            if op not in OPS or not isinstance(pair, tuple) or len(pair) != 2:
-                raise ValueError(f"comm.ops: got {op!r}: {pair!r}; expected an op of {list(OPS)} mapped to "
-                                 "(latency_s, efficiency)")
-            bounds.check_number(f"comm.ops.{op}.latency_s", pair[0], 0.0, 1.0)
-            bounds.check_number(f"comm.ops.{op}.efficiency", pair[1], 0.01, 100.0)
+        _check_pairs("ops", self.ops, OPS, {"latency_s": (0.0, 1.0), "efficiency": (0.01, 100.0)})
 
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")
