@@ -103,13 +103,12 @@ def test_small_calibration_improves_held_out_error_and_resumes(tmp_path, monkeyp
     errors = profile["errors"]
     print(f"held-out median |error|: {errors['before_median_abs']:.1%} before the fit, "
           f"{errors['after_median_abs']:.1%} after")
-    # six held-out layer shapes, interleaved with the eight fitted ones and timed in the same passes:
-    # the fit must predict them better than the family's defaults do
+    # six held-out layer shapes, interleaved with the eight fitted ones and timed in the same passes
     assert errors["held_out_layers"] == 6
-    assert errors["after_median_abs"] < errors["before_median_abs"]
     assert errors["after_median_abs"] <= 0.30
     assert errors["train_after_rms_log"] < errors["train_before_rms_log"]
     loaded = mp.load_profile(out)
+    _fit_recovers_from_a_wrong_start(loaded)
     assert loaded.device_count == 8 and loaded.compute.kernel_overhead_s >= 0
     assert all(m["passes"] == run.PASSES_QUICK for m in loaded.measurements)
     log = out.with_name("cpu.measurements.jsonl")
@@ -127,6 +126,31 @@ def test_small_calibration_improves_held_out_error_and_resumes(tmp_path, monkeyp
     est = mp.estimate(mp.load_model("mixtral-8x7b").with_(n_layers=2), mp.load_topology("cpu-host"),
                       mp.Layout(data=8, expert=8), 8 * 4096, profile=loaded)
     assert est.step_time_s > 0
+
+
+def _fit_recovers_from_a_wrong_start(profile):
+    """On this host the family's generic defaults can land as close to the held-out layers as one pass's
+    scatter (a benchmark's per-pass times differ by 1.5-2.5x between passes on 2 shared cores; the held-out
+    median before the fit read 5-20 % over runs), so 'better than the defaults' is a coin toss there. What
+    the fit must do is learn: started from parameters 5x off, it lands where it lands from the defaults,
+    and predicts the held-out layers within 30 % (over runs here: 120-260 % before, the same 5-11 % after)."""
+    from dataclasses import replace
+
+    from moeplan.calibrate.fit import errors as relative_errors
+    from moeplan.calibrate.fit import fit
+
+    topo = mp.load_topology("cpu-host")
+    train = [m for m in profile.measurements if m["split"] == "train"]
+    held = [m for m in profile.measurements if m["split"] == "held_out" and m["kind"] == "moe_layer"]
+    base = topo.chip.efficiency
+    wrong = replace(base, matmul=base.matmul / 5, memory=base.memory / 5, kernel_overhead_s=1e-3)
+    before = float(np.median(np.abs(relative_errors(held, topo, wrong, mp.CommParams()))))
+    eff, comm, _ = fit(train, topo, wrong, mp.CommParams(), "test")
+    after = float(np.median(np.abs(relative_errors(held, topo, eff, comm))))
+    print(f"wrong start: {before:.1%} -> {after:.1%} (from defaults {profile.errors['after_median_abs']:.1%})")
+    assert before > 0.5
+    assert after <= 0.30
+    assert after == pytest.approx(profile.errors["after_median_abs"], abs=0.05)
 
 
 def test_committed_cpu_profile_loads_and_met_its_bar():
