@@ -101,6 +101,7 @@ def test_calibrate_from_traces_recorded_here_beats_the_defaults_on_a_held_out_tr
     topo = mp.load_topology("cpu-host")
     profile = calibrate_from_traces(records[:2], records[2:], topo, tmp_path / "p.yaml")
     errors = profile["errors"]
+    print(f"per-part held-out: {errors['before_median_abs']:.1%} -> {errors['after_median_abs']:.1%}")
     assert errors["held_out_parts"] >= 8 and not errors["in_sample"]
     assert errors["after_median_abs"] < errors["before_median_abs"]
     loaded = mp.load_profile(tmp_path / "p.yaml")
