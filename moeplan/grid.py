@@ -21,7 +21,11 @@ from moeplan.topology import Topology
 MODEL_KNOBS = ("num_experts", "top_k", "capacity_factor", "moe_every", "expert_d_ff")
 LAYOUT_KNOBS = ("expert", "expert_tensor", "tensor", "context", "pipeline", "fsdp", "virtual_pipeline",
                 "micro_batch_size", "recompute")
-KNOBS = MODEL_KNOBS + LAYOUT_KNOBS  # the axes of the search grid, in order
+# The axes of the search grid, in order. The model knobs come last: a layer's times vary along all of them, so
+# the arrays the step assembles have long contiguous inner runs where they broadcast against the layout's
+# pipeline and micro-batch terms (numpy's broadcast loop pays per inner run: a layer-shaped array times a
+# pipeline-shaped one took 2.5 ms with the model knobs first and 0.4 ms with them last, on the benchmark grid).
+KNOBS = LAYOUT_KNOBS + MODEL_KNOBS
 
 
 def build(space: dict[str, list], active_width: int | None = None) -> dict[str, np.ndarray]:

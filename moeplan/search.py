@@ -399,14 +399,14 @@ class _Merged:
 
 
 def _best_per_configuration(score: np.ndarray, shape: tuple[int, ...], top: int) -> np.ndarray:
-    """Flat indices of the best point of each MoE configuration (the leading model axes) of a piece, for the
+    """Flat indices of the best point of each MoE configuration (the trailing model axes) of a piece, for the
     ``top`` configurations whose best is best. A configuration outside a piece's ``top`` has ``top`` others
     beating it there, so it cannot be among the ``top`` of the merge: the merge stays exact."""
-    n_models = math.prod(shape[:len(G.MODEL_KNOBS)])
-    per = score.reshape(n_models, -1)
-    best = per.argmin(axis=1)
-    chosen = _smallest(per[np.arange(n_models), best], top)
-    return chosen * per.shape[1] + best[chosen]
+    n_models = math.prod(shape[-len(G.MODEL_KNOBS):])
+    per = score.reshape(-1, n_models)
+    best = per.argmin(axis=0)
+    chosen = _smallest(per[best, np.arange(n_models)], top)
+    return best[chosen] * n_models + chosen
 
 
 def _ties_by_time(records: list[dict]) -> list[dict]:

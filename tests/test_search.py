@@ -60,7 +60,7 @@ def test_offload_is_valid_exactly_where_the_family_states_a_host_link():
         topo = mp.load_topology(family)
         space = {k: [getattr(MODEL, k)] for k in G.MODEL_KNOBS} | {k: [1] for k in G.LAYOUT_KNOBS}
         grid = G.build(space | dict(fsdp=[1, topo.num_devices], recompute=["full", "offload"]))
-        mask = G.valid(grid, MODEL, topo, topo.num_devices * MODEL.seq_len)
+        mask = np.moveaxis(G.valid(grid, MODEL, topo, topo.num_devices * MODEL.seq_len), G.KNOBS.index("recompute"), -1)
         assert mask.shape[-1] == 2 and mask[..., 0].any()
         assert (mask[..., 1] == (mask[..., 0] & offload_ok)).all(), family
         with contextlib.nullcontext() if offload_ok else pytest.raises(ValueError, match="layout.recompute"):
@@ -291,7 +291,8 @@ def test_pieces_are_bounded_whatever_the_axis_lengths_and_cover_the_grid_once():
     for axis, k in enumerate(G.KNOBS):  # a piece's knob values are the grid's at its indices
         at = np.unravel_index(idx, full)[axis]
         values = np.broadcast_to(grid[k], full).reshape(-1)[idx]
-        assert np.array_equal(np.broadcast_to(piece[k], shape).reshape(-1), values) and at.size == idx.size
+        assert np.array_equal(np.broadcast_to(piece[k], shape).reshape(-1), values, equal_nan=True)
+        assert at.size == idx.size
 
 
 def test_a_grid_past_the_point_budget_is_refused_with_its_size():
