@@ -39,7 +39,7 @@ micro-batches in flight, all-to-all buffers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -216,6 +216,7 @@ def _routing(ctx: Context, group, ep, local):
     return stats[inverse, 0], stats[inverse, 1], stats[inverse, 2]
 
 
+@lru_cache(maxsize=65536)  # a search asks for a few thousand rows, the same ones in every search of a model
 def _route(routing: Routing, g, e_par, n_exp, k, cf_code, loc) -> tuple[float, float, float]:
     """One row of ``_routing``; ``cf_code``: moe.capacity_code of the capacity factor (0 = dropless)."""
     if g < 1 or loc < 1 or n_exp % e_par or n_exp % loc:
@@ -576,12 +577,12 @@ def plan_costs(plan: Plan, topo: Topology, global_batch_tokens: int, dtype: str 
         out.update({"grad_sync": grad_sync, "grad_sync:bytes": sync["grad_bytes"], "fsdp_gather": fsdp_gather,
                     "fsdp_gather:bytes": sync["fsdp_bytes"], "optimizer": optimizer,
                     "optimizer:bytes": 30.0 * (dense_local + expert_local)})
-    step = stage_s * mb + pipe["bubble_s"] + grad_sync + fsdp_gather + optimizer
+    step = stage_s * mb + pipe["bubble_s"] + grad_sync + (fsdp_gather + optimizer)
     out.update(_train_memory(ctx, counts, tokens, mb, moe["send"], moe["gathered"], stages, host["bytes"]))
     out["step_time_s"] = step
     out["tokens_per_s"] = gbt / step
     out["model_flops"] = M.model_flops_per_token(m, True) * gbt
-    out["mfu"] = out["model_flops"] / (step * (topo.num_devices * topo.chip.peak_bf16_flop_per_s))
+    out["mfu"] = out["model_flops"] / (topo.num_devices * topo.chip.peak_bf16_flop_per_s) / step
     out["drop_rate"] = moe["drop"] * (m.n_moe_layers > 0)
     out["micro_batches"] = mb
     out["valid"] = valid
@@ -619,8 +620,10 @@ def _pipeline(stages, layer_s, logits_s, p2p_s, pp, v, even: bool = False) -> di
     stage's time passes once (over v with interleaved virtual stages; (p - 1) / v stage times when even)."""
     first_n, middle_n, last_n = stages
     if even:  # every stage holds the same layers, so the last (the output layer's too) is the slowest
-        other, last = first_n * layer_s + p2p_s, last_n * layer_s + logits_s + p2p_s
-        return {"slowest_s": last, "bubble_s": (pp - 1) * other / v, "slowest_layers": last_n, "last_is_slowest": 1.0}
+        # (small factors first: layer_s spans the search grid, the stage counts only its pipeline axes)
+        last = last_n * layer_s + (logits_s + p2p_s)
+        bubble = layer_s * ((pp - 1) * first_n / v) + p2p_s * ((pp - 1) / v)  # (p - 1) / v other stages' time
+        return {"slowest_s": last, "bubble_s": bubble, "slowest_layers": last_n, "last_is_slowest": 1.0}
     first, middle, last = first_n * layer_s + p2p_s, middle_n * layer_s + p2p_s, last_n * layer_s + logits_s + p2p_s
     slowest = maximum(maximum(first, middle), last)
     every = where(pp > 1, first + (pp - 2) * middle + last, last)

@@ -231,18 +231,22 @@ class Context:
         size = np.broadcast_to(np.asarray(nbytes, dtype=float), shape).reshape(-1)
         codes = np.broadcast_to(codes, shape).reshape(-1)
         out = np.zeros(size.size)
-        for ids, sel in zip(groups, _members(codes, len(groups)), strict=True):
-            if ids is not None and sel.size:  # each distinct size once: the grid repeats them across knobs
+        for key, sel in zip(groups, _members(codes, len(groups)), strict=True):
+            if key is not None and sel.size:  # each distinct size once: the grid repeats them across knobs
                 sizes, back = np.unique(size[sel], return_inverse=True)
-                out[sel] = collective_cost(self.topo, op, sizes, ids, params=self.comm).time_s[back.reshape(-1)]
+                if sizes.any():  # nothing to send anywhere in the group: zero time
+                    times = _coll_sizes(self.topo, op, kind, key, sizes.tobytes(), self.comm)
+                    out[sel] = times[back.reshape(-1)]
         return out.reshape(shape)
 
     def _placements(self, kind: str, cols) -> tuple[np.ndarray, list]:
-        """(placement index per grid point of the key's own shape, device ids per placement), cached."""
+        """(placement index per grid point of the key's own shape, each placement's key: None where it has
+        nothing to communicate), cached."""
         cached = self._codes.get(kind)
         if cached is None:
             keys, codes = distinct_rows(cols)
-            groups = [_ids(self.topo, kind, tuple(int(x) for x in key)) for key in keys]
+            groups = [tuple(int(x) for x in key) for key in keys]
+            groups = [key if _ids(self.topo, kind, key) is not None else None for key in groups]
             cached = self._codes[kind] = (codes, groups)
         return cached
 
@@ -276,6 +280,16 @@ def _coll_one(topo: Topology, op: str, nbytes: float, kind: str, key: tuple[int,
     """One candidate's collective (estimate()): memoised, since the same groups and sizes recur."""
     ids = _ids(topo, kind, key)
     return 0.0 if ids is None or nbytes <= 0 else collective_time_s(topo, op, nbytes, ids, params=comm)
+
+
+@lru_cache(maxsize=4096)
+def _coll_sizes(topo: Topology, op: str, kind: str, key: tuple[int, ...], sizes: bytes, comm: CommParams) -> np.ndarray:
+    """A placement's collective times for distinct sizes (float64 bytes, ascending): memoised, since a search
+    asks for the same groups and sizes in every piece and every search of a model."""
+    ids = _ids(topo, kind, key)
+    times = collective_cost(topo, op, np.frombuffer(sizes), ids, params=comm).time_s
+    times.flags.writeable = False
+    return times
 
 
 def make_context(plan, topo, dtype, profile, routing, dispatch: str = "nccl",
