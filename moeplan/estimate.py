@@ -39,7 +39,7 @@ micro-batches in flight, all-to-all buffers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from functools import cache, lru_cache
+from functools import cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -216,7 +216,6 @@ def _routing(ctx: Context, group, ep, local):
     return stats[inverse, 0], stats[inverse, 1], stats[inverse, 2]
 
 
-@lru_cache(maxsize=65536)  # a search asks for a few thousand rows, the same ones in every search of a model
 def _route(routing: Routing, g, e_par, n_exp, k, cf_code, loc) -> tuple[float, float, float]:
     """One row of ``_routing``; ``cf_code``: moe.capacity_code of the capacity factor (0 = dropless)."""
     if g < 1 or loc < 1 or n_exp % e_par or n_exp % loc:
