@@ -765,7 +765,10 @@ def _stage_memory(ctx: Context, counts: dict, tokens, send, gathered, host, laye
     mem["host:activations"] = host * layers * in_flight
     mem["mem:a2a_buffers"] = a2a_buffer_bytes(send, gathered, training=True)
     mem["mem:fsdp_gathered"] = _fsdp_gathered_bytes(ctx, _gather_width(ctx))
-    mem["memory_per_device_bytes"] = sum(v for k, v in mem.items() if k.startswith("mem:"))
+    # the activations last: the other parts leave out some of the search grid's axes, so they add up on smaller
+    # arrays and meet the grid once
+    mem["memory_per_device_bytes"] = sum(v for k, v in mem.items() if k.startswith("mem:") and k != "mem:activations") \
+        + mem["mem:activations"]
     return mem
 
 
