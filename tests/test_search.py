@@ -94,6 +94,28 @@ def test_vectorised_scores_equal_scalar_estimate_on_200_random_layouts(topo):
             assert row.time_s == pytest.approx(float(np.broadcast_to(costs[row.name], shape)[at]), rel=1e-9, abs=1e-15)
 
 
+def test_grid_collectives_follow_each_contexts_collective_parameters():
+    """The grid path memoises a placement's collective times per (topology, op, group, sizes, CommParams):
+    a profile's parameters change them, and the defaults' come back unchanged after."""
+    from types import SimpleNamespace
+
+    from moeplan.plan import make_context
+
+    topo = mp.load_topology("dgx-h100", nodes=2)
+    grid = G.build(SPACE.resolved(MODEL, topo))
+    G.valid(grid, MODEL, topo, GBT)  # sets the data axis
+    plan = G.plan_of(grid, MODEL)
+    times = []
+    for comm in (mp.CommParams(), mp.CommParams(ops={"all_reduce": (1e-3, 1.0)}), mp.CommParams()):
+        ctx = make_context(plan, topo, "bf16", SimpleNamespace(comm=comm, compute=None), None)
+        times.append(ctx.coll("all_reduce", np.float64(2**20), "replicas"))
+    sync = times[0] > 0
+    assert sync.any() and (~sync).any()  # one device per replica group somewhere: nothing to sum there
+    np.testing.assert_allclose(times[1][sync], times[0][sync] + 1e-3)  # a calibrated per-op latency on top
+    assert np.all(times[1][~sync] == 0)
+    assert np.array_equal(times[2], times[0])
+
+
 def test_search_in_pieces_equals_search_in_one():
     """Cutting the grid into pieces (bounded memory) changes nothing: ranking, front, heatmap, counts."""
     topo = mp.load_topology("dgx-h100", nodes=2)
